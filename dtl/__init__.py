@@ -1,0 +1,16 @@
+"""DTL: Disentangled Transfer Learning (Fu, Zhu, Wu; AAAI 2024) on timm backbones.
+
+``import dtl`` pulls in torch and timm only: the DVC pipeline, the Ray Tune sweeps and MLflow live in
+``pipeline/`` and ``sweeps/`` and import their libraries lazily, so the library runs where those are absent.
+"""
+from .models import (
+    EMBEDDED_BACKBONE,
+    METHODS,
+    CheckpointError,
+    DTLModel,
+    create_model,
+    register_family,
+    trainable_parameters,
+)
+
+__version__ = "0.1.0"

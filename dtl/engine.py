@@ -1,0 +1,305 @@
+"""The training engine: train one model on one dataset and evaluate it, reporting through callbacks.
+
+The engine knows nothing of DVC, Ray Tune or MLflow: each of them hooks in with an ``EpochCallback`` that
+receives ``(epoch, metrics)`` after every epoch. The recipe defaults are the official VTAB-1K scripts'
+(DESIGN.md section 2): AdamW, weight decay 0.05 except on 1-D parameters, batch 32 with drop_last, timm's
+cosine schedule with 10 warm-up epochs stepped per epoch, 100 cosine + 10 cool-down epochs, seed 42.
+"""
+from __future__ import annotations
+
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .cache import CACHE_MODES, PrefixCacheError, place_features, prepare_prefix_cache, to_device
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+EpochCallback = Callable[[int, dict], None]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings for one run. Validated on construction; errors name the field."""
+
+    epochs: int = 110  # total epochs run; the last ``cooldown_epochs`` sit at ``min_lr``
+    warmup_epochs: int = 10
+    cooldown_epochs: int = 10
+    lr: float = 1e-3
+    min_lr: float = 1e-8
+    warmup_lr: float = 1e-7
+    weight_decay: float = 0.05
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    seed: int = 42
+    device: str = "auto"  # auto: cuda if available, else cpu
+    num_workers: int = 0
+    eval_every: int = 0  # evaluate every N epochs (0: only after the last epoch)
+    progress: bool = True
+    # DTL's frozen-prefix feature cache (dtl.cache): auto = use it when it is exact (DTL model, no drop-path in
+    # blocks 0..M, no augmentation), on disk when the dataset identifies itself; memory/disk = require it.
+    prefix_cache: str = "auto"
+    prefix_cache_dir: str | None = None  # None: $DTL_CACHE_DIR or ~/.cache/dtl/prefix
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"training.{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "an integer >= 1")
+        need(isinstance(self.warmup_epochs, int) and 0 <= self.warmup_epochs, "warmup_epochs", "an integer >= 0")
+        need(isinstance(self.cooldown_epochs, int) and 0 <= self.cooldown_epochs < self.epochs,
+             "cooldown_epochs", f"an integer in 0..epochs-1 ({self.epochs - 1})")
+        for name in ("lr", "min_lr", "warmup_lr"):
+            need(isinstance(self.__dict__[name], (int, float)) and self.__dict__[name] >= 0, name, "a number >= 0")
+        need(self.lr > 0, "lr", "a number > 0")
+        need(self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1")
+        need(isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1")
+        need(0 <= self.label_smoothing < 1, "label_smoothing", "a number in [0, 1)")
+        need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "null or a number > 0")
+        need(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
+        need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
+             "auto, cpu, cuda or cuda:N")
+        need(isinstance(self.eval_every, int) and self.eval_every >= 0, "eval_every", "an integer >= 0")
+        need(self.prefix_cache in CACHE_MODES, "prefix_cache", f"one of {', '.join(CACHE_MODES)}")
+        need(self.prefix_cache_dir is None or (isinstance(self.prefix_cache_dir, str) and self.prefix_cache_dir),
+             "prefix_cache_dir", "null or a folder path")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    metrics: dict  # final metrics: "<split>/accuracy", "<split>/loss", "train/loss", ...
+    history: list[dict] = field(default_factory=list)  # one dict per epoch
+    trainable_params: int = 0
+    images_per_s: float = 0.0  # training throughput (forward + backward + step), evaluation excluded
+    train_time_s: float = 0.0
+    peak_memory_bytes: int | None = None  # torch.cuda.max_memory_allocated on GPU, None on CPU
+    peak_rss_bytes: int = 0  # the process's peak resident memory (CPU)
+    device: str = "cpu"
+    precision: str = "fp32"
+    prefix_cache: dict = field(default_factory=dict)  # dtl.cache.CacheReport of the training split, as a dict
+
+    def summary(self) -> dict:
+        """Flat, JSON-ready: final metrics plus the run's cost figures."""
+        return {
+            **self.metrics,
+            "trainable_params": self.trainable_params,
+            "images_per_s": self.images_per_s,
+            "train_time_s": self.train_time_s,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_rss_bytes": self.peak_rss_bytes,
+        }
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("training.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("training.precision 'fp16' needs a CUDA device (use bf16 or fp32 on CPU)")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and kernels; none on biases, norms and other 1-D parameters."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> CosineLRScheduler:
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=config.epochs - config.cooldown_epochs,
+        lr_min=config.min_lr,
+        warmup_lr_init=config.warmup_lr,
+        warmup_t=config.warmup_epochs,
+        t_in_epochs=True,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str) -> dict:
+    """Top-1 accuracy and mean cross-entropy over ``loader``."""
+    model.eval()
+    correct, total, loss_sum = 0, 0, 0.0
+    for inputs, labels in loader:
+        inputs, labels = to_device(inputs, device), labels.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(inputs)
+        loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(dim=1) == labels).sum().item()
+        total += labels.numel()
+    if total == 0:
+        raise ValueError("evaluation split is empty")
+    return {"accuracy": correct / total, "loss": loss_sum / total}
+
+
+def train_and_evaluate(
+    model: nn.Module,
+    train_data: Dataset,
+    eval_data: Mapping[str, Dataset],
+    config: TrainConfig,
+    callbacks: Sequence[EpochCallback] = (),
+) -> TrainResult:
+    """Train ``model`` on ``train_data``, evaluate on each of ``eval_data`` (e.g. {"val": ..., "test": ...}).
+
+    Every epoch each callback gets ``(epoch, metrics)`` with ``train/loss``, ``train/accuracy``, ``lr`` and,
+    on evaluation epochs, ``<split>/accuracy`` and ``<split>/loss``. A non-finite loss raises
+    ``FloatingPointError`` so a sweep can record the trial as failed.
+    """
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters")
+    if len(train_data) < config.batch_size:
+        raise ValueError(f"training split has {len(train_data)} samples, fewer than batch_size={config.batch_size} "
+                         "(batches drop the remainder, as in the official recipe)")
+    cache_options = dict(mode=config.prefix_cache, cache_dir=config.prefix_cache_dir, device=device,
+                         precision=precision, batch_size=config.eval_batch_size, num_workers=config.num_workers,
+                         progress=config.progress)
+    train_features, cache_report = prepare_prefix_cache(model, train_data, **cache_options)
+    if cache_report.reason and config.prefix_cache == "auto" and config.progress:
+        print(f"prefix cache {cache_report.mode}: {cache_report.reason}", file=sys.stderr)
+    eval_features = {}
+    evaluations = sum(1 for e in range(config.epochs) if e == config.epochs - 1
+                      or (config.eval_every and (e + 1) % config.eval_every == 0))
+    if train_features is not None and evaluations > 1:
+        # Small splits evaluated more than once (eval_every, e.g. val200 in a sweep) are cached too: evaluation
+        # runs in eval mode, so it is deterministic. Big test splits stay uncached (size).
+        for split, data in eval_data.items():
+            if len(data) <= 4 * len(train_data):
+                try:
+                    eval_features[split] = prepare_prefix_cache(model, data, **cache_options)[0]
+                except PrefixCacheError:
+                    pass
+    seed_everything(config.seed)  # building the cache must not shift the random streams of training
+
+    generator = torch.Generator().manual_seed(config.seed)
+    pin = device.type == "cuda"
+    if train_features is not None:
+        # The same generator draws the same batches as the image DataLoader below would.
+        train_loader = place_features(train_features, device).loader(config.batch_size, shuffle=True, drop_last=True,
+                                                                     generator=generator)
+    else:
+        train_loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                                  num_workers=config.num_workers, generator=generator, pin_memory=pin)
+    eval_loaders = {
+        split: place_features(eval_features[split], device).loader(config.eval_batch_size, shuffle=False,
+                                                                  drop_last=False)
+        if eval_features.get(split) is not None else
+        DataLoader(data, batch_size=config.eval_batch_size, shuffle=False, num_workers=config.num_workers,
+                   pin_memory=pin)
+        for split, data in eval_data.items()
+    }
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
+    scheduler = make_scheduler(optimizer, config)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    history: list[dict] = []
+    train_time, images_seen = 0.0, 0
+    bar = tqdm(range(config.epochs), desc="train", unit="epoch", disable=not config.progress,
+               file=sys.stderr, dynamic_ncols=True)
+    for epoch in bar:
+        scheduler.step(epoch)
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        start = time.perf_counter()
+        for step, (inputs, labels) in enumerate(train_loader):
+            inputs, labels = to_device(inputs, device), labels.to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = model(inputs)  # images, or cached PrefixStates (DTLModel.forward takes both)
+                loss = criterion(logits.float(), labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, step {step} "
+                                         f"(lr {optimizer.param_groups[0]['lr']:.3g}); try a lower training.lr")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.item() * labels.numel()
+            correct += (logits.argmax(dim=1) == labels).sum().item()
+            seen += labels.numel()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_time += time.perf_counter() - start
+        images_seen += seen
+
+        metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                   "train/loss": loss_sum / seen, "train/accuracy": correct / seen}
+        last = epoch == config.epochs - 1
+        if last or (config.eval_every and (epoch + 1) % config.eval_every == 0):
+            for split, loader in eval_loaders.items():
+                for key, value in evaluate(model, loader, device, precision).items():
+                    metrics[f"{split}/{key}"] = value
+        history.append(metrics)
+        bar.set_postfix({k.replace("/", "_"): f"{v:.3g}" for k, v in metrics.items()
+                         if k in ("train/loss", "train/accuracy", "val/accuracy", "test/accuracy")})
+        for callback in callbacks:
+            callback(epoch, dict(metrics))
+
+    final = {k: v for k, v in history[-1].items() if k not in ("epoch", "lr")}
+    rss_scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return TrainResult(
+        metrics=final,
+        history=history,
+        trainable_params=sum(p.numel() for p in trainable),
+        images_per_s=images_seen / train_time if train_time > 0 else math.nan,
+        train_time_s=train_time,
+        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_scale,
+        device=str(device),
+        precision=precision,
+        prefix_cache=cache_report.to_dict(),
+    )

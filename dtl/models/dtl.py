@@ -1,0 +1,233 @@
+"""DTL and DTL+: a frozen backbone plus the Compact Side Network, for any :class:`BackboneAdapter`.
+
+The forward pass is split in two so the frozen prefix can be cached (see ``dtl.cache``):
+
+* :meth:`DTLModel.forward_prefix` runs the embedding and blocks 0..M without autograd and returns the
+  block inputs the side maps of M's stage read, plus block M's output. None of it depends on a trainable
+  parameter, so nothing of it is kept for backward.
+* :meth:`DTLModel.forward_suffix` adds the side output after block M and runs blocks M+1..N-1 and the head.
+
+Memory (what is kept for backward): the frozen blocks after M carry no weight gradients, so their linear
+layers keep no inputs (autograd saves a matmul input only for the weight gradient). The side state h itself is
+never kept: each add-back block's side output g(theta(h_i)) is recomputed in backward from the rank-r codes
+x_j A_j (a (B, T, r) tensor per map; cheap elementwise and rank-r work). What remains is the prefix side
+inputs x_j (needed for the gradients of the down-projections A_j) and the activations of the frozen blocks
+after M. ``grad_checkpointing`` cuts that to the images plus one tensor per block after M by recomputing the
+blocks after M and the frozen prefix in backward. ``backbone_dtype`` (e.g. bf16) stores the frozen backbone in
+low precision and runs it as such (no autocast copies of its weights); the CSN and the head stay fp32.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from functools import partial
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .adapters import BackboneAdapter
+from .side_network import DepthwiseGridConv, LowRankMap, SharpSwish
+
+
+class PrefixState(NamedTuple):
+    """What the trainable part needs from the frozen prefix (all tensors are batch-first)."""
+
+    side_inputs: tuple[torch.Tensor, ...]  # inputs of the mapped blocks of M's stage up to M, in block order
+    block_output: torch.Tensor  # Block_M(x_M), before the side output is added
+
+
+class DTLModel(nn.Module):
+    """Frozen backbone + Compact Side Network (DTL; DTL+ when ``kernel_size`` is set) + linear head."""
+
+    def __init__(
+        self,
+        adapter: BackboneAdapter,
+        num_classes: int,
+        *,
+        rank: int,
+        start_block: int,
+        extract_start: int = 0,
+        beta: float = 100.0,
+        kernel_size: int | None = None,
+        grad_checkpointing: bool = False,
+        backbone_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        num_blocks = len(adapter.blocks)
+        if not 0 <= start_block < num_blocks:
+            raise ValueError(f"start_block must be in 0..{num_blocks - 1} for this backbone, got {start_block}")
+        if not 0 <= extract_start < num_blocks:
+            raise ValueError(f"extract_start must be in 0..{num_blocks - 1} for this backbone, got {extract_start}")
+        start_stage = adapter.stage_of(start_block)
+        first_useful = adapter.stages[start_stage].first_block
+        if extract_start < first_useful:
+            # The side state resets at each stage, so maps in stages before M's would feed no add-back block.
+            raise ValueError(
+                f"extract_start={extract_start} puts side maps on blocks {extract_start}..{first_useful - 1}, "
+                f"which lie in stages before start_block={start_block}'s stage and would feed nothing; "
+                f"use extract_start >= {first_useful}"
+            )
+        self.adapter = adapter
+        self.start_block = start_block
+        self.extract_start = extract_start
+        self.rank = rank
+        self.kernel_size = kernel_size
+        self.grad_checkpointing = grad_checkpointing
+        self.num_blocks = num_blocks
+        self._block_stage = [adapter.stage_of(b) for b in range(num_blocks)]
+
+        self.side_maps = nn.ModuleDict({
+            str(b): LowRankMap(adapter.stages[self._block_stage[b]].dim, rank) for b in range(extract_start, num_blocks)
+        })
+        self.side_activation = SharpSwish(beta)
+        self.side_convs = nn.ModuleDict()
+        if kernel_size is not None:
+            for stage in range(start_stage, len(adapter.stages)):
+                self.side_convs[str(stage)] = DepthwiseGridConv(adapter.stages[stage].dim, kernel_size)
+        self.head = nn.Linear(adapter.num_features, num_classes)
+        adapter.requires_grad_(False)
+        if backbone_dtype is not None:
+            adapter.to(backbone_dtype)  # floating-point tensors only; the CSN and the head stay fp32
+
+    # --- the two halves ---------------------------------------------------------------------------------
+    @property
+    def prefix_map_blocks(self) -> list[int]:
+        """Blocks <= M whose inputs the side maps read (they are all in M's stage)."""
+        return [b for b in range(self.extract_start, self.start_block + 1)]
+
+    @property
+    def backbone_dtype(self) -> torch.dtype:
+        """The dtype the frozen backbone is stored (and run) in."""
+        return next(self.adapter.parameters()).dtype
+
+    def _frozen_context(self, x: torch.Tensor):
+        """A low-precision backbone runs as stored: autocast would only add fp32 LayerNorm copies."""
+        if self.backbone_dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast(x.device.type, enabled=False)
+        return nullcontext()
+
+    @torch.no_grad()
+    def forward_prefix(self, images: torch.Tensor) -> PrefixState:
+        adapter, M = self.adapter, self.start_block
+        mapped = set(self.prefix_map_blocks)
+        side_inputs = []
+        with self._frozen_context(images):
+            x = adapter.embed(images.to(self.backbone_dtype))
+            for stage_index, stage in enumerate(adapter.stages):
+                if stage.first_block > M:
+                    break
+                x = adapter.enter_stage(stage_index, x)
+                for block in range(stage.first_block, min(stage.last_block, M) + 1):
+                    if block in mapped:
+                        side_inputs.append(x)
+                    x = adapter.run_block(block, x)
+        return PrefixState(tuple(side_inputs), x)
+
+    def forward_suffix(self, state: PrefixState) -> torch.Tensor:
+        """Logits from a prefix state (computed now or read from the prefix cache, in any float dtype)."""
+        codes = [self._code(block, x) for block, x in zip(self.prefix_map_blocks, state.side_inputs)]
+        return self._run_suffix(state.block_output, codes)
+
+    def forward(self, inputs: torch.Tensor | PrefixState) -> torch.Tensor:
+        """Logits from images, or from a :class:`PrefixState` (the prefix cache's training path)."""
+        if isinstance(inputs, PrefixState):
+            return self.forward_suffix(inputs)
+        if self.grad_checkpointing and torch.is_grad_enabled() and self.prefix_map_blocks:
+            # Lowest memory: keep only the images; the frozen prefix (and the prefix side inputs that the
+            # down-projection gradients need) is recomputed in backward.
+            block_output, *codes = checkpoint(self._prefix_codes, inputs, use_reentrant=False)
+            return self._run_suffix(block_output, list(codes))
+        return self.forward_suffix(self.forward_prefix(inputs))
+
+    def _prefix_codes(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        state = self.forward_prefix(images)
+        return (state.block_output,
+                *[self._code(block, x) for block, x in zip(self.prefix_map_blocks, state.side_inputs)])
+
+    def _run_suffix(self, x: torch.Tensor, codes: list[torch.Tensor]) -> torch.Tensor:
+        """Blocks M+1..N-1 and the head, from block M's output and the rank-r codes of M's stage so far."""
+        adapter, M, dtype = self.adapter, self.start_block, self.backbone_dtype
+        coded_blocks = list(self.prefix_map_blocks)
+        if codes:
+            x = x + self._side_step(self._block_stage[M], coded_blocks, codes)
+        for block in range(M + 1, self.num_blocks):
+            stage = self._block_stage[block]
+            x = x.to(dtype)
+            if block == adapter.stages[stage].first_block:
+                with self._frozen_context(x):
+                    x = adapter.enter_stage(stage, x)
+                codes, coded_blocks = [], []  # the width changes: each stage has its own side state
+            if str(block) in self.side_maps:
+                codes = [*codes, self._code(block, x)]
+                coded_blocks = [*coded_blocks, block]
+            x = self._run_block(block, x)
+            if codes:
+                x = x + self._side_step(stage, coded_blocks, codes)
+        with self._frozen_context(x):
+            features = adapter.pool(x.to(dtype))
+        return self.head(self._side_cast(features, self.head.weight))
+
+    def _run_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        with self._frozen_context(x):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                return checkpoint(self.adapter.run_block, block, x, use_reentrant=False)
+            return self.adapter.run_block(block, x)
+
+    @staticmethod
+    def _side_cast(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Inputs of the fp32 trainable layers: autocast casts them itself; without it, match the weight."""
+        return x if torch.is_autocast_enabled(x.device.type) else x.to(weight.dtype)
+
+    def _code(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        """z_b = x_b A_b, the (B, T, r) code of block b's side map."""
+        down = self.side_maps[str(block)].down
+        return down(self._side_cast(x, down.weight))
+
+    def _side_step(self, stage: int, blocks: list[int], codes: list[torch.Tensor]) -> torch.Tensor:
+        """g(theta(h)) with h = sum_j z_j C_j, recomputed in backward so that h is never kept."""
+        function = partial(self._side_from_codes, stage, tuple(blocks))
+        if torch.is_grad_enabled():
+            return checkpoint(function, *codes, use_reentrant=False, preserve_rng_state=False)
+        return function(*codes)
+
+    def _side_from_codes(self, stage: int, blocks: tuple[int, ...], *codes: torch.Tensor) -> torch.Tensor:
+        # sum_j z_j C_j as ONE matmul over the concatenated codes: (B, T, sum r) x (sum r, d)
+        up = torch.cat([self.side_maps[str(b)].up.weight for b in blocks], dim=1)
+        z = torch.cat(codes, dim=-1)
+        return self.side_output(F.linear(self._side_cast(z, up), up), stage)
+
+    def side_output(self, h: torch.Tensor, stage: int) -> torch.Tensor:
+        """g(theta(h)): the sharp Swish, then (DTL+) the stage's depthwise conv over the token grid."""
+        out = self.side_activation(h)
+        conv = self.side_convs[str(stage)] if str(stage) in self.side_convs else None
+        if conv is not None:
+            out = self._side_cast(out, conv.conv.weight)
+            grid, extra = self.adapter.to_grid(out)
+            out = self.adapter.from_grid(conv(grid), extra, out)
+        return out
+
+    # --- helpers ------------------------------------------------------------------------------------------
+    @property
+    def prefix_is_deterministic(self) -> bool:
+        """True when the prefix gives the same output for the same image in train mode: no drop-path, dropout
+        or patch dropout in the embedding or blocks 0..M (what the prefix cache needs)."""
+        return not self.prefix_randomness()
+
+    def prefix_randomness(self) -> list[str]:
+        """Names of the stochastic modules (rate > 0) that the frozen prefix runs, e.g. ``blocks.3.drop_path1``."""
+        suffix = {id(m) for block in range(self.start_block + 1, self.num_blocks)
+                  for m in self.adapter.blocks[block].modules()}
+        found = []
+        for name, module in self.adapter.backbone.named_modules():
+            if id(module) in suffix:
+                continue
+            rate = getattr(module, "drop_prob", None)  # timm DropPath
+            if rate is None and isinstance(module, nn.modules.dropout._DropoutNd):
+                rate = module.p
+            if rate is None and type(module).__name__ == "PatchDropout":
+                rate = getattr(module, "prob", None)
+            if rate:
+                found.append(f"{name} ({type(module).__name__} {rate:g})")
+        return found

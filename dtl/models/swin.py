@@ -1,0 +1,54 @@
+"""DTL on timm's SwinTransformer.
+
+Blocks are numbered globally (Swin-B: 2-2-18-2 = 24 blocks). The side state resets at every stage because the
+width changes; DTL+ has one depthwise conv per stage. timm 1.0 runs the patch merging at the START of
+stages 1..3 (the authors' code has it at the END of stages 0..2); with the side state reset per stage, both
+orders add the side output to the same tensors, so the models agree.
+"""
+from __future__ import annotations
+
+import torch
+from timm.models.swin_transformer import SwinTransformer
+
+from .adapters import BackboneAdapter, StageInfo
+
+
+class SwinAdapter(BackboneAdapter):
+    """Stages of blocks on channels-last (B, H, W, C) token grids; no cls token."""
+
+    paper_defaults = dict(extract_start=4, start_block=14, rank=4, kernel_size=5)
+
+    def __init__(self, backbone: SwinTransformer):
+        if not isinstance(backbone, SwinTransformer):
+            raise TypeError(f"SwinAdapter needs a timm SwinTransformer, got {type(backbone).__name__}")
+        super().__init__(backbone)
+        self._blocks = []
+        self._stages = []
+        for stage in backbone.layers:
+            first = len(self._blocks)
+            self._blocks.extend(stage.blocks)
+            self._stages.append(StageInfo(first, len(self._blocks) - 1, stage.blocks[0].dim))
+
+    @property
+    def blocks(self):
+        return self._blocks
+
+    @property
+    def stages(self):
+        return self._stages
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.patch_embed(images)
+
+    def enter_stage(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.layers[stage].downsample(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        # Swin's head: final norm on every token, then the token mean.
+        return self.backbone.norm(x).mean(dim=(1, 2))
+
+    def to_grid(self, x: torch.Tensor):
+        return x.permute(0, 3, 1, 2), None
+
+    def from_grid(self, grid: torch.Tensor, extra, like: torch.Tensor) -> torch.Tensor:
+        return grid.permute(0, 2, 3, 1)

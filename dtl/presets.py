@@ -1,0 +1,62 @@
+"""The authors' per-task VTAB-1K hyperparameters (DESIGN.md section 5), as a "paper" preset.
+
+``paper_overrides(family, method)`` returns ``{task: {"lr": ..., "drop_path": ..., ["kernel_size": ...]}}``,
+the shape of the ``overrides`` section of an experiment config. Common settings for all tasks are in
+``PAPER_COMMON``: batch 32, 100 cosine + 10 cool-down epochs, 10 warm-up, weight decay 0.05, beta 100.
+"""
+from __future__ import annotations
+
+PAPER_COMMON = {
+    "vit": dict(rank=2, extract_start=0, start_block=6, beta=100.0),
+    "swin": dict(rank=4, extract_start=4, start_block=14, beta=100.0, kernel_size=5),
+}
+PAPER_TRAINING = dict(epochs=110, warmup_epochs=10, cooldown_epochs=10, batch_size=32, weight_decay=0.05,
+                      min_lr=1e-8, warmup_lr=1e-7, label_smoothing=0.0, seed=42)
+
+# task: (ViT DTL lr, dp), (ViT DTL+ lr, dp, k), (Swin DTL lr, dp), (Swin DTL+ lr, dp)
+_TABLE = {
+    "cifar": ((0.0003, 0.1), (0.0005, 0.1, 3), (0.001, 0.1), (0.003, 0.0)),
+    "caltech101": ((0.001, 0.0), (0.0005, 0.0, 3), (0.001, 0.4), (0.0005, 0.4)),
+    "dtd": ((0.0003, 0.1), (0.0003, 0.1, 5), (0.0001, 0.4), (0.0008, 0.1)),
+    "oxford_flowers102": ((0.008, 0.2), (0.008, 0.2, 5), (0.001, 0.1), (0.005, 0.1)),
+    "oxford_iiit_pet": ((0.0003, 0.1), (0.0003, 0.0, 3), (0.0003, 0.1), (0.0001, 0.3)),
+    "svhn": ((0.008, 0.2), (0.005, 0.2, 5), (0.003, 0.4), (0.005, 0.5)),
+    "sun397": ((0.0005, 0.1), (0.003, 0.0, 5), (0.0008, 0.2), (0.003, 0.1)),
+    "patch_camelyon": ((0.008, 0.1), (0.003, 0.0, 4), (0.003, 0.0), (0.005, 0.0)),
+    "eurosat": ((0.008, 0.0), (0.003, 0.1, 3), (0.0008, 0.4), (0.001, 0.3)),
+    "resisc45": ((0.008, 0.1), (0.01, 0.1, 3), (0.005, 0.5), (0.003, 0.5)),
+    "diabetic_retinopathy": ((0.0001, 0.1), (0.0001, 0.1, 5), (0.0001, 0.5), (0.0003, 0.5)),
+    "clevr_count": ((0.001, 0.2), (0.0008, 0.2, 5), (0.0005, 0.4), (0.0005, 0.5)),
+    "clevr_dist": ((0.0005, 0.2), (0.001, 0.2, 4), (0.0003, 0.5), (0.0005, 0.5)),
+    "dmlab": ((0.0008, 0.2), (0.005, 0.2, 3), (0.003, 0.3), (0.003, 0.4)),
+    "kitti": ((0.008, 0.1), (0.008, 0.2, 4), (0.001, 0.5), (0.005, 0.5)),
+    "dsprites_loc": ((0.01, 0.0), (0.008, 0.1, 4), (0.008, 0.4), (0.01, 0.5)),
+    "dsprites_ori": ((0.008, 0.0), (0.0008, 0.2, 5), (0.0005, 0.3), (0.0008, 0.5)),
+    "smallnorb_azi": ((0.003, 0.2), (0.003, 0.2, 5), (0.003, 0.5), (0.003, 0.5)),
+    "smallnorb_ele": ((0.001, 0.2), (0.001, 0.1, 5), (0.0008, 0.5), (0.001, 0.5)),
+}
+_COLUMN = {("vit", "dtl"): 0, ("vit", "dtl_plus"): 1, ("swin", "dtl"): 2, ("swin", "dtl_plus"): 3}
+
+
+def backbone_family(backbone: str) -> str:
+    if backbone.startswith("swin"):
+        return "swin"
+    if backbone.startswith("vit"):
+        return "vit"
+    raise ValueError(f"the paper preset covers ViT and Swin backbones, not {backbone!r}")
+
+
+def paper_overrides(family: str, method: str) -> dict[str, dict]:
+    """Per-task overrides of the authors' scripts for ``family`` (vit/swin) and ``method`` (dtl/dtl_plus)."""
+    if (family, method) not in _COLUMN:
+        raise ValueError(f"no paper preset for family={family!r}, method={method!r}: "
+                         "expected family vit/swin and method dtl/dtl_plus")
+    column = _COLUMN[(family, method)]
+    overrides = {}
+    for task, row in _TABLE.items():
+        values = row[column]
+        entry = {"lr": values[0], "drop_path": values[1]}
+        if len(values) == 3:
+            entry["kernel_size"] = values[2]
+        overrides[task] = entry
+    return overrides

@@ -1,0 +1,1 @@
+"""Ray Tune + Optuna sweeps over the dtl experiment schema."""
