@@ -1,0 +1,343 @@
+"""Search spaces as data: ``sweeps/spaces/<name>.yaml`` -> a validated :class:`SearchSpace`.
+
+A space file says which method a sweep tunes, what it searches and with which short training budget::
+
+    description: DTL+ around the paper's settings
+    method: dtl_plus              # the method of every trial (unless ``method`` itself is searched)
+    num_samples: 4                # trials per task (default of --num-samples)
+    training: {epochs: 4, warmup_epochs: 1, cooldown_epochs: 0}   # sweep-only constants, never written to best.yaml
+    scheduler: {grace_period: 2, reduction_factor: 2}               # ASHA rungs (in epochs)
+    params:                       # searched, in this order; names are flat override keys (dtl.config.OVERRIDE_KEYS)
+      method: {type: categorical, choices: [dtl_plus, dtl]}        # DWConv on (dtl_plus) / off (dtl)
+      kernel_size: {type: int, low: 3, high: 5, when: {method: dtl_plus}}
+      start_block: {type: int, low: 0, high: last_block}         # last_block: N-1 of the chosen backbone
+      lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+
+``when`` makes a parameter conditional on an earlier categorical one (sampled only when that one took one of
+the listed values), which is what Optuna's define-by-run API expresses: :meth:`SearchSpace.define_by_run`
+returns the function that ``OptunaSearch(space=...)`` calls for each trial. A trial's configuration is
+therefore a complete override entry (``{method: ..., rank: ..., lr: ...}``) that can be written to
+``sweeps/best.yaml`` as it is.
+
+A malformed file raises :class:`SpaceError` naming the file and the key (``params.lr.low: expected ...``).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from dtl.config import OVERRIDE_KEYS
+from dtl.engine import TrainConfig
+from dtl.models import METHOD_OPTIONS, METHODS
+
+SPACES_DIR = Path(__file__).resolve().parent / "spaces"
+PARAM_TYPES = ("int", "float", "categorical")
+# Symbolic bounds an int parameter may use; resolved per backbone by :meth:`SearchSpace.resolve`.
+SYMBOLIC_BOUNDS = ("last_block",)
+TOP_LEVEL_KEYS = ("description", "method", "num_samples", "training", "scheduler", "params")
+SCHEDULER_KEYS = ("grace_period", "reduction_factor")
+# Training keys that the sweep itself decides (the objective is val200 accuracy, reported every epoch).
+RESERVED_TRAINING_KEYS = ("eval_every", "seed")
+# Model options that only some methods take (checked against the methods a parameter can meet).
+METHOD_SPECIFIC = sorted({option for options in METHOD_OPTIONS.values() for option in options})
+
+
+class SpaceError(ValueError):
+    """A search space file is malformed; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One searched parameter. ``when`` maps an earlier categorical parameter to the values that enable this one."""
+
+    name: str
+    type: str
+    low: Any = None
+    high: Any = None
+    log: bool = False
+    step: int | float | None = None
+    choices: tuple[Any, ...] = ()
+    when: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def active(self, sampled: Mapping[str, Any]) -> bool:
+        return all(sampled.get(name) in values for name, values in self.when.items())
+
+    def describe(self) -> str:
+        if self.type == "categorical":
+            text = "{" + ", ".join(map(str, self.choices)) + "}"
+        else:
+            text = f"{self.low}..{self.high}" + (" log" if self.log else "") + (f" step {self.step}" if self.step else "")
+        if self.when:
+            text += " if " + " and ".join(f"{k} in {list(v)}" for k, v in self.when.items())
+        return f"{self.name}: {text}"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    path: Path
+    method: str
+    params: tuple[ParamSpec, ...]
+    description: str = ""
+    num_samples: int = 8
+    training: Mapping[str, Any] = field(default_factory=dict)  # sweep-only training constants (short budget)
+    grace_period: int = 1
+    reduction_factor: int = 2
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def constants(self) -> dict[str, Any]:
+        """Override keys every trial gets besides its sampled ones (the method, unless it is searched)."""
+        return {} if "method" in self.param_names else {"method": self.method}
+
+    def resolve(self, num_blocks: int) -> "SearchSpace":
+        """Replace symbolic bounds (``last_block``) with numbers for a backbone of ``num_blocks`` blocks."""
+        symbols = {"last_block": num_blocks - 1}
+        params = []
+        for spec in self.params:
+            low, high = (symbols.get(v, v) if isinstance(v, str) else v for v in (spec.low, spec.high))
+            if spec.type != "categorical" and low > high:
+                raise SpaceError(f"{self.path}: params.{spec.name}: low ({low}) > high ({high}) for a backbone with "
+                                 f"{num_blocks} blocks")
+            params.append(replace(spec, low=low, high=high))
+        return replace(self, params=tuple(params))
+
+    def define_by_run(self) -> "DefineByRun":
+        """The function ``OptunaSearch(space=...)`` calls per trial (see :class:`DefineByRun`)."""
+        unresolved = [p.name for p in self.params if isinstance(p.low, str) or isinstance(p.high, str)]
+        if unresolved:
+            raise SpaceError(f"{self.path}: call resolve(num_blocks) first: symbolic bounds in {', '.join(unresolved)}")
+        return DefineByRun(self.params, self.constants())
+
+    def summary(self) -> str:
+        lines = [f"space {self.name} ({self.path}): method {self.method}, {self.num_samples} samples per task"]
+        lines += [f"  {spec.describe()}" for spec in self.params]
+        if self.training:
+            lines.append("  training: " + ", ".join(f"{k}={v}" for k, v in self.training.items()))
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class DefineByRun:
+    """Optuna define-by-run function: samples the active parameters in file order (a conditional one only when
+    its condition holds) and returns the constants to merge into the trial's config. A class rather than a
+    closure because OptunaSearch pickles it into the experiment state (for ``--resume``)."""
+
+    params: tuple[ParamSpec, ...]
+    constants: Mapping[str, Any]
+
+    def __call__(self, trial) -> dict[str, Any]:
+        sampled: dict[str, Any] = {}
+        for spec in self.params:
+            if not spec.active(sampled):
+                continue
+            if spec.type == "int":
+                sampled[spec.name] = trial.suggest_int(spec.name, spec.low, spec.high, step=spec.step or 1, log=spec.log)
+            elif spec.type == "float":
+                sampled[spec.name] = trial.suggest_float(spec.name, spec.low, spec.high, step=spec.step, log=spec.log)
+            else:
+                sampled[spec.name] = trial.suggest_categorical(spec.name, list(spec.choices))
+        return dict(self.constants)
+
+
+def available_spaces() -> list[str]:
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def space_path(name_or_path: str | Path) -> Path:
+    """``dtl_plus`` -> sweeps/spaces/dtl_plus.yaml; a path to a .yaml file is used as it is."""
+    text = str(name_or_path)
+    if text.endswith((".yaml", ".yml")) or "/" in text:
+        path = Path(text)
+        if not path.is_file():
+            raise SpaceError(f"{path}: search space file not found")
+        return path.resolve()
+    path = SPACES_DIR / f"{text}.yaml"
+    if not path.is_file():
+        raise SpaceError(f"unknown search space {text!r}: expected one of {', '.join(available_spaces())} "
+                         f"(files in {SPACES_DIR}) or the path of a .yaml file")
+    return path
+
+
+def load_space(name_or_path: str | Path) -> SearchSpace:
+    """Read and validate a space file (by name in sweeps/spaces/ or by path)."""
+    import yaml
+
+    path = space_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpaceError(f"{path}: not valid YAML: {err}") from None
+    return parse_space(raw, path)
+
+
+def parse_space(raw: Any, path: Path) -> SearchSpace:
+    def fail(key: str, message: str) -> SpaceError:
+        return SpaceError(f"{path}: {key}: {message}")
+
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{path}: expected a mapping with keys {', '.join(TOP_LEVEL_KEYS)}, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise SpaceError(f"{path}: unknown top-level key(s) {', '.join(map(str, unknown))}; "
+                         f"allowed: {', '.join(TOP_LEVEL_KEYS)}")
+
+    method = raw.get("method")
+    if method not in METHODS:
+        raise fail("method", f"expected one of {', '.join(METHODS)}, got {method!r}")
+    description = raw.get("description") or ""
+    if not isinstance(description, str):
+        raise fail("description", f"expected text, got {type(description).__name__}")
+    num_samples = raw.get("num_samples", 8)
+    if not _is_int(num_samples) or num_samples < 1:
+        raise fail("num_samples", f"expected an integer >= 1, got {num_samples!r}")
+
+    training = raw.get("training") or {}
+    if not isinstance(training, dict):
+        raise fail("training", f"expected a mapping of training setting -> value, got {type(training).__name__}")
+    training_keys = set(TrainConfig.field_names()) & {k for k, s in OVERRIDE_KEYS.items() if s == "training"}
+    for key in training:
+        if key not in training_keys or key in RESERVED_TRAINING_KEYS:
+            allowed = sorted(training_keys - set(RESERVED_TRAINING_KEYS))
+            raise fail(f"training.{key}", f"not a training setting a sweep may fix; allowed: {', '.join(allowed)}")
+    try:
+        TrainConfig(**{**TrainConfig().to_dict(), "cooldown_epochs": 0, **training})
+    except ValueError as err:
+        raise SpaceError(f"{path}: {err}") from None
+
+    scheduler = raw.get("scheduler") or {}
+    if not isinstance(scheduler, dict):
+        raise fail("scheduler", f"expected a mapping with {', '.join(SCHEDULER_KEYS)}, got {type(scheduler).__name__}")
+    for key in scheduler:
+        if key not in SCHEDULER_KEYS:
+            raise fail(f"scheduler.{key}", f"unknown key; allowed: {', '.join(SCHEDULER_KEYS)}")
+    grace_period = scheduler.get("grace_period", 1)
+    reduction_factor = scheduler.get("reduction_factor", 2)
+    if not _is_int(grace_period) or grace_period < 1:
+        raise fail("scheduler.grace_period", f"expected an integer >= 1 (epochs), got {grace_period!r}")
+    if not _is_int(reduction_factor) or reduction_factor < 2:
+        raise fail("scheduler.reduction_factor", f"expected an integer >= 2, got {reduction_factor!r}")
+
+    raw_params = raw.get("params")
+    if not isinstance(raw_params, dict) or not raw_params:
+        raise fail("params", "expected a non-empty mapping of override key -> {type, low, high | choices}")
+    params: list[ParamSpec] = []
+    for name, spec in raw_params.items():
+        params.append(_parse_param(str(name), spec, params, training, fail))
+    _check_methods(method, params, fail)
+    return SearchSpace(name=path.stem, path=path, method=method, params=tuple(params), description=description,
+                       num_samples=num_samples, training=dict(training), grace_period=grace_period,
+                       reduction_factor=reduction_factor)
+
+
+def _parse_param(name: str, spec: Any, earlier: list[ParamSpec], training: Mapping[str, Any],
+                 fail: Callable[[str, str], SpaceError]) -> ParamSpec:
+    key = f"params.{name}"
+    if name not in OVERRIDE_KEYS:
+        raise fail(key, f"not an override key; allowed: {', '.join(sorted(OVERRIDE_KEYS))}")
+    if name in training or name in RESERVED_TRAINING_KEYS:
+        raise fail(key, "is fixed by the sweep (training section or reserved); it cannot be searched too")
+    if not isinstance(spec, dict):
+        raise fail(key, f"expected a mapping such as {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}, "
+                        f"got {spec!r}")
+    kind = spec.get("type")
+    if kind not in PARAM_TYPES:
+        raise fail(f"{key}.type", f"expected one of {', '.join(PARAM_TYPES)}, got {kind!r}")
+    allowed = {"type", "when"} | ({"choices"} if kind == "categorical" else {"low", "high", "log", "step"})
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise fail(key, f"unknown key(s) {', '.join(map(str, unknown))} for type {kind}; "
+                        f"allowed: {', '.join(sorted(allowed))}")
+
+    when = _parse_when(spec.get("when"), key, earlier, fail)
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise fail(f"{key}.choices", f"expected a non-empty list, got {choices!r}")
+        if any(not isinstance(c, (str, int, float, bool)) or c is None for c in choices):
+            raise fail(f"{key}.choices", f"expected plain values (text, numbers, true/false), got {choices!r}")
+        if len(set(map(repr, choices))) != len(choices):
+            raise fail(f"{key}.choices", f"repeated choice in {choices!r}")
+        if name == "method":
+            bad = [c for c in choices if c not in METHODS]
+            if bad:
+                raise fail(f"{key}.choices", f"unknown method(s) {bad}; expected some of {', '.join(METHODS)}")
+        return ParamSpec(name=name, type=kind, choices=tuple(choices), when=when)
+
+    def bound(which: str) -> Any:
+        value = spec.get(which)
+        if kind == "int" and isinstance(value, str):
+            if value not in SYMBOLIC_BOUNDS:
+                raise fail(f"{key}.{which}", f"expected an integer or one of {', '.join(SYMBOLIC_BOUNDS)}, got {value!r}")
+            return value
+        number_ok = _is_int(value) if kind == "int" else (_is_number(value) and math.isfinite(value))
+        if not number_ok:
+            raise fail(f"{key}.{which}", f"expected {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+        return int(value) if kind == "int" else float(value)
+
+    low, high = bound("low"), bound("high")
+    if not isinstance(low, str) and not isinstance(high, str) and low > high:
+        raise fail(key, f"low ({low}) must not exceed high ({high})")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise fail(f"{key}.log", f"expected true or false, got {log!r}")
+    if log and not isinstance(low, str) and low <= 0:
+        raise fail(f"{key}.low", f"a log-scaled range needs low > 0, got {low}")
+    step = spec.get("step")
+    if step is not None:
+        if not (_is_int(step) if kind == "int" else _is_number(step)) or step <= 0:
+            raise fail(f"{key}.step", f"expected a positive {'integer' if kind == 'int' else 'number'}, got {step!r}")
+        if log:
+            raise fail(key, "step and log cannot be combined (Optuna does not support it)")
+    return ParamSpec(name=name, type=kind, low=low, high=high, log=log, step=step, when=when)
+
+
+def _parse_when(raw: Any, key: str, earlier: list[ParamSpec],
+                fail: Callable[[str, str], SpaceError]) -> dict[str, tuple[Any, ...]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not raw:
+        raise fail(f"{key}.when", f"expected a mapping of earlier categorical parameter -> value(s), got {raw!r}")
+    by_name = {p.name: p for p in earlier}
+    when: dict[str, tuple[Any, ...]] = {}
+    for other, values in raw.items():
+        target = by_name.get(other)
+        if target is None or target.type != "categorical":
+            raise fail(f"{key}.when.{other}", "must name a categorical parameter listed earlier in params")
+        values = tuple(values) if isinstance(values, list) else (values,)
+        bad = [v for v in values if v not in target.choices]
+        if bad:
+            raise fail(f"{key}.when.{other}", f"value(s) {bad} are not among its choices {list(target.choices)}")
+        when[other] = values
+    return when
+
+
+def _check_methods(method: str, params: list[ParamSpec], fail: Callable[[str, str], SpaceError]) -> None:
+    """A method-specific option (``kernel_size``, ``start_block``...) must only be sampled for methods taking it,
+    so no trial wastes a search dimension on a setting its model ignores."""
+    method_param = next((p for p in params if p.name == "method"), None)
+    for spec in params:
+        if spec.name not in METHOD_SPECIFIC:
+            continue
+        if method_param is None:
+            possible = {method}
+        else:
+            possible = set(spec.when.get("method", method_param.choices))
+        wrong = sorted(m for m in possible if spec.name not in METHOD_OPTIONS[m])
+        if wrong:
+            takers = [m for m in METHODS if spec.name in METHOD_OPTIONS[m]]
+            raise fail(f"params.{spec.name}", f"method(s) {', '.join(wrong)} do not take {spec.name} (taken by "
+                                              f"{', '.join(takers)}); add `when: {{method: [...]}}` or remove it")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

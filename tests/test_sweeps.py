@@ -1,0 +1,464 @@
+"""Sweeps: search spaces as data, the Optuna define-by-run function, and `python sweeps/run.py` end to end
+(Ray Tune + OptunaSearch + ASHA, MLflow parent/child runs, sweeps/best.yaml), on a tiny synthetic task.
+
+Every sweep here writes to temporary paths only (--params, --best-path, --storage-path, MLFLOW_TRACKING_URI,
+RAY_TMPDIR) and runs in its own process group, which the test kills afterwards: no Ray process of anyone else is
+touched (no global `ray stop`).
+
+Fast: everything except the three tests marked slow (resume after SIGKILL, Ctrl-C, --address on a `ray start`
+cluster), which take about a minute each on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps.space import SpaceError, available_spaces, load_space
+
+REPO = Path(__file__).resolve().parent.parent
+RUN = REPO / "sweeps" / "run.py"
+TASK = "digits"
+EPOCHS = 2
+
+# A tiny but real setting: the micro ViT at 16 px (16 tokens), random init, 2 epochs of train800.
+TINY_PARAMS = {
+    "data": {"source": "synthetic", "root": None, "tasks": [TASK], "image_size": 16, "num_test": 50},
+    "model": {"backbone": "vit_micro_patch4_32", "checkpoint": False, "method": "dtl_plus"},
+    "training": {"epochs": EPOCHS, "warmup_epochs": 0, "cooldown_epochs": 0, "lr": 0.003, "progress": False},
+    "evaluation": {"protocol": "final", "seeds": [42]},
+    "overrides": {TASK: {}},
+}
+# lr 1e6 makes the loss NaN at once: the engine raises FloatingPointError and the trial must be FAILED.
+# With the TPE seed 0 the three trials draw lr 1e6 once and 0.003 twice.
+FAILING_SPACE = {
+    "method": "dtl_plus",
+    "num_samples": 3,
+    "training": {"epochs": EPOCHS, "warmup_epochs": 0, "cooldown_epochs": 0},
+    "scheduler": {"grace_period": 1, "reduction_factor": 2},
+    "params": {
+        "method": {"type": "categorical", "choices": ["dtl_plus", "dtl"]},
+        "kernel_size": {"type": "int", "low": 3, "high": 5, "when": {"method": "dtl_plus"}},
+        "rank": {"type": "int", "low": 1, "high": 16, "log": True},
+        "lr": {"type": "categorical", "choices": [1.0e6, 0.003]},
+    },
+}
+PLAIN_SPACE = {
+    "method": "dtl",
+    "num_samples": 4,
+    "training": {"epochs": EPOCHS, "warmup_epochs": 0, "cooldown_epochs": 0},
+    "params": {"rank": {"type": "int", "low": 1, "high": 16, "log": True},
+               "lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}},
+}
+
+
+def write_yaml(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ spaces
+
+
+def test_shipped_spaces_load_with_the_design_ranges():
+    assert {"dtl", "dtl_plus", "lora", "adapter"} <= set(available_spaces())
+    for name in ("dtl", "dtl_plus", "lora", "adapter"):
+        space = load_space(name)
+        params = {p.name: p for p in space.resolve(12).params}
+        assert (params["rank"].low, params["rank"].high) == (1, 16)
+        assert (params["lr"].low, params["lr"].high, params["lr"].log) == (1e-4, 1e-2, True)
+        assert "kernel_size" not in space.training and space.training["epochs"] >= 1
+        # equal search budgets, so methods compare fairly
+        assert space.num_samples == load_space("dtl_plus").num_samples
+        assert space.training == load_space("dtl_plus").training
+    dtl_plus = {p.name: p for p in load_space("dtl_plus").resolve(12).params}
+    assert dtl_plus["start_block"].low == 0 and dtl_plus["start_block"].high == 11  # M in 0..N-1
+    assert set(dtl_plus["method"].choices) == {"dtl_plus", "dtl"}  # DWConv on / off
+    assert (dtl_plus["kernel_size"].low, dtl_plus["kernel_size"].high) == (3, 5)
+    assert dtl_plus["kernel_size"].when == {"method": ("dtl_plus",)}
+    assert {p.name: p for p in load_space("dtl").resolve(24).params}["start_block"].high == 23  # Swin-B: 24
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda s: s.update(scheduler_x=1), "unknown top-level key(s) scheduler_x"),
+    (lambda s: s.update(method="dtl_pluss"), "method: expected one of"),
+    (lambda s: s["params"]["lr"].update(low="small"), "params.lr.low: expected a number, got 'small'"),
+    (lambda s: s["params"]["lr"].update(low=0.0), "params.lr.low: a log-scaled range needs low > 0"),
+    (lambda s: s["params"]["rank"].update(high="all_blocks"), "params.rank.high: expected an integer or one of"),
+    (lambda s: s["params"]["rank"].update(low=20), "params.rank: low (20) must not exceed high (16)"),
+    (lambda s: s["params"].update(lrr={"type": "float", "low": 0.1, "high": 1.0}), "params.lrr: not an override key"),
+    (lambda s: s["params"]["lr"].update(type="uniform"), "params.lr.type: expected one of int, float, categorical"),
+    (lambda s: s["params"]["kernel_size"].pop("when"), "params.kernel_size: method(s) dtl do not take kernel_size"),
+    (lambda s: s["params"]["kernel_size"].update(when={"method": "lora"}),
+     "params.kernel_size.when.method: value(s) ['lora'] are not among its choices"),
+    (lambda s: s["params"]["kernel_size"].update(when={"rank": 2}),
+     "params.kernel_size.when.rank: must name a categorical parameter listed earlier"),
+    (lambda s: s["training"].update(epochs=0), "training.epochs: expected an integer >= 1"),
+    (lambda s: s["training"].update(eval_every=3), "training.eval_every: not a training setting a sweep may fix"),
+    (lambda s: s.update(params={}), "params: expected a non-empty mapping"),
+    (lambda s: s.update(num_samples=0), "num_samples: expected an integer >= 1"),
+])
+def test_malformed_space_is_a_clear_error_naming_the_file_and_key(tmp_path, edit, expected):
+    raw = yaml.safe_load((REPO / "sweeps/spaces/dtl_plus.yaml").read_text())
+    edit(raw)
+    path = write_yaml(tmp_path / "bad.yaml", raw)
+    with pytest.raises(SpaceError) as err:
+        load_space(path)
+    assert str(path) in str(err.value) and expected in str(err.value)
+
+
+def test_space_file_that_is_not_yaml_or_missing(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("params: {rank: [1, 2\n")
+    with pytest.raises(SpaceError, match="not valid YAML"):
+        load_space(broken)
+    with pytest.raises(SpaceError, match="unknown search space 'dtl_pls': expected one of .*dtl_plus"):
+        load_space("dtl_pls")
+
+
+def suggestions(space, seed: int, count: int = 12) -> list[dict]:
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    searcher = OptunaSearch(space=space.define_by_run(), metric="val_accuracy", mode="max",
+                            sampler=optuna.samplers.TPESampler(seed=seed))
+    return [searcher.suggest(f"trial{i}") for i in range(count)]
+
+
+def test_define_by_run_samples_kernel_only_with_the_dwconv_and_repeats_for_a_seed():
+    space = load_space("dtl_plus").resolve(12)
+    first, again, other = suggestions(space, 3), suggestions(space, 3), suggestions(space, 4)
+    assert first == again  # same seed -> identical configurations
+    assert first != other
+    assert {c["method"] for c in first} == {"dtl_plus", "dtl"}
+    for config in first:
+        assert ("kernel_size" in config) == (config["method"] == "dtl_plus")  # conditional on DWConv on
+        assert 3 <= config.get("kernel_size", 3) <= 5 and 1 <= config["rank"] <= 16
+        assert 0 <= config["start_block"] <= 11 and 1e-4 <= config["lr"] <= 1e-2
+        assert config["drop_path"] in (0.0, 0.1, 0.2) and 0 <= config["weight_decay"] <= 0.1
+    # a space that does not search the method hands it over as a constant
+    for config in suggestions(load_space("lora").resolve(12), 0, 3):
+        assert config["method"] == "lora" and set(config) == {"method", "rank", "lr", "weight_decay", "drop_path"}
+
+
+def test_space_define_by_run_pickles_for_resume():
+    import pickle
+
+    function = load_space("dtl_plus").resolve(12).define_by_run()
+    assert pickle.loads(pickle.dumps(function)) == function  # OptunaSearch pickles it into the experiment state
+
+
+def test_trial_config_layers_pipeline_budget_and_sampled_values():
+    from dtl.config import ExperimentConfig
+    from sweeps.trainable import TrialSetup, trial_config
+
+    base = ExperimentConfig.from_dict({**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "root": "/abs/data"},
+                                       "overrides": {TASK: {"lr": 0.5, "beta": 50.0, "epochs": 9}}})
+    setup = TrialSetup(task=TASK, base_config=base.to_dict(), training={"epochs": 3, "cooldown_epochs": 0},
+                       seed=42, threads=1, tracking_uri="sqlite:///x.db", experiment_id="1", parent_run_id="p",
+                       sweep_name="s", space_name="dtl_plus")
+    config = trial_config(setup, {"method": "dtl", "lr": 0.002, "rank": 4}).for_task(TASK)
+    assert config.training.lr == 0.002 and config.model.rank == 4 and config.model.method == "dtl"  # sampled win
+    assert config.training.epochs == 3  # the sweep's budget beats the pipeline's override
+    assert config.model.beta == 50.0  # unsearched pipeline overrides stay
+    assert config.evaluation.protocol == "val" and config.training.eval_every == 1  # val200 every epoch
+    assert config.data.root == "/abs/data"
+
+
+def test_resources_are_checked_against_the_nodes(monkeypatch):
+    import ray
+
+    from sweeps.driver import SweepError, check_resources, default_concurrency
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert check_resources(0.5, 0) == {"CPU": 2.0, "GPU": 0.0}
+    with pytest.raises(SweepError, match="no Ray node can hold a trial of --cpus-per-trial 4"):
+        check_resources(4, 0)
+    with pytest.raises(SweepError, match="--gpus-per-trial 0.25"):
+        check_resources(1, 0.25)
+    assert default_concurrency({"CPU": 2.0, "GPU": 0.0}, 0.5, 0, 10) == 4
+    assert default_concurrency({"CPU": 16.0, "GPU": 1.0}, 2, 0.25, 10) == 4  # four trials packed on one GPU
+
+
+def test_help_documents_every_flag(capsys):
+    from sweeps import run
+
+    with pytest.raises(SystemExit) as exit_:
+        run.parse_args(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--space", "--tasks", "--num-samples", "--max-concurrent", "--gpus-per-trial", "--cpus-per-trial",
+                 "--address", "--scheduler", "--seed", "--storage-path", "--resume", "--name", "--params",
+                 "--best-path", "--experiment"):
+        assert flag in text
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    from dtl.config import ExperimentConfig
+    from dtl.experiment import ensure_data
+
+    root = tmp_path_factory.mktemp("sweep_data") / "synthetic"
+    ensure_data(ExperimentConfig.from_dict({**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "root": str(root)}}))
+    return root
+
+
+class Sweep:
+    """`python sweeps/run.py` on temporary files, in its own process group (so its Ray can be cleaned up)."""
+
+    def __init__(self, tmp_path: Path, data_root: Path, space: dict):
+        self.tmp = tmp_path
+        self.params = write_yaml(tmp_path / "params.yaml",
+                                 {**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "root": str(data_root)}})
+        self.best = tmp_path / "best.yaml"
+        self.best.write_text("# shipped entries\ndigits: {}\npatterns: {lr: 0.001}\n")
+        self.space = write_yaml(tmp_path / "space.yaml", space)
+        self.storage = tmp_path / "results"
+        self.tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        # Ray's socket paths must stay short: a dedicated temp dir per sweep, outside pytest's long paths.
+        self.ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+        self.env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri, "RAY_TMPDIR": self.ray_tmp,
+                    "DTL_CACHE_DIR": str(tmp_path / "prefix_cache"), "PYTHONPATH": str(REPO)}
+        self.processes: list[subprocess.Popen] = []
+
+    def command(self, *extra: str) -> list[str]:
+        return [sys.executable, str(RUN), "--space", str(self.space), "--params", str(self.params),
+                "--best-path", str(self.best), "--storage-path", str(self.storage), "--name", "tiny", *extra]
+
+    def start(self, *extra: str, log: str = "sweep.log") -> subprocess.Popen:
+        process = subprocess.Popen(self.command(*extra), env=self.env, cwd=self.tmp, start_new_session=True,
+                                   stdout=open(self.tmp / log, "w"), stderr=subprocess.STDOUT, text=True)
+        self.processes.append(process)
+        return process
+
+    def run(self, *extra: str, timeout: float = 400, log: str = "sweep.log") -> tuple[int, str]:
+        process = self.start(*extra, log=log)
+        try:
+            process.wait(timeout=timeout)
+        finally:
+            self.kill_group(process)
+        return process.returncode, (self.tmp / log).read_text()
+
+    @staticmethod
+    def kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        """Kill what this sweep started (its driver and the Ray processes that share its session)."""
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        for process in self.processes:
+            self.kill_group(process)
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.tracking_uri)
+
+    def runs(self) -> tuple[list, list]:
+        """(parent runs, child runs) of this sweep."""
+        client = self.client()
+        experiment = client.get_experiment_by_name("dtl-sweeps")
+        runs = client.search_runs([experiment.experiment_id], filter_string="tags.sweep = 'tiny'")
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        return parents, children
+
+    def val_steps(self, run) -> list[int]:
+        return sorted(m.step for m in self.client().get_metric_history(run.info.run_id, "val_accuracy"))
+
+
+@pytest.fixture
+def sweep_factory(tmp_path, tiny_data):
+    made: list[Sweep] = []
+
+    def make(space: dict) -> Sweep:
+        made.append(Sweep(tmp_path, tiny_data, space))
+        return made[-1]
+
+    yield make
+    for sweep in made:
+        sweep.close()
+
+
+def test_tiny_sweep_records_parent_children_best_and_a_failed_trial(sweep_factory):
+    sweep = sweep_factory(FAILING_SPACE)
+    code, out = sweep.run("--seed", "0")
+    assert code == 0, out
+
+    parents, children = sweep.runs()
+    assert len(parents) == 1 and parents[0].data.tags["task"] == TASK and parents[0].info.status == "FINISHED"
+    assert len(children) == 3
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    failed = [c for c in children if c.info.status == "FAILED"]
+    assert len(failed) == 1, [(c.info.status, c.data.params.get("trial.lr")) for c in children]
+    assert float(failed[0].data.params["trial.lr"]) == 1e6 and "FloatingPointError" in failed[0].data.tags["error"]
+    good = [c for c in children if c is not failed[0]]
+    assert all(c.info.status == "FINISHED" for c in good)  # the sweep went on past the failure
+    for child in good:
+        steps = sweep.val_steps(child)  # per-epoch val accuracy, logged as the trial ran
+        assert steps == list(range(len(steps))) and 1 <= len(steps) <= EPOCHS
+        assert 0 <= child.data.metrics["val_accuracy"] <= 1
+        assert child.data.params["evaluation.protocol"] == "val"  # selection never sees the test split
+
+    best = [c for c in children if c.data.tags.get("best") == "true"]
+    assert len(best) == 1 and best[0].info.status == "FINISHED"
+    assert best[0].data.metrics["val_accuracy"] == max(c.data.metrics["val_accuracy"] for c in good)
+    parent = parents[0]
+    assert parent.data.metrics["best_val_accuracy"] == best[0].data.metrics["val_accuracy"]
+    assert parent.data.tags["best_run_id"] == best[0].info.run_id
+    assert parent.data.metrics["trials_failed"] == 1
+
+    # the winner lands in best.yaml as a pipeline override entry; other entries and a header are kept
+    text = sweep.best.read_text()
+    assert text.startswith("#") and "sweeps/run.py" in text
+    entries = yaml.safe_load(text)
+    assert entries["patterns"] == {"lr": 0.001}
+    winner = {k[len("trial."):]: v for k, v in best[0].data.params.items() if k.startswith("trial.")}
+    assert set(entries[TASK]) == set(winner) and entries[TASK]["lr"] == 0.003
+    assert str(entries[TASK]["rank"]) == winner["rank"] and entries[TASK]["method"] == winner["method"]
+    assert ("kernel_size" in entries[TASK]) == (entries[TASK]["method"] == "dtl_plus")
+    # ... and the pipeline's loader picks it up for that task
+    from pipeline.params import load_params
+
+    merged = load_params(sweep.params, sweep.best, task=TASK)
+    assert merged.training.lr == 0.003 and merged.model.rank == entries[TASK]["rank"]
+
+    results = json.loads((sweep.storage / "tiny" / "results.json").read_text())
+    assert len(results["trials"]) == 3 and results["best"][TASK]["val_accuracy"] == parent.data.metrics[
+        "best_val_accuracy"]
+    assert "failed" in out and "Best configuration per task" in out and "dvc repro" in out
+
+
+def test_cli_errors_come_before_any_work(sweep_factory, monkeypatch, capsys):
+    from sweeps import run
+
+    sweep = sweep_factory(PLAIN_SPACE)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sweep.tracking_uri)
+    assert run.main(sweep.command("--tasks", "not_a_task")[2:]) == 2
+    err = capsys.readouterr().err
+    assert "not_a_task" in err and "Traceback" not in err
+    assert not (sweep.storage / "tiny").exists()
+
+    (sweep.storage / "tiny").mkdir(parents=True)  # a sweep of that name exists: never silently overwritten
+    assert run.main(sweep.command()[2:]) == 2
+    assert "exists already: pass --resume" in capsys.readouterr().err
+    assert run.main(sweep.command("--resume", "--name", "nothing")[2:]) == 2
+    assert "no sweep named 'nothing'" in capsys.readouterr().err
+    assert run.main(["--space", "dtl_pls"]) == 2
+    assert "unknown search space 'dtl_pls'" in capsys.readouterr().err
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def finished_children(sweep: Sweep) -> list:
+    try:
+        return [c for c in sweep.runs()[1] if c.info.status == "FINISHED"]
+    except Exception:  # the store or experiment may not exist yet
+        return []
+
+
+@pytest.mark.slow
+def test_resume_after_killing_the_driver_does_not_rerun_finished_trials(sweep_factory):
+    sweep = sweep_factory(PLAIN_SPACE)
+    process = sweep.start("--max-concurrent", "1", "--scheduler", "fifo")
+    wait_for(lambda: len(finished_children(sweep)) >= 1 or process.poll() is not None, 300, "a finished trial")
+    assert process.poll() is None, (sweep.tmp / "sweep.log").read_text()
+    os.kill(process.pid, signal.SIGKILL)  # the driver dies mid-sweep, without any clean-up
+    process.wait(timeout=30)
+    sweep.kill_group(process)  # and its local Ray instance with it
+    before = {c.data.tags["trial_id"]: (c.info.run_id, sweep.val_steps(c)) for c in finished_children(sweep)}
+    assert before and len(sweep.runs()[1]) < 4
+
+    code, out = sweep.run("--resume", log="resume.log")
+    assert code == 0, out
+    parents, children = sweep.runs()
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # A trial started within the last ~1 s before the kill is unknown to Tune's saved state: its run is closed
+    # as KILLED and tagged, and Tune runs a new trial in its place.
+    lost = [c for c in children if "lost_trial" in c.data.tags]
+    assert all(c.info.status == "KILLED" for c in lost)
+    children = [c for c in children if c not in lost]
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)  # one child per trial
+    by_trial = {c.data.tags["trial_id"]: c for c in children}
+    for trial_id, (run_id, steps) in before.items():
+        assert by_trial[trial_id].info.run_id == run_id
+        assert sweep.val_steps(by_trial[trial_id]) == steps == list(range(EPOCHS))  # not trained again
+        # a trial whose run had FINISHED but whose last report Tune never saw is reported, not retrained
+        assert "not retrained" in by_trial[trial_id].data.tags.get("resumed", "not retrained")
+    state = json.loads((sweep.storage / "tiny" / "sweep.json").read_text())
+    assert state["tasks"][TASK]["finished"] and len(state["tasks"][TASK]["rows"]) == 4
+    assert yaml.safe_load(sweep.best.read_text())[TASK]
+
+
+@pytest.mark.slow
+def test_ctrl_c_closes_every_run_with_a_status_and_says_how_to_resume(sweep_factory):
+    sweep = sweep_factory(PLAIN_SPACE)
+    process = sweep.start("--max-concurrent", "1", "--scheduler", "fifo")
+    wait_for(lambda: len(finished_children(sweep)) >= 1 or process.poll() is not None, 300, "a finished trial")
+    time.sleep(3)  # the next trial is under way
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
+    process.wait(timeout=120)
+    out = (sweep.tmp / "sweep.log").read_text()
+    assert process.returncode == 130, out
+    assert "--resume --name tiny" in out
+    parents, children = sweep.runs()
+    assert parents[0].info.status == "KILLED"
+    assert all(c.info.status in ("FINISHED", "KILLED") for c in children), [c.info.status for c in children]
+    assert len(children) < 4
+
+
+def free_port() -> int:
+    # An ephemeral port (32768+) never collides with Ray's worker port range (10002-19999).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_address_joins_a_ray_start_cluster(sweep_factory):
+    sweep = sweep_factory({**PLAIN_SPACE, "num_samples": 2})
+    port = free_port()
+    head_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+    ray_cli = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen([str(ray_cli), "start", "--head", "--port", str(port), "--num-cpus", "2",
+                             "--include-dashboard=false", "--node-ip-address", "127.0.0.1", "--temp-dir", head_tmp,
+                             "--disable-usage-stats"], env=sweep.env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        head_out, _ = head.communicate(timeout=120)
+        assert head.returncode == 0, head_out
+        code, out = sweep.run("--address", f"127.0.0.1:{port}")
+        assert code == 0, out
+        parents, children = sweep.runs()
+        assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+        # the trials ran in the joined cluster's session, not in a private instance
+        assert list(Path(head_tmp).glob("session_*/artifacts/*/digits/working_dirs/*"))
+        assert not list(Path(sweep.ray_tmp).glob("ray/session_*"))
+    finally:
+        # `ray stop` would stop every Ray on the machine: stop only this head's process group.
+        Sweep.kill_group(head, signal.SIGTERM)
+        time.sleep(3)
+        Sweep.kill_group(head, signal.SIGKILL)
