@@ -83,7 +83,6 @@ def train_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     if report_recorded_result(setup, trial_id):
         return
     with child_run(setup, trial_id, context.get_trial_name(), params) as run:
-        from dtl.engine import seed_everything
         from dtl.experiment import run_task
 
         config = trial_config(setup, params)  # a bad configuration raises here: the trial is recorded FAILED
@@ -97,8 +96,6 @@ def train_trial(params: dict[str, Any], setup: TrialSetup) -> None:
             if epoch < last_epoch:  # the last epoch is reported after the run is closed (see below)
                 tune.report(tune_metrics(epoch, metrics))
 
-        # run_task seeds only the training loop; seed the model's initialisation too so a trial is reproducible.
-        seed_everything(setup.seed)
         task_run = run_task(config, setup.task, seed=setup.seed, callbacks=[report_epoch])
         final = task_run.result.history[-1]
         run.finish(summary=task_run.summary())
