@@ -12,8 +12,9 @@ setup: $(BIN)/python  ## create .venv and install the project with its test extr
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"
 
-quickstart: setup  ## set up, then run the main job on the embedded default
-	$(BIN)/python -m dtl.quickstart
+quickstart: setup  ## set up, then run the DVC pipeline on the embedded default (docs/pipeline.md)
+	DTL_PYTHON="$(abspath $(BIN))/python" $(BIN)/dvc repro
+	$(BIN)/dvc metrics show
 
 test:  ## the fast test suite (CPU, no network)
 	$(BIN)/python -m pytest -q

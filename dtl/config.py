@@ -57,7 +57,7 @@ class ModelConfig:
     beta: float = 100.0
     kernel_size: int | None = None  # DTL+ only; None: the paper default (ViT 3, Swin 5)
     drop_path: float = 0.0
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | str = False  # dtl/dtl_plus: true (lowest memory) or "mlp" (recompute MLP hidden only)
     backbone_dtype: str = "fp32"  # dtl/dtl_plus: bf16/fp16 stores and runs the frozen backbone in low precision
 
     def validate(self) -> None:
@@ -73,6 +73,8 @@ class ModelConfig:
         _need(isinstance(self.beta, (int, float)) and self.beta > 0, "model.beta", "a number > 0", self.beta)
         _need(isinstance(self.drop_path, (int, float)) and 0 <= self.drop_path < 1, "model.drop_path",
               "a number in [0, 1)", self.drop_path)
+        _need(isinstance(self.grad_checkpointing, bool) or self.grad_checkpointing == "mlp",
+              "model.grad_checkpointing", 'false, true or "mlp"', self.grad_checkpointing)
         _need(self.backbone_dtype in BACKBONE_DTYPES, "model.backbone_dtype", f"one of {', '.join(BACKBONE_DTYPES)}",
               self.backbone_dtype)
         _need(self.backbone_dtype == "fp32" or self.method in ("dtl", "dtl_plus"), "model.backbone_dtype",

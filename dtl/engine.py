@@ -204,7 +204,7 @@ def train_and_evaluate(
                          precision=precision, batch_size=config.eval_batch_size, num_workers=config.num_workers,
                          progress=config.progress)
     train_features, cache_report = prepare_prefix_cache(model, train_data, **cache_options)
-    if cache_report.reason and config.prefix_cache == "auto" and config.progress:
+    if cache_report.notice and config.progress:
         print(f"prefix cache {cache_report.mode}: {cache_report.reason}", file=sys.stderr)
     eval_features = {}
     evaluations = sum(1 for e in range(config.epochs) if e == config.epochs - 1

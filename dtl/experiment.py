@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from .config import ExperimentConfig
-from .engine import EpochCallback, TrainResult, train_and_evaluate
+from .engine import EpochCallback, TrainResult, seed_everything, train_and_evaluate
 from .models import create_model
 
 PROTOCOL_SPLITS = {"final": ("train800val200", {"test": "test"}), "val": ("train800", {"val": "val200"})}
@@ -97,6 +97,7 @@ def run_task(
     train_split, eval_splits = PROTOCOL_SPLITS[config.evaluation.protocol]
     root = Path(config.data.root)
     train_set = VTabDataset(root, task, train_split, img_size=config.data.image_size or 224, preload=False)
+    seed_everything(config.training.seed)  # the fresh head/CSN init must not depend on earlier runs in this process
     model = build_model(config, train_set.num_classes)
     img_size = config.data.image_size or backbone_image_size(model)
 

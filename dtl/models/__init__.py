@@ -82,7 +82,8 @@ def create_model(
     Methods: ``dtl``, ``dtl_plus`` (DTL with the depthwise conv), ``linear``, ``full``, ``lora``, ``adapter``.
     Options: ``rank`` (CSN rank; LoRA rank; adapter bottleneck), ``start_block`` (M: first block whose
     output gets the side output), ``extract_start`` (first block with a side map), ``beta`` (Swish sharpness),
-    ``kernel_size`` (DTL+ conv), ``grad_checkpointing`` (recompute blocks after M in backward).
+    ``kernel_size`` (DTL+ conv), ``grad_checkpointing`` (True: recompute blocks after M and the frozen prefix in
+    backward, the lowest memory; ``"mlp"``: recompute only the MLP hidden layer of the blocks after M).
     ``backbone_dtype`` (``dtl``/``dtl_plus`` only): store the frozen backbone in ``'bf16'``/``'fp16'`` and run it
     as such, instead of fp32 weights under autocast; the trainable CSN and head stay fp32.
     Defaults are the paper's for the backbone family (ViT: rank 2, M 6, maps on all blocks, k 3;

@@ -12,8 +12,9 @@ layers keep no inputs (autograd saves a matmul input only for the weight gradien
 never kept: each add-back block's side output g(theta(h_i)) is recomputed in backward from the rank-r codes
 x_j A_j (a (B, T, r) tensor per map; cheap elementwise and rank-r work). What remains is the prefix side
 inputs x_j (needed for the gradients of the down-projections A_j) and the activations of the frozen blocks
-after M. ``grad_checkpointing`` cuts that to the images plus one tensor per block after M by recomputing the
-blocks after M and the frozen prefix in backward. ``backbone_dtype`` (e.g. bf16) stores the frozen backbone in
+after M. ``grad_checkpointing=True`` cuts that to the images plus one tensor per block after M by recomputing
+the blocks after M and the frozen prefix in backward; ``grad_checkpointing="mlp"`` recomputes only the MLP hidden
+layer (fc1 + GELU, 4 of the ~10 token tensors a frozen ViT block keeps) for one extra fc1 matmul per block. ``backbone_dtype`` (e.g. bf16) stores the frozen backbone in
 low precision and runs it as such (no autocast copies of its weights); the CSN and the head stay fp32.
 """
 from __future__ import annotations
@@ -23,12 +24,16 @@ from functools import partial
 from typing import NamedTuple
 
 import torch
+from timm.models.vision_transformer import Block as VitBlock
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .adapters import BackboneAdapter
 from .side_network import DepthwiseGridConv, LowRankMap, SharpSwish
+
+
+CHECKPOINTING = (False, True, "mlp")
 
 
 class PrefixState(NamedTuple):
@@ -51,7 +56,7 @@ class DTLModel(nn.Module):
         extract_start: int = 0,
         beta: float = 100.0,
         kernel_size: int | None = None,
-        grad_checkpointing: bool = False,
+        grad_checkpointing: bool | str = False,
         backbone_dtype: torch.dtype | None = None,
     ):
         super().__init__()
@@ -74,6 +79,9 @@ class DTLModel(nn.Module):
         self.extract_start = extract_start
         self.rank = rank
         self.kernel_size = kernel_size
+        if not (isinstance(grad_checkpointing, bool) or grad_checkpointing == "mlp"):
+            raise ValueError(f"grad_checkpointing must be one of {', '.join(map(repr, CHECKPOINTING))}, "
+                             f"got {grad_checkpointing!r}")
         self.grad_checkpointing = grad_checkpointing
         self.num_blocks = num_blocks
         self._block_stage = [adapter.stage_of(b) for b in range(num_blocks)]
@@ -134,7 +142,7 @@ class DTLModel(nn.Module):
         """Logits from images, or from a :class:`PrefixState` (the prefix cache's training path)."""
         if isinstance(inputs, PrefixState):
             return self.forward_suffix(inputs)
-        if self.grad_checkpointing and torch.is_grad_enabled() and self.prefix_map_blocks:
+        if self.grad_checkpointing is True and torch.is_grad_enabled() and self.prefix_map_blocks:
             # Lowest memory: keep only the images; the frozen prefix (and the prefix side inputs that the
             # down-projection gradients need) is recomputed in backward.
             block_output, *codes = checkpoint(self._prefix_codes, inputs, use_reentrant=False)
@@ -171,8 +179,12 @@ class DTLModel(nn.Module):
 
     def _run_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
         with self._frozen_context(x):
-            if self.grad_checkpointing and torch.is_grad_enabled():
+            if self.grad_checkpointing is True and torch.is_grad_enabled():
                 return checkpoint(self.adapter.run_block, block, x, use_reentrant=False)
+            module = self.adapter.blocks[block]
+            if self.grad_checkpointing == "mlp" and torch.is_grad_enabled() and _mlp_is_recomputable(module):
+                x = x + module.drop_path1(module.ls1(module.attn(module.norm1(x))))
+                return x + module.drop_path2(module.ls2(_RecomputedMlp.apply(x, module)))
             return self.adapter.run_block(block, x)
 
     @staticmethod
@@ -231,3 +243,41 @@ class DTLModel(nn.Module):
             if rate:
                 found.append(f"{name} ({type(module).__name__} {rate:g})")
         return found
+
+
+def _mlp_is_recomputable(block: nn.Module) -> bool:
+    """A timm ViT block whose MLP branch is norm2 -> fc1 -> act -> fc2 with no dropout or inner norm."""
+    if not isinstance(block, VitBlock):
+        return False
+    mlp = block.mlp
+    plain = all(isinstance(getattr(mlp, name, None), (nn.Identity, nn.Dropout)) for name in ("drop1", "norm", "drop2"))
+    return plain and all(not isinstance(getattr(mlp, n), nn.Dropout) or getattr(mlp, n).p == 0 for n in ("drop1", "drop2"))
+
+
+class _RecomputedMlp(torch.autograd.Function):
+    """``block.mlp(block.norm2(x))`` of a FROZEN ViT block that keeps only ``x`` for backward.
+
+    Backward recomputes norm2 -> fc1 -> act with autograd (one extra fc1 matmul), multiplies the incoming
+    gradient by fc2's weight (the input gradient of a frozen linear layer) and backpropagates it to ``x``. The
+    autocast state of the forward pass is replayed, so the gradients equal the plain block's.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, block: nn.Module) -> torch.Tensor:
+        device = x.device.type
+        ctx.block = block
+        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(x)
+        return block.mlp(block.norm2(x))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        mlp = ctx.block.mlp
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            inputs = x.detach().requires_grad_(True)
+            hidden = mlp.act(mlp.fc1(ctx.block.norm2(inputs)))
+        grad_hidden = torch.matmul(grad.to(hidden.dtype), mlp.fc2.weight.to(hidden.dtype))
+        torch.autograd.backward(hidden, grad_hidden)
+        return inputs.grad, None

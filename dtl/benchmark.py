@@ -1,0 +1,378 @@
+"""What one training step of each method costs: memory kept for backward, peak memory, images per second.
+
+All methods run in ONE process on the SAME batch, so their figures compare. Per method (a "row"):
+
+* ``trainable_params``.
+* ``saved_bytes``: the bytes autograd keeps for backward during one training forward pass, seen through
+  ``torch.autograd.graph.saved_tensors_hooks``. Each storage is counted once (a tensor saved by two ops is one
+  buffer), and tensors sharing storage with a parameter or buffer are left out: frozen weights saved by
+  reference cost no extra memory (PITFALLS.md, "Measuring saved-for-backward bytes"). A weight copy made by
+  autocast is a new buffer and counts. Works on any device.
+* ``peak_bytes``: on CUDA, ``torch.cuda.max_memory_allocated`` over warm training steps of this method alone
+  (weights, gradients, optimizer state, the batch, activations and every transient buffer). On CPU there is no
+  allocator peak to read, so it is the estimate parameters + gradients + AdamW state + ``saved_bytes`` + the batch
+  (``peak_kind`` says which).
+* ``images_per_s``: batch size / median step time (forward, backward, AdamW step). Steps of all methods are
+  interleaved in rounds after a warm-up, so that load from other processes hits every method alike.
+* ``images_per_cpu_s`` (CPU only): the same from the process's CPU time (``time.process_time``), which other
+  processes on a shared machine do not inflate; with ``threads=1`` it is the throughput of one dedicated core.
+
+Rows beyond the plain methods: ``dtl_plus_mlp`` (``grad_checkpointing="mlp"``: the MLP hidden layer of the
+blocks after M is recomputed in backward), ``dtl_plus_ckpt`` (``grad_checkpointing=True``: blocks after M and the
+prefix are recomputed in backward) and ``dtl_plus_cached`` (training from cached prefix states: only blocks M+1..N-1, the CSN
+and the head run; the one-off prefix pass is reported separately as ``prefix_s_per_batch``).
+"""
+from __future__ import annotations
+
+import gc
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import timm
+import torch
+from torch import nn
+
+from .engine import autocast, parameter_groups, resolve_device
+from .models import BACKBONE_DTYPES, DTLModel, PrefixState, create_model, trainable_parameters
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One benchmark row: a method with options, trained from images or from cached prefix states."""
+
+    method: str
+    options: dict = field(default_factory=dict)
+    cached: bool = False
+
+
+ROWS: dict[str, RowSpec] = {
+    "full": RowSpec("full"),
+    "linear": RowSpec("linear"),
+    "lora": RowSpec("lora", {"rank": 8}),
+    "adapter": RowSpec("adapter", {"rank": 8}),
+    "dtl": RowSpec("dtl"),
+    "dtl_plus": RowSpec("dtl_plus"),
+    "dtl_plus_mlp": RowSpec("dtl_plus", {"grad_checkpointing": "mlp"}),
+    "dtl_plus_ckpt": RowSpec("dtl_plus", {"grad_checkpointing": True}),
+    "dtl_plus_cached": RowSpec("dtl_plus", cached=True),
+}
+PRECISIONS = ("fp32", "bf16", "fp16")
+_LOW_PRECISION = {"bf16": "bf16", "fp16": "fp16"}
+
+# The issue's targets (ViT-B/16, 224 px, batch 32, M = 6): (row, figure, reference row, bound, "max"/"min").
+RATIO_TARGETS = (
+    ("dtl_plus", "saved_bytes", "full", 0.35, "max"),
+    ("dtl_plus", "saved_bytes", "lora", 0.45, "max"),
+    ("dtl_plus_ckpt", "saved_bytes", "full", 0.05, "max"),
+    ("dtl_plus", "images_per_s", "full", 2.0, "min"),
+    ("dtl_plus", "images_per_s", "lora", 1.3, "min"),
+    ("dtl_plus_cached", "images_per_s", "full", 3.3, "min"),
+    ("dtl_plus_cached", "images_per_s", "lora", 2.2, "min"),
+)
+# GPU peak memory targets (bytes), bf16.
+PEAK_TARGETS = (("dtl_plus", 0.8e9), ("dtl_plus_mlp", 0.8e9), ("dtl_plus_ckpt", 0.5e9))
+
+
+@dataclass
+class BenchmarkSettings:
+    backbone: str = "vit_base_patch16_224"
+    batch_size: int = 32
+    precision: str = "fp32"  # fp32: no autocast; bf16/fp16: autocast (fp16 with a GradScaler)
+    device: str = "auto"
+    methods: Sequence[str] = tuple(ROWS)
+    backbone_dtype: str = "auto"  # DTL rows: auto = the autocast dtype under bf16/fp16, else fp32
+    img_size: int | None = None
+    num_classes: int = 100
+    warmup: int = 2  # untimed steps per method before the timed rounds
+    steps: int | None = None  # timed steps per method per round; None: 2 on CPU, 10 on CUDA
+    rounds: int = 3
+    threads: int | None = None  # torch.set_num_threads (CPU); None leaves torch's default
+    timing: bool = True  # False: parameters, saved bytes and the CPU peak estimate only (fast)
+    seed: int = 0
+
+    def validate(self) -> None:
+        unknown = [m for m in self.methods if m not in ROWS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(ROWS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.backbone_dtype != "auto" and self.backbone_dtype not in BACKBONE_DTYPES:
+            raise ValueError(f"backbone_dtype must be auto or one of {', '.join(BACKBONE_DTYPES)}, "
+                             f"got {self.backbone_dtype!r}")
+        if self.batch_size < 1 or self.warmup < 0 or (self.steps is not None and self.steps < 1) or self.rounds < 1:
+            raise ValueError("batch_size, steps and rounds must be >= 1 and warmup >= 0")
+
+    def dtl_backbone_dtype(self) -> str:
+        if self.backbone_dtype != "auto":
+            return self.backbone_dtype
+        return _LOW_PRECISION.get(self.precision, "fp32")
+
+
+# --- measurements ---------------------------------------------------------------------------------------------
+def saved_tensor_bytes(model: nn.Module, forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the buffers autograd keeps for backward while ``forward()`` runs (each storage once; storages of
+    ``model``'s parameters and buffers excluded). The graph is freed before returning."""
+    excluded = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer not in excluded:
+            storages[pointer] = max(storages.get(pointer, 0), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = forward()
+    del output
+    return sum(storages.values())
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def cpu_peak_estimate(model: nn.Module, saved_bytes: int, input_bytes: int) -> int:
+    """Parameters and buffers + gradients + AdamW's two moments + saved activations + the batch."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    weights = tensor_bytes(model.parameters()) + tensor_bytes(model.buffers())
+    return weights + tensor_bytes(trainable) + 2 * tensor_bytes(trainable) + saved_bytes + input_bytes
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- one row ----------------------------------------------------------------------------------------------------
+class _Row:
+    """A model, its batch and optimizer, and a ``step()`` that trains it once."""
+
+    def __init__(self, name: str, spec: RowSpec, settings: BenchmarkSettings, device: torch.device,
+                 images: torch.Tensor, labels: torch.Tensor):
+        self.name, self.spec, self.device, self.precision = name, spec, device, settings.precision
+        self.timing = settings.timing
+        options = dict(spec.options)
+        dtype = settings.dtl_backbone_dtype() if spec.method in ("dtl", "dtl_plus") else "fp32"
+        self.backbone_dtype = dtype
+        self.model = create_model(settings.backbone, spec.method, settings.num_classes, img_size=settings.img_size,
+                                  backbone_dtype=None if dtype == "fp32" else dtype, **options).to(device).train()
+        self.labels = labels
+        self.inputs: torch.Tensor | PrefixState = images.clone()  # each row's own batch counts in its peak
+        self.prefix_s_per_batch: float | None = None
+        if spec.cached:
+            if not isinstance(self.model, DTLModel):
+                raise ValueError(f"row {name}: cached training needs a DTL method, got {spec.method}")
+            self.inputs, self.prefix_s_per_batch = self._cached_state(images)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, 0.05), lr=1e-4)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
+        self.criterion = nn.CrossEntropyLoss()
+
+    def _cached_state(self, images: torch.Tensor) -> tuple[PrefixState, float]:
+        """The batch as the prefix cache stores it (dtl.cache.storage_dtype), and the prefix's time per batch."""
+        from .cache import storage_dtype
+
+        dtype = storage_dtype(self.model, self.precision)
+        times = []
+        for _ in range(3 if self.timing else 1):
+            _synchronize(self.device)
+            start = time.perf_counter()
+            with torch.no_grad(), autocast(self.device, self.precision):
+                state = self.model.forward_prefix(images)
+            _synchronize(self.device)
+            times.append(time.perf_counter() - start)
+        state = PrefixState(tuple(t.to(dtype) for t in state.side_inputs), state.block_output.to(dtype))
+        return state, statistics.median(times)
+
+    def forward(self) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            return self.model(self.inputs)
+
+    def step(self) -> None:
+        with autocast(self.device, self.precision):
+            loss = self.criterion(self.model(self.inputs).float(), self.labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    @property
+    def input_bytes(self) -> int:
+        if isinstance(self.inputs, PrefixState):
+            return tensor_bytes((*self.inputs.side_inputs, self.inputs.block_output))
+        return tensor_bytes([self.inputs])
+
+
+# --- the benchmark ----------------------------------------------------------------------------------------------
+def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = print) -> list[dict]:
+    """Measure every row of ``settings.methods``; returns one JSON-ready dict per row (settings included)."""
+    settings.validate()
+    device = resolve_device(settings.device)
+    if settings.precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    steps = settings.steps or (10 if device.type == "cuda" else 2)
+    probe = timm.create_model(settings.backbone, pretrained=False, num_classes=0,
+                              **({"img_size": settings.img_size} if settings.img_size else {}))
+    img_size = settings.img_size or int(probe.default_cfg.get("input_size", (3, 224, 224))[-1])
+    patch_embed = getattr(probe, "patch_embed", None)
+    if getattr(patch_embed, "img_size", None):
+        img_size = int(patch_embed.img_size[0])
+    del probe
+    generator = torch.Generator().manual_seed(settings.seed)
+    images = torch.randn(settings.batch_size, 3, img_size, img_size, generator=generator).to(device)
+    labels = torch.randint(0, settings.num_classes, (settings.batch_size,), generator=generator).to(device)
+
+    run_settings = {
+        "backbone": settings.backbone, "batch_size": settings.batch_size, "img_size": img_size,
+        "precision": settings.precision, "device": str(device), "device_name": device_name(device),
+        "dtl_backbone_dtype": settings.dtl_backbone_dtype(), "threads": torch.get_num_threads(),
+        "warmup": settings.warmup, "steps": steps, "rounds": settings.rounds,
+        "tf32_matmul": device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32,
+        "torch": torch.__version__, "timm": timm.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    rows: dict[str, _Row] = {}
+    results: dict[str, dict] = {}
+    for name in settings.methods:
+        spec = ROWS[name]
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            _synchronize(device)
+            before = torch.cuda.memory_allocated(device)  # the rows built so far stay resident for the timing
+        row = _Row(name, spec, settings, device, images, labels)
+        if device.type == "cuda":
+            # From here on: this row's weights and batch (allocated above), then its gradients, optimizer
+            # state, activations and transients; not the cached row's one-off prefix pass.
+            gc.collect()
+            _synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(max(settings.warmup, 2)):
+                row.step()
+            _synchronize(device)
+            peak, peak_kind = torch.cuda.max_memory_allocated(device) - before, "cuda_max_allocated"
+        saved = saved_tensor_bytes(row.model, row.forward)
+        if device.type != "cuda":
+            peak, peak_kind = cpu_peak_estimate(row.model, saved, row.input_bytes), "cpu_estimate"
+        results[name] = {
+            "method": name, "base_method": spec.method, "options": dict(spec.options), "cached": spec.cached,
+            "backbone_dtype": row.backbone_dtype, "trainable_params": trainable_parameters(row.model),
+            "saved_bytes": saved, "peak_bytes": peak, "peak_kind": peak_kind,
+            "images_per_s": None, "step_time_s": None, "step_times_s": [],
+            "images_per_cpu_s": None, "cpu_step_times_s": [],
+            "prefix_s_per_batch": row.prefix_s_per_batch,
+        }
+        log(f"  {name}: {results[name]['trainable_params']:,} trainable, saved {saved / 2**20:.1f} MiB, "
+            f"peak {peak / 2**20:.0f} MiB ({peak_kind})")
+        if settings.timing:
+            rows[name] = row
+        else:
+            del row
+
+    if settings.timing:
+        for row in rows.values():
+            for _ in range(settings.warmup):
+                row.step()
+        _synchronize(device)
+        for round_index in range(settings.rounds):
+            for name, row in rows.items():
+                _synchronize(device)
+                start, cpu_start = time.perf_counter(), time.process_time()
+                for _ in range(steps):
+                    row.step()
+                _synchronize(device)
+                results[name]["step_times_s"].append((time.perf_counter() - start) / steps)
+                results[name]["cpu_step_times_s"].append((time.process_time() - cpu_start) / steps)
+            log(f"  round {round_index + 1}/{settings.rounds}: " + ", ".join(
+                f"{n} {settings.batch_size / results[n]['step_times_s'][-1]:.1f}" for n in rows) + " img/s")
+        for name in rows:
+            step_time = statistics.median(results[name]["step_times_s"])
+            results[name]["step_time_s"] = step_time
+            results[name]["images_per_s"] = settings.batch_size / step_time
+            if device.type == "cpu":
+                results[name]["images_per_cpu_s"] = settings.batch_size / statistics.median(
+                    results[name]["cpu_step_times_s"])
+
+    add_ratios(results)
+    return [{**result, **run_settings} for result in results.values()]
+
+
+def add_ratios(results: dict[str, dict]) -> None:
+    """``<figure>_vs_<full|lora>``: each row's figure divided by the reference row's (when both exist)."""
+    for reference in ("full", "lora"):
+        base = results.get(reference)
+        for result in results.values():
+            for figure in ("trainable_params", "saved_bytes", "peak_bytes", "images_per_s", "images_per_cpu_s"):
+                value, ref = result.get(figure), (base or {}).get(figure)
+                result[f"{figure}_vs_{reference}"] = value / ref if value is not None and ref else None
+
+
+def format_table(results: list[dict]) -> str:
+    """A plain-text table of the rows (MiB, img/s and the ratios to full and LoRA)."""
+    def ratio(value):
+        return f"{value:.3f}" if value is not None else "-"
+
+    cpu = any(r.get("images_per_cpu_s") for r in results)
+    header = ("method", "trainable", "saved MiB", "x full", "x lora", "peak MiB", "x full", "x lora", "img/s",
+              "x full", "x lora") + (("img/cpu-s", "x full", "x lora") if cpu else ())
+    lines = [header]
+    for r in results:
+        lines.append((
+            r["method"], f"{r['trainable_params']:,}",
+            f"{r['saved_bytes'] / 2**20:.1f}", ratio(r.get("saved_bytes_vs_full")), ratio(r.get("saved_bytes_vs_lora")),
+            f"{r['peak_bytes'] / 2**20:.0f}", ratio(r.get("peak_bytes_vs_full")), ratio(r.get("peak_bytes_vs_lora")),
+            f"{r['images_per_s']:.3g}" if r.get("images_per_s") else "-",
+            ratio(r.get("images_per_s_vs_full")), ratio(r.get("images_per_s_vs_lora")),
+        ) + ((f"{r['images_per_cpu_s']:.3g}" if r.get("images_per_cpu_s") else "-",
+              ratio(r.get("images_per_cpu_s_vs_full")), ratio(r.get("images_per_cpu_s_vs_lora"))) if cpu else ()))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    text = ["  ".join(str(cell).rjust(w) if i else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+            for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def check_targets(results: list[dict]) -> list[dict]:
+    """The issue's ratio targets (and, on CUDA, the peak-memory targets) that these results can check."""
+    by_name = {r["method"]: r for r in results}
+    checks = []
+    targets = list(RATIO_TARGETS)
+    targets += [(row, "images_per_cpu_s", ref, bound, kind) for row, figure, ref, bound, kind in RATIO_TARGETS
+                if figure == "images_per_s"]
+    for row, figure, reference, bound, kind in targets:
+        value = (by_name.get(row) or {}).get(f"{figure}_vs_{reference}")
+        if value is None:
+            continue
+        met = value <= bound if kind == "max" else value >= bound
+        checks.append(dict(target=f"{row} {figure} {'<=' if kind == 'max' else '>='} {bound}x {reference}",
+                           value=value, met=met))
+    for row, bound in PEAK_TARGETS:
+        result = by_name.get(row)
+        if result and result["peak_kind"] == "cuda_max_allocated":
+            checks.append(dict(target=f"{row} peak memory <= {bound / 1e9:.1f} GB ({result['precision']})",
+                               value=result["peak_bytes"] / 1e9, met=result["peak_bytes"] <= bound))
+    return checks
+
+
+__all__ = [
+    "ROWS", "BenchmarkSettings", "RowSpec", "add_ratios", "check_targets", "cpu_peak_estimate", "format_table",
+    "run_benchmark", "saved_tensor_bytes",
+]

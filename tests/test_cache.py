@@ -1,0 +1,306 @@
+"""The prefix feature cache: cached training equals uncached training, and it refuses when it would not."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.transforms import v2
+
+import dtl
+from dtl import cache
+from dtl.cache import PrefixCacheError, compute_prefix_features, prepare_prefix_cache
+from dtl.config import ConfigError, ExperimentConfig
+from dtl.engine import TrainConfig, train_and_evaluate
+from dtl.models import DTLModel
+
+MICRO = "vit_micro_patch4_32"
+
+
+def dtl_plus(seed: int = 0, **options) -> DTLModel:
+    """A DTL+ model whose side network is not zero, so every CSN parameter gets a gradient."""
+    torch.manual_seed(seed)
+    model = dtl.create_model(MICRO, "dtl_plus", num_classes=5, **options)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and not name.startswith("head"):
+                param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.2)
+    return model.train()
+
+
+def images_and_labels(n: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=generator), torch.randint(0, 5, (n,), generator=generator)
+
+
+def logits_and_grads(model: torch.nn.Module, inputs, labels, precision: str = "fp32"):
+    model.zero_grad(set_to_none=True)
+    dtype = {"bf16": torch.bfloat16}.get(precision)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        logits = model(inputs)
+    torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return logits.detach().float(), grads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one thread is fastest, and spares a shared machine oversubscribed OpenMP threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_memory_cache():
+    cache.clear_memory_cache()
+    yield
+    cache.clear_memory_cache()
+
+
+# --- equivalence ------------------------------------------------------------------------------------------------
+def test_cached_path_gives_the_same_logits_and_gradients_fp32():
+    model = dtl_plus()
+    images, labels = images_and_labels()
+    reference_logits, reference_grads = logits_and_grads(model, images, labels)
+
+    features = compute_prefix_features(model, TensorDataset(images, labels), batch_size=4)  # two batches
+    assert features.dtype == torch.float32 and len(features.side_inputs) == 7  # x_0..x_6 (M = 6)
+    state, cached_labels = features.batch(torch.arange(len(images)))
+    assert torch.equal(cached_labels, labels)
+    logits, grads = logits_and_grads(model, state, labels)
+
+    torch.testing.assert_close(logits, reference_logits, rtol=1e-5, atol=1e-5)
+    assert set(grads) == set(reference_grads) and len(grads) == 12 + 12 + 1 + 2  # down/up x 12, conv, head
+    for name in grads:
+        torch.testing.assert_close(grads[name], reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_cache_matches_the_fp32_weights_amp_path_within_bf16_tolerance():
+    model = dtl_plus()
+    images, labels = images_and_labels()
+    reference_logits, reference_grads = logits_and_grads(model, images, labels, "bf16")
+
+    features = compute_prefix_features(model, TensorDataset(images, labels), precision="bf16")
+    assert features.dtype == torch.bfloat16  # stored as the autocast computes: half the bytes of fp32
+    logits, grads = logits_and_grads(model, features.batch(torch.arange(len(images)))[0], labels, "bf16")
+
+    torch.testing.assert_close(logits, reference_logits, rtol=0.05, atol=0.05)
+    for name in grads:
+        scale = reference_grads[name].abs().max().item() + 1e-6
+        assert (grads[name] - reference_grads[name]).abs().max().item() <= 0.1 * scale, name
+
+
+def test_bf16_backbone_cache_is_exact():
+    model = dtl_plus(backbone_dtype="bf16")
+    assert next(model.adapter.parameters()).dtype == torch.bfloat16 and model.head.weight.dtype == torch.float32
+    images, labels = images_and_labels()
+    reference_logits, reference_grads = logits_and_grads(model, images, labels, "bf16")
+    features = compute_prefix_features(model, TensorDataset(images, labels), precision="bf16")
+    logits, grads = logits_and_grads(model, features.batch(torch.arange(len(images)))[0], labels, "bf16")
+    torch.testing.assert_close(logits, reference_logits, rtol=1e-3, atol=1e-3)
+    for name in grads:
+        torch.testing.assert_close(grads[name], reference_grads[name], rtol=1e-2, atol=1e-4, msg=name)
+
+
+def test_bf16_backbone_stays_close_to_fp32_without_autocast():
+    images, labels = images_and_labels()
+    full_precision = dtl_plus()
+    low_precision = dtl_plus(backbone_dtype="bf16")
+    low_precision.load_state_dict(full_precision.state_dict())  # the same weights, rounded to bf16
+    expected, _ = logits_and_grads(full_precision, images, labels)
+    logits, grads = logits_and_grads(low_precision, images, labels)  # no autocast: CSN fp32, backbone bf16
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    torch.testing.assert_close(logits, expected, rtol=0.05, atol=0.05)
+
+
+def test_batches_are_drawn_exactly_like_the_image_dataloader():
+    features = cache.PrefixFeatures((torch.arange(20.0)[:, None],), torch.arange(20.0)[:, None], torch.arange(20))
+    cached = features.loader(6, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(3))
+    images = DataLoader(TensorDataset(torch.arange(20)), batch_size=6, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(3))
+    for _ in range(2):  # two epochs: the generator advances alike
+        drawn = [labels.tolist() for _, labels in cached]
+        expected = [batch.tolist() for (batch,) in images]
+        assert drawn == expected and len(drawn) == 3
+
+
+def test_training_from_the_cache_equals_training_from_images():
+    images, labels = images_and_labels(n=48, seed=2)
+    data = TensorDataset(images, labels)
+    config = dict(epochs=2, warmup_epochs=1, cooldown_epochs=0, batch_size=16, eval_batch_size=32, lr=1e-2,
+                  eval_every=1, progress=False)
+    uncached, cached = dtl_plus(), dtl_plus()
+    plain = train_and_evaluate(uncached, data, {"val": data}, TrainConfig(**config, prefix_cache="off"))
+    fast = train_and_evaluate(cached, data, {"val": data}, TrainConfig(**config, prefix_cache="memory"))
+
+    assert plain.prefix_cache["mode"] == "off"
+    assert fast.prefix_cache["mode"] == "memory" and fast.prefix_cache["num_samples"] == 48
+    assert fast.prefix_cache["bytes"] == 48 * (8 * 65 * 96 * 4 + 8)  # x_0..x_6 + block output, fp32; labels
+    for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
+        assert fast.metrics[key] == pytest.approx(plain.metrics[key], rel=1e-4, abs=1e-5), key
+    for (name, a), (_, b) in zip(uncached.named_parameters(), cached.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# --- refusals ---------------------------------------------------------------------------------------------------
+def test_drop_path_in_the_prefix_is_refused_with_the_reason():
+    model = dtl.create_model(MICRO, "dtl_plus", num_classes=5, drop_path_rate=0.1)
+    assert not model.prefix_is_deterministic
+    data = TensorDataset(*images_and_labels())
+    with pytest.raises(PrefixCacheError, match=r"stochastic.*drop_path.*model\.drop_path: 0"):
+        prepare_prefix_cache(model, data, mode="memory")
+    features, report = prepare_prefix_cache(model, data, mode="auto")
+    assert features is None and report.mode == "off" and "DropPath" in report.reason
+
+
+def test_dropout_in_the_embedding_is_refused_too():
+    model = dtl.create_model(MICRO, "dtl", num_classes=5)
+    model.adapter.backbone.pos_drop.p = 0.1
+    assert model.prefix_randomness() == ["pos_drop (Dropout 0.1)"]
+    with pytest.raises(PrefixCacheError, match="pos_drop"):
+        prepare_prefix_cache(model, TensorDataset(*images_and_labels()), mode="disk")
+
+
+def test_drop_path_only_after_the_prefix_is_allowed():
+    model = dtl.create_model(MICRO, "dtl_plus", num_classes=5)
+    for block in model.adapter.blocks[7:]:
+        block.drop_path1.drop_prob = 0.1  # blocks after M may be stochastic: they are not cached
+    assert model.prefix_is_deterministic
+    assert cache.cache_refusal(model) is None
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "linear"])
+def test_methods_other_than_dtl_are_refused(method):
+    model = dtl.create_model(MICRO, method, num_classes=5)
+    with pytest.raises(PrefixCacheError, match=f"needs a DTL model.*not '{method}'"):
+        prepare_prefix_cache(model, TensorDataset(*images_and_labels()), mode="memory")
+    assert prepare_prefix_cache(model, TensorDataset(*images_and_labels()), mode="auto")[0] is None
+
+
+class AugmentedDataset(TensorDataset):
+    def __init__(self, *tensors, transform=None, augment=None):
+        super().__init__(*tensors)
+        self.transform, self.augment = transform, augment
+
+
+@pytest.mark.parametrize("transform,augment,needle", [
+    (v2.Compose([v2.RandomResizedCrop(32), v2.Normalize([0.5] * 3, [0.5] * 3)]), None, "RandomResizedCrop"),
+    (v2.ColorJitter(0.4), None, "ColorJitter"),
+    (None, True, "augment is True"),
+])
+def test_augmented_data_is_refused(transform, augment, needle):
+    model = dtl.create_model(MICRO, "dtl_plus", num_classes=5)
+    data = AugmentedDataset(*images_and_labels(), transform=transform, augment=augment)
+    with pytest.raises(PrefixCacheError, match=f"augmented.*{needle}"):
+        prepare_prefix_cache(model, data, mode="memory")
+    deterministic = AugmentedDataset(*images_and_labels(), transform=v2.Compose([v2.CenterCrop(32)]))
+    assert cache.dataset_augmentation(deterministic) is None
+
+
+def test_engine_refuses_an_explicit_cache_it_cannot_honour():
+    model = dtl.create_model(MICRO, "dtl_plus", num_classes=5, drop_path_rate=0.2)
+    data = TensorDataset(*images_and_labels(n=8))
+    with pytest.raises(PrefixCacheError, match="training.prefix_cache: memory is not possible"):
+        train_and_evaluate(model, data, {}, TrainConfig(epochs=1, warmup_epochs=0, cooldown_epochs=0, batch_size=4,
+                                                        progress=False, prefix_cache="memory"))
+
+
+def test_config_validates_the_new_keys():
+    with pytest.raises(ConfigError, match="training.prefix_cache: expected one of auto, memory, disk, off"):
+        ExperimentConfig.from_dict({"training": {"prefix_cache": "always"}})
+    with pytest.raises(ConfigError, match="model.backbone_dtype: expected fp32 for method 'lora'"):
+        ExperimentConfig.from_dict({"model": {"method": "lora", "backbone_dtype": "bf16"}})
+    config = ExperimentConfig.from_dict({"model": {"backbone_dtype": "bf16"}, "overrides": {"digits": {"prefix_cache": "off"}}})
+    assert config.for_task("digits").training.prefix_cache == "off"
+    with pytest.raises(ConfigError, match="unknown key.*prefix_cache_dir"):  # machine-specific: not per task
+        ExperimentConfig.from_dict({"overrides": {"digits": {"prefix_cache_dir": "/tmp"}}})
+
+
+# --- the disk cache ---------------------------------------------------------------------------------------------
+def write_task(root, n: int = 10, task: str = "toy"):
+    folder = root / task
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
+        lines.append(f"images/{i}.png {i % 5}")
+    (folder / "train800.txt").write_text("\n".join(lines) + "\n")
+    (folder / "meta.json").write_text('{"num_classes": 5}')
+    return folder
+
+
+def test_disk_cache_is_written_once_and_reused(tmp_path):
+    from dtl.data import VTabDataset
+
+    folder = write_task(tmp_path / "data")
+    data = VTabDataset(tmp_path / "data", "toy", "train800", img_size=32)
+    model = dtl_plus()
+    built, report = prepare_prefix_cache(model, data, mode="auto", cache_dir=tmp_path / "cache")
+    assert report.mode == "disk" and report.source == "built"
+    files = list((tmp_path / "cache").glob("*.safetensors"))
+    assert [f.name for f in files] == [f"{report.key}.safetensors"]
+    assert files[0].stat().st_size >= report.bytes == built.nbytes
+
+    cache.clear_memory_cache()  # a new process (another sweep trial): it reads the file
+    again = VTabDataset(tmp_path / "data", "toy", "train800", img_size=32)
+    loaded, report2 = prepare_prefix_cache(dtl_plus(), again, mode="disk", cache_dir=tmp_path / "cache")
+    assert report2.source == "disk" and report2.key == report.key
+    for a, b in zip(loaded.tensors().values(), built.tensors().values()):
+        assert torch.equal(a, b)
+
+    # Another start block, other weights or other data give another key.
+    assert cache.cache_key(dtl_plus(start_block=5), data, "fp32") != report.key
+    retrained = copy.deepcopy(model)
+    with torch.no_grad():
+        retrained.head.weight.add_(1.0)
+        retrained.side_maps["3"].up.weight.add_(1.0)
+    assert cache.cache_key(retrained, data, "fp32") == report.key  # trainable parts are not part of the key
+    other = dtl.create_model(MICRO, "dtl_plus", num_classes=5)
+    assert cache.cache_key(other, data, "fp32") != report.key  # another random backbone
+    assert cache.cache_key(model, data, "bf16") != report.key
+    (folder / "train800.txt").write_text("".join(f"images/{i}.png {(i + 1) % 5}\n" for i in range(10)))
+    relabelled = VTabDataset(tmp_path / "data", "toy", "train800", img_size=32)
+    assert cache.cache_key(model, relabelled, "fp32") != report.key
+
+
+def test_a_corrupt_cache_file_is_rebuilt(tmp_path):
+    from dtl.data import VTabDataset
+
+    write_task(tmp_path / "data", n=4)
+    data = VTabDataset(tmp_path / "data", "toy", "train800", img_size=32)
+    model = dtl_plus()
+    _, report = prepare_prefix_cache(model, data, mode="disk", cache_dir=tmp_path / "cache")
+    with open(report.path, "r+b") as handle:
+        handle.truncate(100)
+    cache.clear_memory_cache()
+    with pytest.warns(UserWarning, match="unreadable.*rebuilding"):
+        features, report2 = prepare_prefix_cache(model, data, mode="disk", cache_dir=tmp_path / "cache")
+    assert report2.source == "built" and len(features) == 4
+
+
+def test_disk_mode_needs_a_dataset_that_identifies_itself(tmp_path):
+    with pytest.raises(PrefixCacheError, match="disk needs a dataset that identifies itself.*TensorDataset"):
+        prepare_prefix_cache(dtl_plus(), TensorDataset(*images_and_labels()), mode="disk", cache_dir=tmp_path)
+    features, report = prepare_prefix_cache(dtl_plus(), TensorDataset(*images_and_labels()), mode="auto")
+    assert report.mode == "memory" and "no fingerprint" in report.reason and len(features) == 6
+
+
+def test_a_later_run_in_the_same_process_reuses_the_memory_cache():
+    data = TensorDataset(*images_and_labels())
+
+    class Fingerprinted(TensorDataset):
+        def cache_fingerprint(self):
+            return "toy-v1"
+
+    data = Fingerprinted(*data.tensors)
+    first, report = prepare_prefix_cache(dtl_plus(), data, mode="memory")
+    second, report2 = prepare_prefix_cache(copy.deepcopy(dtl_plus()), data, mode="memory")
+    assert report.source == "built" and report2.source == "memory" and second is first
