@@ -9,7 +9,6 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 setup: $(BIN)/python  ## create .venv and install the project with its test extra
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"
 
 quickstart: setup  ## set up, then run the DVC pipeline on the embedded default (docs/pipeline.md)
