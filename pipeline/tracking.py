@@ -73,6 +73,23 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 @contextmanager
+def _ended_with_status(run) -> Iterator[Any]:
+    """End the active run FINISHED, FAILED on an exception, or KILLED on Ctrl-C."""
+    import mlflow
+
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+@contextmanager
 def tracked_run(experiment_id: str, run_name: str, tags: dict[str, Any], params: dict[str, Any] | None = None,
                 parent_run_id: str | None = None) -> Iterator[Any]:
     """A run that always ends with a status: FINISHED, FAILED on an exception, KILLED on Ctrl-C."""
@@ -83,18 +100,10 @@ def tracked_run(experiment_id: str, run_name: str, tags: dict[str, Any], params:
     all_tags = {**({"git_commit": commit} if commit else {}), **{k: str(v) for k, v in tags.items()}}
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags,
                            parent_run_id=parent_run_id)
-    try:
+    with _ended_with_status(run):
         if params:
             mlflow.log_params({k: "null" if v is None else v for k, v in flatten(params).items()})
         yield run
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
-    else:
-        mlflow.end_run("FINISHED")
 
 
 def epoch_logger(run_id: str):
@@ -164,18 +173,10 @@ def resumed_run(run_id: str, tags: dict[str, Any] | None = None) -> Iterator[Any
 
     mlflow.set_tracking_uri(tracking_uri())
     run = mlflow.start_run(run_id=run_id)
-    try:
+    with _ended_with_status(run):
         if tags:
             mlflow.set_tags({k: str(v) for k, v in tags.items()})
         yield run
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
-    else:
-        mlflow.end_run("FINISHED")
 
 
 def log_numbers(metrics: dict[str, Any], run_id: str | None = None, step: int = 0) -> None:
