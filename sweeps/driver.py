@@ -136,13 +136,34 @@ def load_base(options: SweepOptions):
     return config, params_path, best_path
 
 
-def num_blocks(config, task: str) -> int:
-    """N, the number of blocks of the task's backbone (for the symbolic bound ``last_block``)."""
+def backbone_facts(config, task: str) -> tuple[int, dict[str, Any]]:
+    """N, the number of blocks of the task's backbone (for the symbolic bound ``last_block``), and the DTL
+    settings the paper uses on it (what a ``null`` rank, start block or kernel size means)."""
     from dtl.models import adapter_for, create_backbone
 
     resolved = config.for_task(task)
-    backbone = create_backbone(resolved.model.backbone, False, img_size=config.data.image_size)
-    return len(adapter_for(backbone).blocks)
+    adapter = adapter_for(create_backbone(resolved.model.backbone, False, img_size=config.data.image_size))
+    return len(adapter.blocks), dict(adapter.paper_defaults)
+
+
+def current_settings(config, task: str, space: SearchSpace, paper_defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """What the task trains with now (params.yaml, its overrides and any earlier sweep winner) as flat override
+    keys with the defaults filled in: the sweep's first trial. A space with a fixed method of its own (lora,
+    adapter) starts from the current lr, weight decay and drop-path with that method's default options."""
+    from dtl.models import BASELINE_RANK
+
+    from .space import METHOD_SPECIFIC
+
+    resolved = config.for_task(task)
+    method = resolved.model.method if "method" in space.param_names else space.method
+    values = {**asdict(resolved.training), **asdict(resolved.model), "method": method}
+    if method != resolved.model.method:
+        values.update(dict.fromkeys(METHOD_SPECIFIC))  # another method's options do not carry over
+    defaults = paper_defaults if method in ("dtl", "dtl_plus") else {"rank": BASELINE_RANK}
+    for name, default in defaults.items():
+        if values.get(name) is None:
+            values[name] = default
+    return values
 
 
 def check_task_config(config, task: str, space: SearchSpace) -> int:
@@ -411,7 +432,9 @@ def sweep_task(task: str, state: SweepState, space: SearchSpace, base_config, op
     from .trainable import train_trial
 
     epochs = check_task_config(base_config, task, space)
-    resolved_space = space.resolve(num_blocks(base_config, task))
+    blocks, paper_defaults = backbone_facts(base_config, task)
+    resolved_space = space.resolve(blocks)
+    start, why_not = resolved_space.start_point(current_settings(base_config, task, space, paper_defaults))
     parent_run_id = open_parent_run(client, state.experiment_id, state, task, resolved_space, base_config, epochs)
     setup = TrialSetup(
         task=task, base_config=base_config.to_dict(), training=dict(space.training),
@@ -429,7 +452,8 @@ def sweep_task(task: str, state: SweepState, space: SearchSpace, base_config, op
     else:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = optuna.samplers.TPESampler(seed=state.seed, n_startup_trials=max(2, min(10, state.num_samples // 2)))
-        searcher = OptunaSearch(space=resolved_space.define_by_run(), metric=METRIC, mode="max", sampler=sampler)
+        searcher = OptunaSearch(space=resolved_space.define_by_run(), metric=METRIC, mode="max", sampler=sampler,
+                                points_to_evaluate=[start] if start else None)
         if state.scheduler == "asha":
             scheduler = ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode="max", max_t=epochs,
                                       grace_period=min(space.grace_period, epochs),
@@ -451,6 +475,10 @@ def sweep_task(task: str, state: SweepState, space: SearchSpace, base_config, op
     else:
         print(f"[{task}] {state.num_samples} trials, {epochs} epochs each, up to {max_concurrent} at a time "
               f"({cpus:g} CPU, {gpus:g} GPU per trial)", flush=True)
+        if start:
+            print(f"[{task}] first trial: the current configuration ({format_params(start)})", flush=True)
+        else:
+            print(f"[{task}] the current configuration is not tried first: {why_not}", flush=True)
     grid = tuner.fit()
     trials = ExperimentAnalysis(grid.experiment_path).trials
     runs = reconcile_runs(client, state.tracking_uri, state.experiment_id, parent_run_id, trials, epochs)
@@ -475,7 +503,9 @@ def sweep_task(task: str, state: SweepState, space: SearchSpace, base_config, op
     outcome.finished = len(trials) >= state.num_samples and all(r.status != "unfinished" for r in outcome.rows)
     candidates = [r for r in outcome.rows if r.status in ("done", "stopped early") and r.val_accuracy is not None]
     if candidates:
-        outcome.best = max(candidates, key=lambda r: (r.val_accuracy, r.epochs))
+        # A trial ASHA stopped after one epoch is not comparable with one trained to the end.
+        completed = [r for r in candidates if r.status == "done"]
+        outcome.best = max(completed or candidates, key=lambda r: (r.val_accuracy, r.epochs))
 
     finished_at = "FINISHED" if outcome.finished else "KILLED"
     if outcome.best and outcome.finished:

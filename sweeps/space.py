@@ -114,6 +114,27 @@ class SearchSpace:
             raise SpaceError(f"{self.path}: call resolve(num_blocks) first: symbolic bounds in {', '.join(unresolved)}")
         return DefineByRun(self.params, self.constants())
 
+    def start_point(self, settings: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str]:
+        """The base configuration as a point of this space, to be tried first; or None and the reason.
+
+        ``settings`` maps each parameter name to the value the task trains with now (``params.yaml``, its
+        overrides and any earlier sweep winner, defaults resolved). Seeding the search with it means a sweep
+        never hands ``dvc repro`` a configuration that scored below the current one on val200.
+        """
+        point: dict[str, Any] = {}
+        for spec in self.params:
+            if not spec.active(point):
+                continue
+            value = settings.get(spec.name)
+            if spec.type == "categorical":
+                inside = value in spec.choices
+            else:
+                inside = _is_number(value) and spec.low <= value <= spec.high and (spec.type == "float" or _is_int(value))
+            if not inside:
+                return None, f"the current {spec.name} ({value!r}) lies outside the space ({spec.describe()})"
+            point[spec.name] = value
+        return point, ""
+
     def summary(self) -> str:
         lines = [f"space {self.name} ({self.path}): method {self.method}, {self.num_samples} samples per task"]
         lines += [f"  {spec.describe()}" for spec in self.params]

@@ -158,6 +158,35 @@ def test_space_define_by_run_pickles_for_resume():
     assert pickle.loads(pickle.dumps(function)) == function  # OptunaSearch pickles it into the experiment state
 
 
+def test_the_current_configuration_is_the_first_point_when_it_lies_in_the_space():
+    from dtl.config import ExperimentConfig
+    from sweeps.driver import current_settings
+
+    params = {**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "root": "/abs/data"}}
+    space = load_space("dtl_plus").resolve(12)
+    paper = {"extract_start": 0, "start_block": 6, "rank": 2, "kernel_size": 3}
+    base = ExperimentConfig.from_dict({**params, "overrides": {TASK: {"lr": 0.002, "kernel_size": 5}}})
+    point, why_not = space.start_point(current_settings(base, TASK, space, paper))
+    # null rank/start block take the paper's values; overrides win; only the space's parameters are kept
+    assert why_not == "" and point == {"method": "dtl_plus", "kernel_size": 5, "rank": 2, "start_block": 6,
+                                       "lr": 0.002, "weight_decay": 0.05, "drop_path": 0.0}
+    # DWConv off: the conditional kernel size is not part of the point
+    plain = ExperimentConfig.from_dict({**params, "overrides": {TASK: {"method": "dtl", "rank": 4}}})
+    point, _ = space.start_point(current_settings(plain, TASK, space, paper))
+    assert point["method"] == "dtl" and point["rank"] == 4 and "kernel_size" not in point
+    # a space with its own method starts from the current lr etc. with that method's default rank
+    lora = load_space("lora").resolve(12)
+    point, _ = lora.start_point(current_settings(base, TASK, lora, paper))
+    assert point == {"rank": 8, "lr": 0.002, "weight_decay": 0.05, "drop_path": 0.0}
+    # outside the ranges: no start point, and the reason names the parameter
+    wild = ExperimentConfig.from_dict({**params, "overrides": {TASK: {"lr": 0.5}}})
+    point, why_not = space.start_point(current_settings(wild, TASK, space, paper))
+    assert point is None and "lr (0.5)" in why_not and "0.0001..0.01" in why_not
+    other = ExperimentConfig.from_dict({**params, "model": {**params["model"], "method": "linear"}})
+    point, why_not = space.start_point(current_settings(other, TASK, space, paper))
+    assert point is None and "method ('linear')" in why_not
+
+
 def test_trial_config_layers_pipeline_budget_and_sampled_values():
     from dtl.config import ExperimentConfig
     from sweeps.trainable import TrialSetup, trial_config
@@ -318,7 +347,13 @@ def test_tiny_sweep_records_parent_children_best_and_a_failed_trial(sweep_factor
 
     best = [c for c in children if c.data.tags.get("best") == "true"]
     assert len(best) == 1 and best[0].info.status == "FINISHED"
-    assert best[0].data.metrics["val_accuracy"] == max(c.data.metrics["val_accuracy"] for c in good)
+    # the winner is the best of the trials trained to the end (one ASHA stopped after an epoch is not comparable)
+    completed = [c for c in good if len(sweep.val_steps(c)) == EPOCHS]
+    assert best[0].data.metrics["val_accuracy"] == max(c.data.metrics["val_accuracy"] for c in completed)
+    # the first trial was the current configuration (params.yaml with the paper defaults filled in)
+    assert "first trial: the current configuration (method=dtl_plus kernel_size=3 rank=2 lr=0.003)" in out
+    assert any(c.data.params.get("trial.rank") == "2" and c.data.params.get("trial.kernel_size") == "3"
+               and c.data.params.get("trial.lr") == "0.003" for c in children)
     parent = parents[0]
     assert parent.data.metrics["best_val_accuracy"] == best[0].data.metrics["val_accuracy"]
     assert parent.data.tags["best_run_id"] == best[0].info.run_id

@@ -15,7 +15,7 @@ from torch import nn
 from . import embedded  # noqa: F401  (registers the embedded backbone with timm)
 from .adapters import BackboneAdapter
 from .backbone import CheckpointError, create_backbone, load_checkpoint
-from .baselines import BaselineModel
+from .baselines import BASELINE_RANK, BaselineModel
 from .dtl import DTLModel, PrefixState
 from .embedded import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
 from .swin import SwinAdapter
@@ -120,7 +120,7 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "BACKBONE_DTYPES", "METHODS", "METHOD_OPTIONS", "BackboneAdapter", "BaselineModel", "CheckpointError", "DTLModel", "PrefixState",
+    "BACKBONE_DTYPES", "BASELINE_RANK", "METHODS", "METHOD_OPTIONS", "BackboneAdapter", "BaselineModel", "CheckpointError", "DTLModel", "PrefixState",
     "EMBEDDED_BACKBONE", "EMBEDDED_WEIGHTS", "SwinAdapter", "VitAdapter", "adapter_for", "create_backbone",
     "create_model", "load_checkpoint", "register_family", "resolve_backbone_dtype", "trainable_parameters",
 ]

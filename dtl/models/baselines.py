@@ -55,6 +55,9 @@ class ParallelAdapterBlock(nn.Module):
         return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x)))) + adapted
 
 
+BASELINE_RANK = 8  # LoRA rank and adapter bottleneck when none is given (the comparisons DESIGN.md uses)
+
+
 class BaselineModel(nn.Module):
     """Backbone + DTL's pooling + linear head, with the parameters of ``method`` trainable."""
 
@@ -68,10 +71,10 @@ class BaselineModel(nn.Module):
         adapter.requires_grad_(method == "full")
         if method == "lora":
             for block in blocks:
-                block.attn.qkv = LoRALinear(block.attn.qkv, rank or 8)
+                block.attn.qkv = LoRALinear(block.attn.qkv, rank or BASELINE_RANK)
         elif method == "adapter":
             for index in range(len(blocks)):
-                blocks[index] = ParallelAdapterBlock(blocks[index], rank or 8)
+                blocks[index] = ParallelAdapterBlock(blocks[index], rank or BASELINE_RANK)
         elif method not in ("linear", "full"):
             raise ValueError(f"unknown baseline method {method!r}")
         self.head = nn.Linear(adapter.num_features, num_classes)
