@@ -166,7 +166,7 @@ def current_settings(config, task: str, space: SearchSpace, paper_defaults: Mapp
     return values
 
 
-def check_task_config(config, task: str, space: SearchSpace) -> int:
+def check_task_config(config, task: str, space: SearchSpace, scheduler: str = "asha") -> int:
     """Fail before any trial starts if the base settings + the space's budget do not validate; return epochs."""
     from dtl.config import ConfigError, ExperimentConfig
 
@@ -174,9 +174,16 @@ def check_task_config(config, task: str, space: SearchSpace) -> int:
     probe = ExperimentConfig(data=config.data, model=config.model, training=config.training,
                              evaluation=config.evaluation, overrides={task: overrides})
     try:
-        return probe.for_task(task, where=f"{space.path} training + base config").training.epochs
+        training = probe.for_task(task, where=f"{space.path} training + base config").training
     except ConfigError as err:
         raise SweepError(str(err)) from None
+    # During warm-up the lr is still ramping from warmup_lr: an ASHA rung there ranks untrained models, and
+    # stops good configurations at random.
+    if scheduler == "asha" and space.grace_period <= training.warmup_epochs < training.epochs:
+        raise SweepError(f"{space.path}: scheduler.grace_period ({space.grace_period}) must exceed the trials' "
+                         f"warmup_epochs ({training.warmup_epochs}): ASHA's first rung would compare models still "
+                         "warming up. Raise grace_period or lower the space's training.warmup_epochs")
+    return training.epochs
 
 
 def start_ray(options: SweepOptions) -> None:
@@ -431,7 +438,7 @@ def sweep_task(task: str, state: SweepState, space: SearchSpace, base_config, op
 
     from .trainable import train_trial
 
-    epochs = check_task_config(base_config, task, space)
+    epochs = check_task_config(base_config, task, space, state.scheduler)
     blocks, paper_defaults = backbone_facts(base_config, task)
     resolved_space = space.resolve(blocks)
     start, why_not = resolved_space.start_point(current_settings(base_config, task, space, paper_defaults))
@@ -594,7 +601,7 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
     if len(set(tasks)) != len(tasks):
         raise SweepError(f"--tasks: a task is repeated in {tasks}")
     for task in tasks:
-        check_task_config(base_config, task, space)
+        check_task_config(base_config, task, space, options.scheduler)
 
     print(space.summary(), flush=True)
     print(f"preparing data under {base_config.data.root} for {', '.join(tasks)}", flush=True)

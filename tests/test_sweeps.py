@@ -398,6 +398,18 @@ def test_cli_errors_come_before_any_work(sweep_factory, monkeypatch, capsys):
     assert run.main(["--space", "dtl_pls"]) == 2
     assert "unknown search space 'dtl_pls'" in capsys.readouterr().err
 
+    # an ASHA rung inside the warm-up would rank untrained models: refused, FIFO accepted
+    warming = write_yaml(sweep.tmp / "warming.yaml", {**PLAIN_SPACE, "training": {"epochs": 4, "warmup_epochs": 2},
+                                                      "scheduler": {"grace_period": 2}})
+    command = [*sweep.command("--name", "warming")[2:], "--space", str(warming)]
+    assert run.main(command) == 2
+    err = capsys.readouterr().err
+    assert "grace_period (2) must exceed the trials' warmup_epochs (2)" in err and "Traceback" not in err
+    from sweeps.driver import check_task_config
+    from pipeline.params import load_params
+
+    assert check_task_config(load_params(sweep.params), TASK, load_space(warming), "fifo") == 4
+
 
 def wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
