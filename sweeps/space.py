@@ -118,8 +118,8 @@ class SearchSpace:
         """The base configuration as a point of this space, to be tried first; or None and the reason.
 
         ``settings`` maps each parameter name to the value the task trains with now (``params.yaml``, its
-        overrides and any earlier sweep winner, defaults resolved). Seeding the search with it means a sweep
-        never hands ``dvc repro`` a configuration that scored below the current one on val200.
+        overrides and any earlier sweep winner, defaults resolved). Seeding the search with it makes the current
+        configuration compete in every sweep: a winner has to beat it on val200 under the same budget.
         """
         point: dict[str, Any] = {}
         for spec in self.params:
