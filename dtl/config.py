@@ -146,12 +146,7 @@ class ExperimentConfig:
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
         for task, values in self.overrides.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"{where}: overrides.{task}: expected a mapping of setting -> value")
-            unknown = sorted(set(values) - set(OVERRIDE_KEYS))
-            if unknown:
-                raise ConfigError(f"{where}: overrides.{task}: unknown key(s) {', '.join(unknown)}; "
-                                  f"allowed: {', '.join(sorted(OVERRIDE_KEYS))}")
+            check_override_entry(values, f"{where}: overrides.{task}")
             self.for_task(task, where)  # the merged settings must validate too
 
     def for_task(self, task: str, where: str = "config") -> "ExperimentConfig":
@@ -169,6 +164,16 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_override_entry(values: Any, where: str) -> dict[str, Any]:
+    """One task's override entry: a mapping whose keys are flat override keys (values are checked on merge)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of setting -> value (or {{}}), got {type(values).__name__}")
+    unknown = sorted(map(str, set(values) - set(OVERRIDE_KEYS)))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(OVERRIDE_KEYS))}")
+    return dict(values)
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dtl.config import OVERRIDE_KEYS, ConfigError, ExperimentConfig
+from dtl.config import ConfigError, ExperimentConfig, check_override_entry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
@@ -108,16 +108,21 @@ def read_best(best_path: str | Path = DEFAULT_BEST) -> dict[str, dict[str, Any]]
     return entries
 
 
+def _merge_best_entry(base: ExperimentConfig, task: str, values: Mapping[str, Any], best_path) -> dict[str, Any]:
+    """``params.yaml``'s overrides of ``task`` updated by its ``sweeps/best.yaml`` entry, validated as merged;
+    an invalid value is an error naming the best file and the task."""
+    combined = {**base.overrides.get(task, {}), **values}
+    try:
+        ExperimentConfig(data=base.data, model=base.model, training=base.training,
+                         evaluation=base.evaluation, overrides={task: combined}).for_task(task, where="")
+    except ConfigError as err:
+        reason = str(err).split(f"overrides.{task}: ", 1)[-1]
+        raise ConfigError(f"{best_path}: {task}: {reason}") from None
+    return combined
+
+
 def _check_entry(values: Any, where: str) -> dict[str, Any]:
-    if values is None:
-        return {}
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of setting -> value (or {{}}), got {type(values).__name__}")
-    unknown = sorted(set(values) - set(OVERRIDE_KEYS))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; "
-                          f"allowed: {', '.join(sorted(OVERRIDE_KEYS))}")
-    return dict(values)
+    return {} if values is None else check_override_entry(values, where)
 
 
 def load_params(
@@ -141,14 +146,7 @@ def load_params(
 
     merged = {task_name: dict(values) for task_name, values in base.overrides.items()}
     for task_name, values in best.items():
-        combined = {**merged.get(task_name, {}), **values}
-        try:
-            ExperimentConfig(data=base.data, model=base.model, training=base.training,
-                             evaluation=base.evaluation, overrides={task_name: combined}).for_task(task_name, where="")
-        except ConfigError as err:
-            reason = str(err).split(f"overrides.{task_name}: ", 1)[-1]
-            raise ConfigError(f"{best_path}: {task_name}: {reason}") from None
-        merged[task_name] = combined
+        merged[task_name] = _merge_best_entry(base, task_name, values, best_path)
     config = copy.copy(base)
     config.overrides = merged
     if task is not None:
@@ -203,13 +201,7 @@ def write_best(
         experiment_raw, _ = _split_params(read_yaml(params_path), str(params_path))
         base = ExperimentConfig.from_dict(experiment_raw, where=str(params_path))
         for task in entries:
-            combined = {**base.overrides.get(task, {}), **current[str(task)]}
-            try:
-                ExperimentConfig(data=base.data, model=base.model, training=base.training,
-                                 evaluation=base.evaluation, overrides={task: combined}).for_task(task, where="")
-            except ConfigError as err:
-                reason = str(err).split(f"overrides.{task}: ", 1)[-1]
-                raise ConfigError(f"{best_path}: {task}: {reason}") from None
+            _merge_best_entry(base, str(task), current[str(task)], best_path)
     comment = "".join(f"# {line}".rstrip() + "\n" for line in header.strip().splitlines()) if header else ""
     body = yaml.safe_dump(current, sort_keys=False, default_flow_style=None, width=120)
     write_text(best_path, comment + body)

@@ -12,14 +12,7 @@ import dtl
 from dtl.benchmark import BenchmarkSettings, check_targets, format_table, run_benchmark, saved_tensor_bytes
 
 MICRO = "vit_micro_patch4_32"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:

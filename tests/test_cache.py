@@ -18,6 +18,7 @@ from dtl.engine import TrainConfig, train_and_evaluate
 from dtl.models import DTLModel
 
 MICRO = "vit_micro_patch4_32"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dtl_plus(seed: int = 0, **options) -> DTLModel:
@@ -45,15 +46,6 @@ def logits_and_grads(model: torch.nn.Module, inputs, labels, precision: str = "f
     torch.nn.functional.cross_entropy(logits.float(), labels).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     return logits.detach().float(), grads
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is fastest, and spares a shared machine oversubscribed OpenMP threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
