@@ -9,19 +9,11 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 import dtl
+from conftest import randomised
 from dtl.benchmark import BenchmarkSettings, check_targets, format_table, run_benchmark, saved_tensor_bytes
 
 MICRO = "vit_micro_patch4_32"
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad and not name.startswith("head"):
-                param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.2)
-    return model.train()
 
 
 def saved(model: nn.Module, inputs) -> int:

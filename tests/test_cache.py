@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms import v2
 
 import dtl
+from conftest import randomised
 from dtl import cache
 from dtl.cache import PrefixCacheError, compute_prefix_features, prepare_prefix_cache
 from dtl.config import ConfigError, ExperimentConfig
@@ -24,13 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def dtl_plus(seed: int = 0, **options) -> DTLModel:
     """A DTL+ model whose side network is not zero, so every CSN parameter gets a gradient."""
     torch.manual_seed(seed)
-    model = dtl.create_model(MICRO, "dtl_plus", num_classes=5, **options)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad and not name.startswith("head"):
-                param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.2)
-    return model.train()
+    return randomised(dtl.create_model(MICRO, "dtl_plus", num_classes=5, **options), seed)
 
 
 def images_and_labels(n: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
