@@ -6,7 +6,7 @@ All methods run in ONE process on the SAME batch, so their figures compare. Per 
 * ``saved_bytes``: the bytes autograd keeps for backward during one training forward pass, seen through
   ``torch.autograd.graph.saved_tensors_hooks``. Each storage is counted once (a tensor saved by two ops is one
   buffer), and tensors sharing storage with a parameter or buffer are left out: frozen weights saved by
-  reference cost no extra memory (PITFALLS.md, "Measuring saved-for-backward bytes"). A weight copy made by
+  reference cost no extra memory (they are not copies). A weight copy made by
   autocast is a new buffer and counts. Works on any device.
 * ``peak_bytes``: on CUDA, ``torch.cuda.max_memory_allocated`` over warm training steps of this method alone
   (weights, gradients, optimizer state, the batch, activations and every transient buffer). On CPU there is no
@@ -35,7 +35,7 @@ import timm
 import torch
 from torch import nn
 
-from .engine import autocast, parameter_groups, resolve_device
+from .engine import SavedTensorBytes, autocast, parameter_groups, resolve_device
 from .models import BACKBONE_DTYPES, DTLModel, PrefixState, create_model, trainable_parameters
 
 
@@ -115,20 +115,10 @@ class BenchmarkSettings:
 def saved_tensor_bytes(model: nn.Module, forward: Callable[[], torch.Tensor]) -> int:
     """Bytes of the buffers autograd keeps for backward while ``forward()`` runs (each storage once; storages of
     ``model``'s parameters and buffers excluded). The graph is freed before returning."""
-    excluded = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-        if pointer not in excluded:
-            storages[pointer] = max(storages.get(pointer, 0), storage.nbytes())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with SavedTensorBytes(model) as counter:
         output = forward()
     del output
-    return sum(storages.values())
+    return counter.nbytes
 
 
 def tensor_bytes(tensors) -> int:

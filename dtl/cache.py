@@ -1,15 +1,27 @@
-"""The prefix feature cache: run DTL's frozen prefix once per dataset, then train from its outputs.
+"""The prefix feature cache: run the frozen part of a model once per dataset, then train from its outputs.
 
-DTL's blocks 0..M see no trainable parameter, so with deterministic inputs (the VTAB protocol has no
-augmentation) and no drop-path/dropout in those blocks, the prefix outputs ``x_0..x_M`` and ``Block_M(x_M)``
-(a :class:`~dtl.models.PrefixState`) are the same in every epoch and in every sweep trial that shares the
-backbone weights, M, the side-map blocks and the data split. This module computes them once, keeps them in
-memory or on disk (one ``.safetensors`` file per key, written atomically, a file lock against duplicate work),
-and serves shuffled batches of them to the engine, which then runs only blocks M+1..N-1, the CSN and the head.
+DTL's blocks 0..M see no trainable parameter, and the linear probe's whole backbone is frozen. With deterministic
+inputs (the VTAB protocol has no augmentation) and no drop-path/dropout in that frozen part, its outputs are the
+same in every epoch, every seed and every sweep trial that shares the backbone weights and the data split. This
+module computes them once, keeps them in memory or on disk, and serves shuffled batches of them to the engine,
+which then runs only the trained part (for DTL: blocks M+1..N-1, the CSN and the head).
+
+**One cache for every start block.** For DTL the cache holds every block's input and every stage's output
+(:meth:`~dtl.models.BackboneAdapter.block_states`, the ``blocks`` layout), not only what one M needs: the key
+depends on the backbone, its weights, the image size, the split and the dtype, never on M, the rank or the side
+maps, so trials with M = 2 and M = 9 read the same file (each takes the tensors its M needs). The linear probe
+caches the pooled features (the ``pooled`` layout, one vector per image).
+
+**Shared by every process of a machine.** On disk an entry is one ``.safetensors`` file, written once (atomically,
+under a file lock, so concurrent trials never compute it twice) and then memory-mapped by every reader: the pages
+live in the operating system's page cache, so any number of sweep trials on a node share one copy in RAM and a
+trial that starts later reads it at once. (A file rather than Ray's object store because the same entries serve
+the DVC stages, seeds and later sweeps, which run without Ray and outlive any Ray session.)
 
 The cache is exact up to its storage dtype: fp32 when training in fp32, bf16/fp16 when training under that
 autocast or with the backbone stored in it (``backbone_dtype``). It is refused, with the reason, when it
-would change the model: a method other than DTL/DTL+, a stochastic prefix, or an augmenting dataset.
+would change the model: a method with no frozen part (LoRA, adapters, full fine-tuning), a stochastic frozen part
+(drop-path with ``drop_path_scope: all``), or an augmenting dataset.
 """
 from __future__ import annotations
 
@@ -22,7 +34,7 @@ import sys
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,18 +43,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .models import DTLModel, PrefixState
+from .models import CachedInputs, PrefixState
 
 CACHE_MODES = ("auto", "memory", "disk", "off")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Transform class names that draw random numbers (torchvision v1/v2, timm).
 _RANDOM_TRANSFORMS = ("ColorJitter", "RandAugment", "AutoAugment", "TrivialAugmentWide", "AugMix", "ElasticTransform",
                       "GaussianNoise", "Mixup", "CutMix")
-# Prefix features kept in this process, most recently used last (a sweep or a seed loop in one process).
-_MEMORY: OrderedDict[str, "PrefixFeatures"] = OrderedDict()
+# Features kept in this process, most recently used last (a sweep's trials or a seed loop in one process).
+_MEMORY: OrderedDict[str, "FrozenFeatures"] = OrderedDict()
 _MEMORY_ENTRIES = 4
-_MEMORY_BYTES = 8 << 30
+_MEMORY_BYTES = 8 << 30  # memory-mapped entries count too, although the page cache can evict them
+_LABELS = "labels"
 
 
 class PrefixCacheError(ValueError):
@@ -51,11 +64,10 @@ class PrefixCacheError(ValueError):
 
 # --- the features -------------------------------------------------------------------------------------------
 @dataclass
-class PrefixFeatures:
-    """The prefix outputs of a whole dataset: ``side_inputs[i]`` and ``block_output`` are (N, ...) tensors."""
+class FrozenFeatures:
+    """The frozen part's outputs for a whole dataset, in dataset order: named (N, ...) tensors and the labels."""
 
-    side_inputs: tuple[torch.Tensor, ...]
-    block_output: torch.Tensor
+    tensors: dict[str, torch.Tensor]
     labels: torch.Tensor  # (N,) int64
 
     def __len__(self) -> int:
@@ -63,41 +75,36 @@ class PrefixFeatures:
 
     @property
     def nbytes(self) -> int:
-        tensors = (*self.side_inputs, self.block_output, self.labels)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in (*self.tensors.values(), self.labels))
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.block_output.dtype
+        return next(iter(self.tensors.values())).dtype
 
-    def to(self, device: torch.device) -> "PrefixFeatures":
-        return PrefixFeatures(tuple(t.to(device) for t in self.side_inputs), self.block_output.to(device),
-                              self.labels.to(device))
+    def select(self, names: Sequence[str]) -> "FrozenFeatures":
+        """Only the tensors a model reads (a DTL model with start block M reads M + 2 of the N + 1 block states)."""
+        missing = [name for name in names if name not in self.tensors]
+        if missing:
+            raise KeyError(f"the cached features have no {', '.join(missing)} (they hold {', '.join(self.tensors)})")
+        return FrozenFeatures({name: self.tensors[name] for name in names}, self.labels)
 
-    def batch(self, indices: torch.Tensor) -> tuple[PrefixState, torch.Tensor]:
+    def to(self, device: torch.device) -> "FrozenFeatures":
+        return FrozenFeatures({k: t.to(device) for k, t in self.tensors.items()}, self.labels.to(device))
+
+    def batch(self, indices: torch.Tensor) -> tuple[CachedInputs, torch.Tensor]:
         indices = indices.to(self.labels.device)
-        return (PrefixState(tuple(t[indices] for t in self.side_inputs), self.block_output[indices]),
-                self.labels[indices])
+        return CachedInputs({k: t[indices] for k, t in self.tensors.items()}), self.labels[indices]
 
     def loader(self, batch_size: int, *, shuffle: bool, drop_last: bool,
-               generator: torch.Generator | None = None) -> "PrefixBatches":
-        return PrefixBatches(self, batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        named = {f"side_input.{i}": t for i, t in enumerate(self.side_inputs)}
-        return {**named, "block_output": self.block_output, "labels": self.labels}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "PrefixFeatures":
-        count = sum(1 for name in tensors if name.startswith("side_input."))
-        return cls(tuple(tensors[f"side_input.{i}"] for i in range(count)), tensors["block_output"], tensors["labels"])
+               generator: torch.Generator | None = None) -> "FeatureBatches":
+        return FeatureBatches(self, batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator)
 
 
-class PrefixBatches:
-    """Batches of cached prefix states, drawn exactly as ``DataLoader(dataset, batch_size, shuffle, drop_last,
+class FeatureBatches:
+    """Batches of cached features, drawn exactly as ``DataLoader(dataset, batch_size, shuffle, drop_last,
     generator=...)`` draws image batches: the same generator gives the same batches, cached or not."""
 
-    def __init__(self, features: PrefixFeatures, batch_size: int, *, shuffle: bool, drop_last: bool,
+    def __init__(self, features: FrozenFeatures, batch_size: int, *, shuffle: bool, drop_last: bool,
                  generator: torch.Generator | None = None):
         self.features = features
         # A DataLoader over the indices consumes the generator exactly like the image DataLoader would.
@@ -107,7 +114,7 @@ class PrefixBatches:
     def __len__(self) -> int:
         return len(self._indices)
 
-    def __iter__(self) -> Iterator[tuple[PrefixState, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[CachedInputs, torch.Tensor]]:
         for indices in self._indices:
             yield self.features.batch(indices)
 
@@ -146,20 +153,22 @@ def _random_transform(value, depth: int = 0) -> str | None:
 
 def cache_refusal(model: nn.Module, dataset: Dataset | None = None) -> str | None:
     """Why the prefix cache would not be exact for ``model`` trained on ``dataset`` (None: it would be)."""
-    if not isinstance(model, DTLModel):
+    if getattr(model, "cache_layout", None) is None:
         method = getattr(model, "method", type(model).__name__)
-        return (f"the prefix cache needs a DTL model (method dtl or dtl_plus), not {method!r}: other methods train "
-                "parameters inside every block, so no prefix is frozen")
-    randomness = model.prefix_randomness()
+        return (f"the prefix cache needs a model with a frozen part (dtl, dtl_plus or linear), not {method!r}: "
+                "its other methods train parameters inside every block")
+    frozen = model.frozen_blocks
+    randomness = model.adapter.stochastic_modules(frozen)
     if randomness:
-        return (f"the frozen prefix (embedding and blocks 0..{model.start_block}) is stochastic: "
-                f"{', '.join(randomness[:4])}{' ...' if len(randomness) > 4 else ''}; its outputs change every "
-                "epoch. Set model.drop_path: 0 (timm's rule puts drop-path > 0 on blocks 1.. whenever the rate "
-                "is > 0), or set training.prefix_cache: off")
+        part = f"embedding and blocks 0..{frozen[-1]}" if len(frozen) else "embedding"
+        return (f"the frozen part ({part}) is stochastic: {', '.join(randomness[:4])}"
+                f"{' ...' if len(randomness) > 4 else ''}; its outputs change every epoch. Set "
+                "model.drop_path_scope: suffix (stochastic depth only where gradients flow), or model.drop_path: 0, "
+                "or training.prefix_cache: off")
     if dataset is not None:
         augmentation = dataset_augmentation(dataset)
         if augmentation:
-            return (f"the training data is augmented ({augmentation}), so the prefix inputs change every epoch; "
+            return (f"the training data is augmented ({augmentation}), so the frozen inputs change every epoch; "
                     "the VTAB protocol uses no augmentation. Turn augmentation off or set training.prefix_cache: off")
     return None
 
@@ -195,13 +204,12 @@ def dataset_fingerprint(dataset: Dataset) -> str | None:
     return digest.hexdigest()
 
 
-def model_fingerprint(model: DTLModel) -> str:
-    """The frozen backbone's weights (hashed) plus the structure of the prefix: what its outputs depend on."""
+def backbone_fingerprint(model: nn.Module) -> str:
+    """The frozen backbone's architecture and weights (hashed): all that the cached features depend on."""
     digest = hashlib.blake2b(digest_size=16)
     backbone = model.adapter.backbone
     name = (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture", type(backbone).__name__)
-    digest.update(f"{name}|{type(model.adapter).__name__}|M={model.start_block}|"
-                  f"maps={model.prefix_map_blocks}".encode())
+    digest.update(f"{name}|{type(model.adapter).__name__}".encode())
     for key, tensor in sorted(model.adapter.state_dict().items()):
         tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"|{key}:{tensor.dtype}:{tuple(tensor.shape)}|".encode())
@@ -209,19 +217,22 @@ def model_fingerprint(model: DTLModel) -> str:
     return digest.hexdigest()
 
 
-def storage_dtype(model: DTLModel, precision: str) -> torch.dtype:
-    """The dtype the prefix computes in, so storing in it loses nothing but the autocast's fp32 residual."""
-    if model.backbone_dtype != torch.float32:
-        return model.backbone_dtype
+def storage_dtype(model: nn.Module, precision: str) -> torch.dtype:
+    """The dtype the frozen part computes in, so storing in it loses nothing but the autocast's fp32 residual."""
+    backbone_dtype = next(model.adapter.parameters()).dtype
+    if backbone_dtype != torch.float32:
+        return backbone_dtype
     return _AUTOCAST_DTYPES.get(precision, torch.float32)
 
 
-def cache_key(model: DTLModel, dataset: Dataset, precision: str) -> str | None:
+def cache_key(model: nn.Module, dataset: Dataset, precision: str) -> str | None:
+    """The entry's name: the same for every model that reads the same frozen features, whatever its start block,
+    rank or side maps (None when the dataset cannot identify itself)."""
     data = dataset_fingerprint(dataset)
     if data is None:
         return None
-    identity = dict(format=FORMAT_VERSION, data=data, model=model_fingerprint(model), precision=precision,
-                    backbone_dtype=str(model.backbone_dtype), storage=str(storage_dtype(model, precision)))
+    identity = dict(format=FORMAT_VERSION, layout=model.cache_layout, data=data, backbone=backbone_fingerprint(model),
+                    precision=precision, storage=str(storage_dtype(model, precision)))
     return hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
@@ -235,8 +246,8 @@ def default_cache_dir() -> Path:
 
 # --- computing, storing, loading --------------------------------------------------------------------------------
 @torch.no_grad()
-def compute_prefix_features(
-    model: DTLModel,
+def compute_frozen_features(
+    model: nn.Module,
     dataset: Dataset,
     *,
     device: torch.device | str = "cpu",
@@ -245,39 +256,37 @@ def compute_prefix_features(
     batch_size: int = 256,
     num_workers: int = 0,
     progress: bool = False,
-) -> PrefixFeatures:
-    """Run ``model.forward_prefix`` over ``dataset`` (in order) and keep the outputs on the CPU in ``dtype``."""
+) -> FrozenFeatures:
+    """Run ``model.compute_frozen`` over ``dataset`` (in order, eval mode) and keep the outputs on the CPU."""
     device = torch.device(device)
     dtype = dtype or storage_dtype(model, precision)
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
-    side: list[torch.Tensor] = []
-    block_output = labels = None
+    tensors: dict[str, torch.Tensor] = {}
+    labels = None
     start = 0
     autocast_dtype = _AUTOCAST_DTYPES.get(precision)
     try:
         for images, batch_labels in tqdm(loader, desc="prefix cache", unit="batch", disable=not progress,
                                          file=sys.stderr, dynamic_ncols=True):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                state = model.forward_prefix(images.to(device, non_blocking=True))
+                outputs = model.compute_frozen(images.to(device, non_blocking=True))
             stop = start + images.shape[0]
-            if block_output is None:
+            if labels is None:
                 count = len(dataset)
-                side = [torch.empty((count, *t.shape[1:]), dtype=dtype) for t in state.side_inputs]
-                block_output = torch.empty((count, *state.block_output.shape[1:]), dtype=dtype)
+                tensors = {k: torch.empty((count, *t.shape[1:]), dtype=dtype) for k, t in outputs.items()}
                 labels = torch.empty(count, dtype=torch.int64)
-            for target, value in zip(side, state.side_inputs):
-                target[start:stop] = value.to("cpu", dtype)
-            block_output[start:stop] = state.block_output.to("cpu", dtype)
+            for name, value in outputs.items():
+                tensors[name][start:stop] = value.to("cpu", dtype)
             labels[start:stop] = torch.as_tensor(batch_labels, dtype=torch.int64)
             start = stop
     finally:
         model.train(was_training)
-    if block_output is None:
+    if labels is None:
         raise ValueError("cannot build a prefix cache of an empty dataset")
-    return PrefixFeatures(tuple(side), block_output, labels)
+    return FrozenFeatures(tensors, labels)
 
 
 @contextlib.contextmanager
@@ -297,30 +306,33 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def load_features(path: Path, expected_count: int, expected_side: int, dtype: torch.dtype) -> PrefixFeatures | None:
-    """The features stored at ``path`` if they are whole and fit (else None, with a warning)."""
-    from safetensors.torch import load_file
+def load_features(path: Path, expected_count: int, dtype: torch.dtype) -> FrozenFeatures | None:
+    """The features stored at ``path``, memory-mapped, if they are whole and fit (else None, with a warning)."""
+    from safetensors import safe_open
 
     try:
-        features = PrefixFeatures.from_tensors(load_file(str(path)))
+        with safe_open(str(path), framework="pt") as handle:  # tensors are views of a read-only mmap of the file
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        labels = tensors.pop(_LABELS)
+        features = FrozenFeatures(tensors, labels)
     except Exception as err:  # a truncated or foreign file: rebuild it
         warnings.warn(f"prefix cache file {path} is unreadable ({type(err).__name__}: {err}); rebuilding it")
         return None
-    if len(features) != expected_count or len(features.side_inputs) != expected_side or features.dtype != dtype:
+    if not tensors or len(features) != expected_count or features.dtype != dtype:
         warnings.warn(f"prefix cache file {path} does not fit this run (samples {len(features)} vs {expected_count}, "
-                      f"side inputs {len(features.side_inputs)} vs {expected_side}, dtype {features.dtype} vs "
-                      f"{dtype}); rebuilding it")
+                      f"dtype {features.dtype if tensors else None} vs {dtype}); rebuilding it")
         return None
     return features
 
 
-def save_features(path: Path, features: PrefixFeatures, metadata: dict[str, str]) -> None:
+def save_features(path: Path, features: FrozenFeatures, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
     from .io import atomic_path
 
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in features.tensors().items()}, str(tmp), metadata=metadata)
+        save_file({**{k: v.contiguous() for k, v in features.tensors.items()}, _LABELS: features.labels}, str(tmp),
+                  metadata=metadata)
 
 
 @dataclass
@@ -330,13 +342,15 @@ class CacheReport:
     mode: str = "off"
     source: str = ""  # built | disk | memory
     reason: str = ""  # why the cache is off (auto) or why disk fell back to memory
-    notice: bool = False  # worth telling the user: a DTL run that could not use the cache or the disk
+    notice: bool = False  # worth telling the user: a run that could have used the cache or the disk but did not
     key: str | None = None
+    layout: str | None = None  # blocks (DTL: every block's input) | pooled (linear probe)
     path: str | None = None
     num_samples: int = 0
-    bytes: int = 0
+    bytes: int = 0  # the whole entry (what every trial of a task shares)
+    read_bytes: int = 0  # the part this model reads
     dtype: str = ""
-    build_s: float = 0.0  # seconds spent computing (or loading) the features
+    build_s: float = 0.0  # seconds spent computing (or opening) the features
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -353,13 +367,14 @@ def prepare_prefix_cache(
     batch_size: int = 256,
     num_workers: int = 0,
     progress: bool = False,
-) -> tuple[PrefixFeatures | None, CacheReport]:
-    """Get the prefix features of ``dataset`` for ``model`` according to ``mode``.
+) -> tuple[FrozenFeatures | None, CacheReport]:
+    """Get the cached features of ``dataset`` that ``model`` reads, according to ``mode``.
 
     ``off``: none. ``memory``: computed once per process (reused by later runs in it with the same key).
     ``disk``: read from / written to ``cache_dir`` (default :func:`default_cache_dir`), shared by processes.
     ``auto``: disk when the dataset identifies itself and the disk has room, else memory; and no cache (with the
     reason in the report) when it would not be exact. ``memory``/``disk`` raise :class:`PrefixCacheError` then.
+    The returned features hold only the tensors ``model.cached_names()`` lists.
     """
     if mode not in CACHE_MODES:
         raise PrefixCacheError(f"prefix cache mode must be one of {', '.join(CACHE_MODES)}, got {mode!r}")
@@ -368,14 +383,15 @@ def prepare_prefix_cache(
     refusal = cache_refusal(model, dataset)
     if refusal:
         if mode == "auto":
-            return None, CacheReport(reason=refusal, notice=isinstance(model, DTLModel))
+            return None, CacheReport(reason=refusal, notice=getattr(model, "cache_layout", None) is not None)
         raise PrefixCacheError(f"training.prefix_cache: {mode} is not possible: {refusal}")
 
     device = torch.device(device)
     dtype = storage_dtype(model, precision)
     started = time.perf_counter()
     key = cache_key(model, dataset, precision)
-    report = CacheReport(mode="memory" if mode == "memory" else "disk", key=key, dtype=str(dtype).replace("torch.", ""))
+    report = CacheReport(mode="memory" if mode == "memory" else "disk", key=key, layout=model.cache_layout,
+                         dtype=str(dtype).replace("torch.", ""))
     if key is None:
         if mode == "disk":
             raise PrefixCacheError(
@@ -383,9 +399,9 @@ def prepare_prefix_cache(
                 f"cache_fingerprint() method); {type(dataset).__name__} does not. Use memory instead")
         report.mode, report.reason = "memory", "the dataset has no fingerprint, so the cache lives in memory only"
 
-    def build() -> PrefixFeatures:
+    def build() -> FrozenFeatures:
         report.source = "built"
-        return compute_prefix_features(model, dataset, device=device, precision=precision, dtype=dtype,
+        return compute_frozen_features(model, dataset, device=device, precision=precision, dtype=dtype,
                                        batch_size=batch_size, num_workers=num_workers, progress=progress)
 
     features = _MEMORY.get(key) if key is not None else None
@@ -399,15 +415,17 @@ def prepare_prefix_cache(
         try:
             with _file_lock(directory / f"{key}.lock"):
                 if path.is_file():
-                    features = load_features(path, len(dataset), len(model.prefix_map_blocks), dtype)
+                    features = load_features(path, len(dataset), dtype)
                     report.source = "disk" if features is not None else ""
                 if features is None:
-                    features = build()
-                    if _disk_has_room(directory, features.nbytes):
-                        save_features(path, features, _metadata(model, dataset, features))
+                    built = build()
+                    if _disk_has_room(directory, built.nbytes):
+                        save_features(path, built, _metadata(model, dataset, built))
+                        features = load_features(path, len(dataset), dtype)  # readers share the mapped pages
                     else:
                         report.mode, report.path, report.notice = "memory", None, True
-                        report.reason = f"not enough free disk space in {directory} for {features.nbytes / 2**20:.0f} MiB"
+                        report.reason = f"not enough free disk space in {directory} for {built.nbytes / 2**20:.0f} MiB"
+                    features = features if features is not None else built
         except OSError as err:
             if mode == "disk":
                 raise PrefixCacheError(f"training.prefix_cache: disk: cannot use {directory}: {err}") from err
@@ -422,20 +440,20 @@ def prepare_prefix_cache(
         while len(_MEMORY) > 1 and (len(_MEMORY) > _MEMORY_ENTRIES
                                     or sum(f.nbytes for f in _MEMORY.values()) > _MEMORY_BYTES):
             _MEMORY.popitem(last=False)
-    report.num_samples, report.bytes = len(features), features.nbytes
+    selected = features.select(model.cached_names())
+    report.num_samples, report.bytes, report.read_bytes = len(features), features.nbytes, selected.nbytes
     report.build_s = time.perf_counter() - started
-    return features, report
+    return selected, report
 
 
-def place_features(features: PrefixFeatures, device: torch.device) -> PrefixFeatures:
+def place_features(features: FrozenFeatures, device: torch.device) -> FrozenFeatures:
     """On a GPU, keep the features there when they take under a quarter of the free memory (no per-batch copy)."""
     if device.type != "cuda":
         return features
     free, _ = torch.cuda.mem_get_info(device)
     if features.nbytes < free // 4:
         return features.to(device)
-    return PrefixFeatures(tuple(t.pin_memory() for t in features.side_inputs), features.block_output.pin_memory(),
-                          features.labels)
+    return FrozenFeatures({k: t.pin_memory() for k, t in features.tensors.items()}, features.labels)
 
 
 def clear_memory_cache() -> None:
@@ -448,13 +466,12 @@ def _disk_has_room(directory: Path, nbytes: int) -> bool:
     return shutil.disk_usage(directory).free > 2 * nbytes + (1 << 30)
 
 
-def _metadata(model: DTLModel, dataset: Dataset, features: PrefixFeatures) -> dict[str, str]:
+def _metadata(model: nn.Module, dataset: Dataset, features: FrozenFeatures) -> dict[str, str]:
     backbone = model.adapter.backbone
     return {
         "format": str(FORMAT_VERSION),
+        "layout": str(model.cache_layout),
         "backbone": str((getattr(backbone, "pretrained_cfg", None) or {}).get("architecture", type(backbone).__name__)),
-        "start_block": str(model.start_block),
-        "side_map_blocks": json.dumps(model.prefix_map_blocks),
         "dataset": repr(dataset),
         "num_samples": str(len(features)),
         "dtype": str(features.dtype),
@@ -463,7 +480,7 @@ def _metadata(model: DTLModel, dataset: Dataset, features: PrefixFeatures) -> di
 
 
 def to_device(inputs, device: torch.device):
-    """Move a batch's inputs (an image tensor or a :class:`PrefixState`) to ``device``."""
+    """Move a batch's inputs (an image tensor, a :class:`PrefixState` or cached features) to ``device``."""
     if isinstance(inputs, PrefixState):
         return PrefixState(tuple(t.to(device, non_blocking=True) for t in inputs.side_inputs),
                            inputs.block_output.to(device, non_blocking=True))
@@ -471,7 +488,8 @@ def to_device(inputs, device: torch.device):
 
 
 __all__ = [
-    "CACHE_MODES", "CacheReport", "PrefixBatches", "PrefixCacheError", "PrefixFeatures", "cache_key", "cache_refusal",
-    "clear_memory_cache", "compute_prefix_features", "dataset_augmentation", "dataset_fingerprint",
-    "default_cache_dir", "model_fingerprint", "place_features", "prepare_prefix_cache", "storage_dtype", "to_device",
+    "CACHE_MODES", "CacheReport", "CachedInputs", "FeatureBatches", "FrozenFeatures", "PrefixCacheError",
+    "backbone_fingerprint", "cache_key", "cache_refusal", "clear_memory_cache", "compute_frozen_features",
+    "dataset_augmentation", "dataset_fingerprint", "default_cache_dir", "place_features", "prepare_prefix_cache",
+    "storage_dtype", "to_device",
 ]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import TrainConfig
-from .models import BACKBONE_DTYPES, METHODS, METHOD_OPTIONS
+from .models import BACKBONE_DTYPES, DROP_PATH_SCOPES, METHODS, METHOD_OPTIONS
 
 DATA_SOURCES = ("synthetic", "vtab1k")
 PROTOCOLS = ("final", "val")
@@ -57,6 +57,9 @@ class ModelConfig:
     beta: float = 100.0
     kernel_size: int | None = None  # DTL+ only; None: the paper default (ViT 3, Swin 5)
     drop_path: float = 0.0
+    # all: timm's rule on every block (the authors' code); suffix: only blocks gradients flow through (after M for
+    # DTL, none for the linear probe), which keeps the frozen part deterministic and the prefix cache exact
+    drop_path_scope: str = "all"
     grad_checkpointing: bool | str = False  # dtl/dtl_plus: true (lowest memory) or "mlp" (recompute MLP hidden only)
     backbone_dtype: str = "fp32"  # dtl/dtl_plus: bf16/fp16 stores and runs the frozen backbone in low precision
 
@@ -73,6 +76,8 @@ class ModelConfig:
         _need(isinstance(self.beta, (int, float)) and self.beta > 0, "model.beta", "a number > 0", self.beta)
         _need(isinstance(self.drop_path, (int, float)) and 0 <= self.drop_path < 1, "model.drop_path",
               "a number in [0, 1)", self.drop_path)
+        _need(self.drop_path_scope in DROP_PATH_SCOPES, "model.drop_path_scope", f"one of {', '.join(DROP_PATH_SCOPES)}",
+              self.drop_path_scope)
         _need(isinstance(self.grad_checkpointing, bool) or self.grad_checkpointing == "mlp",
               "model.grad_checkpointing", 'false, true or "mlp"', self.grad_checkpointing)
         _need(self.backbone_dtype in BACKBONE_DTYPES, "model.backbone_dtype", f"one of {', '.join(BACKBONE_DTYPES)}",

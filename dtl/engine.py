@@ -2,7 +2,7 @@
 
 The engine knows nothing of DVC, Ray Tune or MLflow: each of them hooks in with an ``EpochCallback`` that
 receives ``(epoch, metrics)`` after every epoch. The recipe defaults are the official VTAB-1K scripts'
-(DESIGN.md section 2): AdamW, weight decay 0.05 except on 1-D parameters, batch 32 with drop_last, timm's
+(docs/design.md): AdamW, weight decay 0.05 except on 1-D parameters, batch 32 with drop_last, timm's
 cosine schedule with 10 warm-up epochs stepped per epoch, 100 cosine + 10 cool-down epochs, seed 42.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -99,6 +100,13 @@ class TrainResult:
     device: str = "cpu"
     precision: str = "fp32"
     prefix_cache: dict = field(default_factory=dict)  # dtl.cache.CacheReport of the training split, as a dict
+    # Bytes autograd kept for backward in the first training step: the activation memory a method needs per
+    # batch (DTL's saving, and how it shrinks as M moves later), measurable on any device.
+    saved_bytes_per_batch: int = 0
+    cpu_time_s: float = 0.0  # CPU seconds of this process while training and evaluating (all its threads)
+    # Per evaluated split, whether each image (in dataset order) was classified correctly at the last epoch:
+    # what a paired comparison of two models on the same images needs.
+    correct: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def summary(self) -> dict:
         """Flat, JSON-ready: final metrics plus the run's cost figures."""
@@ -107,6 +115,8 @@ class TrainResult:
             "trainable_params": self.trainable_params,
             "images_per_s": self.images_per_s,
             "train_time_s": self.train_time_s,
+            "cpu_time_s": self.cpu_time_s,
+            "saved_bytes_per_batch": self.saved_bytes_per_batch,
             "peak_memory_bytes": self.peak_memory_bytes,
             "peak_rss_bytes": self.peak_rss_bytes,
         }
@@ -160,21 +170,58 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Cos
     )
 
 
+class SavedTensorBytes:
+    """Counts the bytes of the buffers autograd keeps for backward inside the ``with`` block: each storage once,
+    storages of ``model``'s parameters and buffers left out (frozen weights saved by reference cost nothing)."""
+
+    def __init__(self, model: nn.Module):
+        self._excluded = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        self._storages: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer not in self._excluded:
+            self._storages[pointer] = max(self._storages.get(pointer, 0), storage.nbytes())
+        return tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._storages.values())
+
+    def __enter__(self) -> "SavedTensorBytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str) -> dict:
-    """Top-1 accuracy and mean cross-entropy over ``loader``."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str,
+             per_image: bool = False) -> dict:
+    """Top-1 accuracy and mean cross-entropy over ``loader``; with ``per_image`` also ``correct``, a bool tensor
+    saying for each item (in loader order) whether it was classified correctly."""
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
+    hits = []
     for inputs, labels in loader:
         inputs, labels = to_device(inputs, device), labels.to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(inputs)
         loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
-        correct += (logits.argmax(dim=1) == labels).sum().item()
+        hit = logits.argmax(dim=1) == labels
+        correct += hit.sum().item()
         total += labels.numel()
+        if per_image:
+            hits.append(hit.cpu())
     if total == 0:
         raise ValueError("evaluation split is empty")
-    return {"accuracy": correct / total, "loss": loss_sum / total}
+    metrics = {"accuracy": correct / total, "loss": loss_sum / total}
+    if per_image:
+        metrics["correct"] = torch.cat(hits)
+    return metrics
 
 
 def train_and_evaluate(
@@ -191,6 +238,7 @@ def train_and_evaluate(
     ``FloatingPointError`` so a sweep can record the trial as failed.
     """
     seed_everything(config.seed)
+    cpu_started = time.process_time()
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     model.to(device)
@@ -245,7 +293,8 @@ def train_and_evaluate(
         torch.cuda.reset_peak_memory_stats(device)
 
     history: list[dict] = []
-    train_time, images_seen = 0.0, 0
+    per_image_correct: dict[str, torch.Tensor] = {}
+    train_time, images_seen, saved_bytes = 0.0, 0, 0
     bar = tqdm(range(config.epochs), desc="train", unit="epoch", disable=not config.progress,
                file=sys.stderr, dynamic_ncols=True)
     for epoch in bar:
@@ -255,9 +304,13 @@ def train_and_evaluate(
         start = time.perf_counter()
         for step, (inputs, labels) in enumerate(train_loader):
             inputs, labels = to_device(inputs, device), labels.to(device, non_blocking=True)
-            with autocast(device, precision):
-                logits = model(inputs)  # images, or cached PrefixStates (DTLModel.forward takes both)
+            first_step = epoch == 0 and step == 0
+            counter = SavedTensorBytes(model) if first_step else nullcontext()
+            with autocast(device, precision), counter:
+                logits = model(inputs)  # images, or a batch of the prefix cache (CachedInputs)
                 loss = criterion(logits.float(), labels)
+            if first_step:
+                saved_bytes = counter.nbytes
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, step {step} "
                                          f"(lr {optimizer.param_groups[0]['lr']:.3g}); try a lower training.lr")
@@ -281,7 +334,10 @@ def train_and_evaluate(
         last = epoch == config.epochs - 1
         if last or (config.eval_every and (epoch + 1) % config.eval_every == 0):
             for split, loader in eval_loaders.items():
-                for key, value in evaluate(model, loader, device, precision).items():
+                scores = evaluate(model, loader, device, precision, per_image=last)
+                if last:
+                    per_image_correct[split] = scores.pop("correct")
+                for key, value in scores.items():
                     metrics[f"{split}/{key}"] = value
         history.append(metrics)
         bar.set_postfix({k.replace("/", "_"): f"{v:.3g}" for k, v in metrics.items()
@@ -302,4 +358,7 @@ def train_and_evaluate(
         device=str(device),
         precision=precision,
         prefix_cache=cache_report.to_dict(),
+        saved_bytes_per_batch=saved_bytes,
+        cpu_time_s=time.process_time() - cpu_started,
+        correct=per_image_correct,
     )

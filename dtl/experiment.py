@@ -67,6 +67,7 @@ def build_model(config: ExperimentConfig, num_classes: int) -> nn.Module:
         num_classes,
         pretrained=model.checkpoint,
         drop_path_rate=model.drop_path,
+        drop_path_scope=model.drop_path_scope,
         img_size=config.data.image_size,
         backbone_dtype=None if model.backbone_dtype == "fp32" else model.backbone_dtype,
         **model.model_options(),

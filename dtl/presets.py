@@ -1,4 +1,4 @@
-"""The authors' per-task VTAB-1K hyperparameters (DESIGN.md section 5), as a "paper" preset.
+"""The authors' per-task VTAB-1K hyperparameters (docs/design.md), as a "paper" preset.
 
 ``paper_overrides(family, method)`` returns ``{task: {"lr": ..., "drop_path": ..., ["kernel_size": ...]}}``,
 the shape of the ``overrides`` section of an experiment config. Common settings for all tasks are in

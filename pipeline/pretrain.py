@@ -1,7 +1,7 @@
 """Pretrain the embedded backbone ``vit_micro_patch4_32`` on generated scenes, then check that it transfers.
 
 Nothing can be downloaded where this toolkit runs, so its default backbone is pretrained here, on CPU, on
-scenes from ``dtl.data.scenes`` (DESIGN.md section 6). The source task asks for everything a scene is made of:
+scenes from ``dtl.data.scenes``. The source task asks for everything a scene is made of:
 global heads on the pooled patch tokens (shape, count, colour, 3x3 position, background, size, orientation of the
 largest object) and dense per-patch heads (shape and colour of the object under each patch); the dense heads
 were the largest gain measured. The result is written as fp16 safetensors (backbone only, timm key names) to
@@ -75,7 +75,7 @@ DEFAULT_CKPT = REPO_ROOT / "outputs" / "pretrain" / "last.pt"
 class PretrainModel(nn.Module):
     """The backbone plus the source-task heads; the heads are thrown away after pretraining.
 
-    Pooling matches how DTL reads the backbone (DESIGN.md section 1): mean of the patch tokens of the last
+    Pooling matches how DTL reads the backbone (docs/design.md): mean of the patch tokens of the last
     block, then the backbone's final norm. The dense heads read each patch token through the same norm.
     """
 
@@ -377,7 +377,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
 
 
 def transfer_probe(weights: Path, seed: int = 0) -> dict[str, Any]:
-    """Probe table (DESIGN.md section 6): pretrained vs random init (mean of two seeds), final and middle block."""
+    """Probe table: pretrained vs random init (mean of two seeds), final and middle block."""
     from dtl.data.synthetic import SYNTHETIC_TASKS, sample_task
 
     backbones = {"pretrained": [load_backbone(weights)],

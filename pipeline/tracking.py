@@ -4,7 +4,7 @@ The store is ``MLFLOW_TRACKING_URI`` when set (e.g. a shared server), else the S
 the repository root, so ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` run from the root shows
 pipeline runs and sweep trials side by side. MLflow is imported lazily: ``dtl`` never needs it.
 
-Pitfalls handled here (see shared/PITFALLS.md, MLflow): the SQLite schema must be created once by a single
+Pitfalls handled here: the SQLite schema must be created once by a single
 process before workers write (creating it concurrently corrupts its migration), so drivers call
 :func:`init_tracking` first; parent and child runs in different processes are linked with
 ``parent_run_id``; every run is ended with an explicit status.

@@ -114,7 +114,7 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
                            "head_params": head_parameters(result.model), "mlflow_run_id": seed_run_id}
                 summary["trainable_params_excl_head"] = summary["trainable_params"] - summary["head_params"]
                 cache = getattr(result.result, "prefix_cache", None)
-                if cache:  # which variant trained (DESIGN.md: a cached prefix is exact only without drop-path)
+                if cache:  # which variant trained (docs/design.md: the cache and drop-path)
                     summary["prefix_cache"] = cache
                     mlflow_set_tag(seed_run_id, "prefix_cache", cache.get("mode", "?"))
                 tracking.log_numbers({k: v for k, v in summary.items() if k in COST_KEYS}, seed_run_id)

@@ -5,8 +5,9 @@
     python sweeps/run.py --space dtl_plus --address 10.0.0.1:6379 --gpus-per-trial 0.25   # on a Ray cluster
     dvc repro                                              # retrain the winners (sweeps/best.yaml) and test them
 
-The objective is val200 accuracy after training on train800 (VTAB's rule: the test split is never used for
-selection). See docs/sweeps.md.
+The objective is val200 accuracy after training on train800 with the pipeline's own schedule (VTAB's rule: the
+test split is never used for selection); a winner replaces the current configuration only when it beats it on
+the same val images beyond chance. See docs/sweeps.md.
 """
 from __future__ import annotations
 
@@ -35,11 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(
         prog="python sweeps/run.py",
-        description="Search hyperparameters per task with Ray Tune (OptunaSearch TPE, ASHA early stopping), "
-                    "training each trial with the pipeline's own entry point on train800 and scoring val200 "
-                    "every epoch. Every trial is an MLflow child run of a parent run per sweep and task; the "
-                    "best configuration per task is written to sweeps/best.yaml, which `dvc repro` retrains on "
-                    "train800val200 and tests.",
+        description="Search hyperparameters per task with Ray Tune (one OptunaSearch TPE and one ASHA per task, "
+                    "the trials of all tasks in one Tuner), training each trial with the pipeline's own entry "
+                    "point and schedule on train800 and scoring val200 every epoch. The first trial of each task "
+                    "is its current configuration; a challenger replaces it only when it wins on the same val "
+                    "images beyond chance (exact McNemar test). Every trial is an MLflow child run of a parent "
+                    "run per sweep and task; the winners are written to sweeps/best.yaml, which `dvc repro` "
+                    "retrains on train800val200 and tests.",
         epilog="examples:\n"
                "  python sweeps/run.py --space dtl_plus            # embedded default, then: dvc repro\n"
                "  python sweeps/run.py --space dtl_plus --resume   # continue the latest dtl_plus sweep\n"
@@ -52,13 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"search space: a name in sweeps/spaces/ ({', '.join(available_spaces())}) or the path "
                              "of a space .yaml file (default: %(default)s)")
     parser.add_argument("--tasks", nargs="+", metavar="TASK", default=None,
-                        help="tasks to sweep, one Tuner each, in order (default: data.tasks of the pipeline's "
-                             "params.yaml)")
+                        help="tasks to sweep, all at once (default: data.tasks of the pipeline's params.yaml)")
     parser.add_argument("--num-samples", type=int, default=None,
-                        help="trials per task (default: the space file's num_samples)")
+                        help="trials per task, the current configuration included (default: the space file's "
+                             "num_samples)")
     parser.add_argument("--max-concurrent", type=int, default=None,
-                        help="trials running at once per task (default: as many as the cluster's CPUs/GPUs hold, "
-                             "at most --num-samples)")
+                        help="trials running at once over all tasks (default: as many as the cluster's CPUs/GPUs "
+                             "hold)")
     parser.add_argument("--gpus-per-trial", type=positive_float, default=None,
                         help="GPUs reserved per trial; fractions pack several trials on one GPU (0.25: four). "
                              "Default: 1 when the cluster has GPUs, else 0 (CPU training)")
@@ -70,7 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scheduler", choices=SCHEDULERS, default="asha",
                         help="asha: stop weak trials early at rungs of epochs (time attribute: epoch); "
                              "fifo: run every trial to the end (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler: same seed, same trials (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the TPE samplers: same seed, same first trials (default: %(default)s)")
+    parser.add_argument("--alpha", type=float, default=0.05,
+                        help="level of the paired test a challenger must pass to replace the current "
+                             "configuration, Bonferroni-corrected over the challengers (default: %(default)s)")
     parser.add_argument("--storage-path", default=str(DEFAULT_STORAGE),
                         help="folder for Ray Tune's experiment state and results (<storage>/<name>/); "
                              "use a shared filesystem path on a multi-node cluster (default: %(default)s)")
@@ -95,8 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from dtl.config import ConfigError
-    from sweeps.driver import SweepError, SweepOptions, run_sweep
+    from sweeps.driver import SweepOptions, run_sweep
     from sweeps.space import SpaceError
+    from sweeps.state import SweepError
 
     options = SweepOptions(**vars(args))
     try:

@@ -1,17 +1,25 @@
 """Search spaces as data: ``sweeps/spaces/<name>.yaml`` -> a validated :class:`SearchSpace`.
 
-A space file says which method a sweep tunes, what it searches and with which short training budget::
+A space file says which method a sweep tunes, what it searches and how ASHA may stop trials early::
 
     description: DTL+ around the paper's settings
     method: dtl_plus              # the method of every trial (unless ``method`` itself is searched)
-    num_samples: 4                # trials per task (default of --num-samples)
-    training: {epochs: 4, warmup_epochs: 1, cooldown_epochs: 0}   # sweep-only constants, never written to best.yaml
-    scheduler: {grace_period: 2, reduction_factor: 2}               # ASHA rungs (in epochs)
+    num_samples: 12               # trials per task (default of --num-samples)
+    scheduler: {grace_period: 25%, reduction_factor: 2}   # ASHA's first rung: a share of the trials' epochs
     params:                       # searched, in this order; names are flat override keys (dtl.config.OVERRIDE_KEYS)
       method: {type: categorical, choices: [dtl_plus, dtl]}        # DWConv on (dtl_plus) / off (dtl)
       kernel_size: {type: int, low: 3, high: 5, when: {method: dtl_plus}}
       start_block: {type: int, low: 0, high: last_block}         # last_block: N-1 of the chosen backbone
       lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+
+**Trials train with the pipeline's own schedule** (the task's resolved ``training`` section: epochs, warm-up,
+cool-down), so a trial's val200 score predicts what the retrained winner will score; the budget is spent
+through the number of trials and ASHA's rungs. A space may shorten that schedule explicitly with a
+``training`` section (``training: {epochs: 4, warmup_epochs: 1, cooldown_epochs: 0}``): cheaper trials whose
+ranking may not hold at full length; the results table then says that trials were shorter than the final
+training. ``scheduler.grace_period`` is either a number of epochs or a share of each trial's epochs (``25%``),
+which is what lets one space serve a 20-epoch and a 110-epoch schedule; either way the first rung must come
+after the warm-up.
 
 ``when`` makes a parameter conditional on an earlier categorical one (sampled only when that one took one of
 the listed values), which is what Optuna's define-by-run API expresses: :meth:`SearchSpace.define_by_run`
@@ -39,6 +47,7 @@ PARAM_TYPES = ("int", "float", "categorical")
 SYMBOLIC_BOUNDS = ("last_block",)
 TOP_LEVEL_KEYS = ("description", "method", "num_samples", "training", "scheduler", "params")
 SCHEDULER_KEYS = ("grace_period", "reduction_factor")
+DEFAULT_GRACE_PERIOD = "25%"
 # Training keys that the sweep itself decides (the objective is val200 accuracy, reported every epoch).
 RESERVED_TRAINING_KEYS = ("eval_every", "seed")
 # Model options that only some methods take (checked against the methods a parameter can meet).
@@ -83,9 +92,16 @@ class SearchSpace:
     params: tuple[ParamSpec, ...]
     description: str = ""
     num_samples: int = 8
-    training: Mapping[str, Any] = field(default_factory=dict)  # sweep-only training constants (short budget)
-    grace_period: int = 1
+    training: Mapping[str, Any] = field(default_factory=dict)  # an explicit shortened schedule; {}: the pipeline's
+    grace_period: int | str = DEFAULT_GRACE_PERIOD  # ASHA's first rung: epochs, or a share of the epochs ("25%")
     reduction_factor: int = 2
+
+    def grace_epochs(self, epochs: int) -> int:
+        """ASHA's first rung, in epochs, for trials of ``epochs`` epochs."""
+        if isinstance(self.grace_period, str):
+            share = float(self.grace_period.rstrip("%")) / 100
+            return min(epochs, max(1, math.ceil(share * epochs)))
+        return min(epochs, self.grace_period)
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -139,7 +155,12 @@ class SearchSpace:
         lines = [f"space {self.name} ({self.path}): method {self.method}, {self.num_samples} samples per task"]
         lines += [f"  {spec.describe()}" for spec in self.params]
         if self.training:
-            lines.append("  training: " + ", ".join(f"{k}={v}" for k, v in self.training.items()))
+            lines.append("  shortened training for every trial: "
+                         + ", ".join(f"{k}={v}" for k, v in self.training.items()))
+        else:
+            lines.append("  every trial trains with the pipeline's schedule (the task's training settings)")
+        lines.append(f"  ASHA: first rung at {self.grace_period}{'' if isinstance(self.grace_period, str) else ' epochs'}"
+                     f", reduction factor {self.reduction_factor}")
         return "\n".join(lines)
 
 
@@ -237,10 +258,11 @@ def parse_space(raw: Any, path: Path) -> SearchSpace:
     for key in scheduler:
         if key not in SCHEDULER_KEYS:
             raise fail(f"scheduler.{key}", f"unknown key; allowed: {', '.join(SCHEDULER_KEYS)}")
-    grace_period = scheduler.get("grace_period", 1)
+    grace_period = scheduler.get("grace_period", DEFAULT_GRACE_PERIOD)
     reduction_factor = scheduler.get("reduction_factor", 2)
-    if not _is_int(grace_period) or grace_period < 1:
-        raise fail("scheduler.grace_period", f"expected an integer >= 1 (epochs), got {grace_period!r}")
+    if not (_is_int(grace_period) and grace_period >= 1) and not _is_share(grace_period):
+        raise fail("scheduler.grace_period", f"expected a number of epochs >= 1 or a share of the trials' epochs "
+                                             f"such as '25%', got {grace_period!r}")
     if not _is_int(reduction_factor) or reduction_factor < 2:
         raise fail("scheduler.reduction_factor", f"expected an integer >= 2, got {reduction_factor!r}")
 
@@ -354,6 +376,16 @@ def _check_methods(method: str, params: list[ParamSpec], fail: Callable[[str, st
             takers = [m for m in METHODS if spec.name in METHOD_OPTIONS[m]]
             raise fail(f"params.{spec.name}", f"method(s) {', '.join(wrong)} do not take {spec.name} (taken by "
                                               f"{', '.join(takers)}); add `when: {{method: [...]}}` or remove it")
+
+
+def _is_share(value: Any) -> bool:
+    """'25%': a percentage in (0, 100]."""
+    if not isinstance(value, str) or not value.endswith("%"):
+        return False
+    try:
+        return 0 < float(value[:-1]) <= 100
+    except ValueError:
+        return False
 
 
 def _is_int(value: Any) -> bool:

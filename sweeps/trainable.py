@@ -1,16 +1,22 @@
 """The Ray Tune trainable of one sweep trial, and the MLflow child run that records it.
 
 A trial = the sweep's base configuration (``pipeline.params.load_params()``: the same data, model and training
-settings as the DVC pipeline) + the space's short training budget + the sampled parameters, trained by the
-pipeline's own entry point ``dtl.experiment.run_task`` under the ``val`` protocol (train on train800, score
-val200 after every epoch: the test split is never used for selection).
+settings as the DVC pipeline, so by default the same schedule the winner will be retrained with) + the space's
+explicit shortened schedule, if it has one + the sampled parameters, trained by the pipeline's own entry point
+``dtl.experiment.run_task`` under the ``val`` protocol (train on train800, score val200 after every epoch: the
+test split is never used for selection). One Tuner runs the trials of every task: the trial's config names its
+task (``sweeps.search.split_trial_config``).
 
-Each epoch is reported to Tune (``epoch`` = epochs completed, ASHA's time attribute; ``val_accuracy``, the
-objective) and logged to the trial's MLflow child run as it happens. The trainable writes its own child run
-(linked to the sweep's parent run by ``mlflow.parentRunId``) and ends it FINISHED, or FAILED with the error
-(bad config, NaN loss -> ``FloatingPointError``, out of memory). A trial that ASHA stops, or that dies with the
-driver, cannot end its own run: the driver's :class:`ChildRunStatusCallback` and its reconciliation close
-those. On ``--resume`` a restarted trial reopens its existing child run, so MLflow keeps one child per trial.
+Every epoch is logged to the trial's MLflow child run as it happens; the epochs that score val200 (every
+``eval_every`` epochs, so at each of ASHA's rungs, and the last) are reported to Tune (``epoch`` = epochs completed,
+ASHA's time attribute; ``val_accuracy``, the objective). The last report adds which val images the
+model got right (``val_correct``, for the paired comparison with the incumbent: ``sweeps.selection``) and the
+trial's cost: trainable parameters, training time, CPU time, bytes kept for backward per batch, peak memory.
+The trainable writes its own child run (linked to its task's parent run by ``mlflow.parentRunId``) and ends it
+FINISHED, or FAILED with the error (bad config, NaN loss -> ``FloatingPointError``, out of memory). A trial that
+ASHA stops, or that dies with the driver, cannot end its own run: the driver's status callback and its
+reconciliation close those. On ``--resume`` a restarted trial reopens its existing child run, so MLflow keeps one
+child per trial.
 """
 from __future__ import annotations
 
@@ -25,6 +31,14 @@ from typing import Any
 
 METRIC = "val_accuracy"  # the objective: val200 accuracy after training on train800
 TIME_ATTR = "epoch"  # epochs completed; ASHA's time attribute
+CORRECT = "val_correct"  # which val images the final model got right (sweeps.selection.encode_correct)
+# Cost figures of a finished trial (dtl.engine.TrainResult.summary), next to its accuracy.
+COST_METRICS = ("trainable_params", "train_time_s", "cpu_time_s", "saved_bytes_per_batch", "peak_memory_bytes",
+                "images_per_s")
+
+# Keys of a trial's config next to the sampled values: its task, and whether it is the task's incumbent.
+TASK_KEY = "task"
+INCUMBENT_KEY = "incumbent"
 
 TAG_KIND = "kind"
 TAG_SWEEP = "sweep"
@@ -41,8 +55,9 @@ class TrialSetup:
 
     task: str
     base_config: dict[str, Any]  # ExperimentConfig.to_dict(), overrides[task] = params.yaml + best.yaml entries
-    training: Mapping[str, Any]  # the space's sweep-only training constants (short budget)
+    training: Mapping[str, Any]  # the space's explicit shortened schedule; {}: the pipeline's own
     seed: int  # training seed (evaluation.seeds[0] of the base configuration)
+    eval_every: int  # score val200 every this many epochs (ASHA's rungs are multiples of it) and at the end
     threads: int  # torch threads = the CPUs Ray reserved for the trial
     tracking_uri: str
     experiment_id: str
@@ -52,10 +67,16 @@ class TrialSetup:
     tags: Mapping[str, str] = field(default_factory=dict)
 
 
+def split_trial_config(config: Mapping[str, Any]) -> tuple[str, bool, dict[str, Any]]:
+    """(task, is the incumbent, the sampled override entry) of a trial's config."""
+    params = {k: v for k, v in config.items() if k not in (TASK_KEY, INCUMBENT_KEY)}
+    return config[TASK_KEY], bool(config.get(INCUMBENT_KEY, False)), params
+
+
 def trial_overrides(setup: TrialSetup, params: Mapping[str, Any]) -> dict[str, Any]:
-    """The task's override entry for a trial: pipeline overrides < sweep budget < sampled parameters."""
+    """The task's override entry for a trial: pipeline overrides < shortened schedule < sampled parameters."""
     base = setup.base_config.get("overrides", {}).get(setup.task) or {}
-    return {**base, **setup.training, **plain(params), "eval_every": 1}
+    return {**base, **setup.training, **plain(params), "eval_every": setup.eval_every}
 
 
 def trial_config(setup: TrialSetup, params: Mapping[str, Any]):
@@ -69,11 +90,15 @@ def trial_config(setup: TrialSetup, params: Mapping[str, Any]):
     return ExperimentConfig.from_dict(raw, where=f"sweep trial of {setup.task}")
 
 
-def train_trial(params: dict[str, Any], setup: TrialSetup) -> None:
+def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> None:
     """Ray Tune function trainable: train one configuration, report every epoch, record the child run."""
     import torch
     from ray import tune
 
+    from .selection import encode_correct
+
+    task, incumbent, params = split_trial_config(config)
+    setup = setups[task]
     torch.set_num_threads(max(1, setup.threads))
     # Workers of a `ray start` cluster do not inherit the driver's environment: make every MLflow call in this
     # process (pipeline.tracking's helpers included) use the sweep's store, never a default file here.
@@ -82,25 +107,30 @@ def train_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     trial_id = context.get_trial_id()
     if report_recorded_result(setup, trial_id):
         return
-    with child_run(setup, trial_id, context.get_trial_name(), params) as run:
+    with child_run(setup, trial_id, context.get_trial_name(), incumbent) as run:
         from dtl.experiment import run_task
 
-        config = trial_config(setup, params)  # a bad configuration raises here: the trial is recorded FAILED
-        resolved = config.for_task(setup.task)
+        trial = trial_config(setup, params)  # a bad configuration raises here: the trial is recorded FAILED
+        resolved = trial.for_task(task)
         run.log_params(resolved, params)
         last_epoch = resolved.training.epochs - 1
         log_epoch = run.epoch_logger()
 
         def report_epoch(epoch: int, metrics: dict) -> None:
             log_epoch(epoch, metrics)
-            if epoch < last_epoch:  # the last epoch is reported after the run is closed (see below)
+            # Tune sees the epochs that scored val200 (ASHA's rungs among them); the last one is reported after
+            # the run is closed (see below)
+            if epoch < last_epoch and "val/accuracy" in metrics:
                 tune.report(tune_metrics(epoch, metrics))
 
-        task_run = run_task(config, setup.task, seed=setup.seed, callbacks=[report_epoch])
-        final = task_run.result.history[-1]
-        run.finish(summary=task_run.summary())
+        task_run = run_task(trial, task, seed=setup.seed, callbacks=[report_epoch])
+        summary = task_run.summary()
+        final = {**tune_metrics(len(task_run.result.history) - 1, task_run.result.history[-1]),
+                 **{k: float(summary[k]) for k in COST_METRICS if isinstance(summary.get(k), (int, float))},
+                 CORRECT: encode_correct(task_run.result.correct["val"].tolist())}
+        run.finish(summary=summary, tags={CORRECT: final[CORRECT]})
     # Reported last, once MLflow holds everything: Tune may end this process as soon as it sees the result.
-    tune.report(tune_metrics(len(task_run.result.history) - 1, final))
+    tune.report(final)
 
 
 def report_recorded_result(setup: TrialSetup, trial_id: str) -> bool:
@@ -115,7 +145,8 @@ def report_recorded_result(setup: TrialSetup, trial_id: str) -> bool:
         return False
     history = client.get_metric_history(run.info.run_id, METRIC)
     client.set_tag(run.info.run_id, "resumed", "reported from the recorded run, not retrained")
-    tune.report({TIME_ATTR: len(history), **run.data.metrics})
+    recorded = {CORRECT: run.data.tags[CORRECT]} if CORRECT in run.data.tags else {}
+    tune.report({TIME_ATTR: len(history), **run.data.metrics, **recorded})
     return True
 
 
@@ -162,7 +193,7 @@ class ChildRun:
         return log
 
     def finish(self, status: str = "FINISHED", summary: Mapping[str, Any] | None = None,
-               error: str | None = None) -> None:
+               error: str | None = None, tags: Mapping[str, str] | None = None) -> None:
         if self.closed:
             return
         import time
@@ -179,6 +210,8 @@ class ChildRun:
             for key in ("device", "precision", "prefix_cache"):  # how the trial ran (e.g. prefix cache: disk/off)
                 if isinstance(summary.get(key), str):
                     self.client.set_tag(self.run_id, key, summary[key])
+        for key, value in (tags or {}).items():
+            self.client.set_tag(self.run_id, key, value)
         if error:
             self.client.set_tag(self.run_id, "error", error[:5000])
         self.client.set_terminated(self.run_id, status)
@@ -192,7 +225,7 @@ def find_child_run(client, experiment_id: str, parent_run_id: str, trial_id: str
 
 
 @contextmanager
-def child_run(setup: TrialSetup, trial_id: str, trial_name: str, params: Mapping[str, Any]) -> Iterator[ChildRun]:
+def child_run(setup: TrialSetup, trial_id: str, trial_name: str, incumbent: bool) -> Iterator[ChildRun]:
     """Open (or, for a resumed trial, reopen) the trial's child run; close it with a status whatever happens."""
     from mlflow.tracking import MlflowClient
 
@@ -215,6 +248,7 @@ def child_run(setup: TrialSetup, trial_id: str, trial_name: str, params: Mapping
             TAG_TASK: setup.task,
             TAG_TRIAL: trial_id,
             "trial_name": trial_name,
+            "incumbent": str(incumbent).lower(),  # the task's current configuration, never stopped early
             **({"git_commit": commit} if commit else {}),
             **setup.tags,
         }

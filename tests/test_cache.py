@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 import dtl
 from conftest import randomised
 from dtl import cache
-from dtl.cache import PrefixCacheError, compute_prefix_features, prepare_prefix_cache
+from dtl.cache import PrefixCacheError, compute_frozen_features, prepare_prefix_cache
 from dtl.config import ConfigError, ExperimentConfig
 from dtl.engine import TrainConfig, train_and_evaluate
 from dtl.models import DTLModel
@@ -56,9 +56,11 @@ def test_cached_path_gives_the_same_logits_and_gradients_fp32():
     images, labels = images_and_labels()
     reference_logits, reference_grads = logits_and_grads(model, images, labels)
 
-    features = compute_prefix_features(model, TensorDataset(images, labels), batch_size=4)  # two batches
-    assert features.dtype == torch.float32 and len(features.side_inputs) == 7  # x_0..x_6 (M = 6)
-    state, cached_labels = features.batch(torch.arange(len(images)))
+    features = compute_frozen_features(model, TensorDataset(images, labels), batch_size=4)  # two batches
+    # every block's input x_0..x_11 and the final tokens, whatever M; the model reads x_0..x_6 and x_7 (M = 6)
+    assert features.dtype == torch.float32 and len(features.tensors) == 13
+    assert model.cached_names() == [f"block_input.{b}" for b in range(8)]
+    state, cached_labels = features.select(model.cached_names()).batch(torch.arange(len(images)))
     assert torch.equal(cached_labels, labels)
     logits, grads = logits_and_grads(model, state, labels)
 
@@ -73,7 +75,7 @@ def test_bf16_cache_matches_the_fp32_weights_amp_path_within_bf16_tolerance():
     images, labels = images_and_labels()
     reference_logits, reference_grads = logits_and_grads(model, images, labels, "bf16")
 
-    features = compute_prefix_features(model, TensorDataset(images, labels), precision="bf16")
+    features = compute_frozen_features(model, TensorDataset(images, labels), precision="bf16")
     assert features.dtype == torch.bfloat16  # stored as the autocast computes: half the bytes of fp32
     logits, grads = logits_and_grads(model, features.batch(torch.arange(len(images)))[0], labels, "bf16")
 
@@ -88,7 +90,7 @@ def test_bf16_backbone_cache_is_exact():
     assert next(model.adapter.parameters()).dtype == torch.bfloat16 and model.head.weight.dtype == torch.float32
     images, labels = images_and_labels()
     reference_logits, reference_grads = logits_and_grads(model, images, labels, "bf16")
-    features = compute_prefix_features(model, TensorDataset(images, labels), precision="bf16")
+    features = compute_frozen_features(model, TensorDataset(images, labels), precision="bf16")
     logits, grads = logits_and_grads(model, features.batch(torch.arange(len(images)))[0], labels, "bf16")
     torch.testing.assert_close(logits, reference_logits, rtol=1e-3, atol=1e-3)
     for name in grads:
@@ -107,7 +109,7 @@ def test_bf16_backbone_stays_close_to_fp32_without_autocast():
 
 
 def test_batches_are_drawn_exactly_like_the_image_dataloader():
-    features = cache.PrefixFeatures((torch.arange(20.0)[:, None],), torch.arange(20.0)[:, None], torch.arange(20))
+    features = cache.FrozenFeatures({"x": torch.arange(20.0)[:, None]}, torch.arange(20))
     cached = features.loader(6, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(3))
     images = DataLoader(TensorDataset(torch.arange(20)), batch_size=6, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(3))
@@ -128,7 +130,9 @@ def test_training_from_the_cache_equals_training_from_images():
 
     assert plain.prefix_cache["mode"] == "off"
     assert fast.prefix_cache["mode"] == "memory" and fast.prefix_cache["num_samples"] == 48
-    assert fast.prefix_cache["bytes"] == 48 * (8 * 65 * 96 * 4 + 8)  # x_0..x_6 + block output, fp32; labels
+    # the entry holds x_0..x_11 and the final tokens (fp32) and the labels; M = 6 reads x_0..x_7
+    assert fast.prefix_cache["bytes"] == 48 * (13 * 65 * 96 * 4 + 8)
+    assert fast.prefix_cache["read_bytes"] == 48 * (8 * 65 * 96 * 4 + 8) and fast.prefix_cache["layout"] == "blocks"
     for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
         assert fast.metrics[key] == pytest.approx(plain.metrics[key], rel=1e-4, abs=1e-5), key
     for (name, a), (_, b) in zip(uncached.named_parameters(), cached.named_parameters()):
@@ -163,10 +167,10 @@ def test_drop_path_only_after_the_prefix_is_allowed():
     assert cache.cache_refusal(model) is None
 
 
-@pytest.mark.parametrize("method", ["lora", "full", "linear"])
-def test_methods_other_than_dtl_are_refused(method):
+@pytest.mark.parametrize("method", ["lora", "full", "adapter"])
+def test_methods_without_a_frozen_part_are_refused(method):
     model = dtl.create_model(MICRO, method, num_classes=5)
-    with pytest.raises(PrefixCacheError, match=f"needs a DTL model.*not '{method}'"):
+    with pytest.raises(PrefixCacheError, match=f"needs a model with a frozen part.*not '{method}'"):
         prepare_prefix_cache(model, TensorDataset(*images_and_labels()), mode="memory")
     assert prepare_prefix_cache(model, TensorDataset(*images_and_labels()), mode="auto")[0] is None
 
@@ -234,17 +238,17 @@ def test_disk_cache_is_written_once_and_reused(tmp_path):
     assert report.mode == "disk" and report.source == "built"
     files = list((tmp_path / "cache").glob("*.safetensors"))
     assert [f.name for f in files] == [f"{report.key}.safetensors"]
-    assert files[0].stat().st_size >= report.bytes == built.nbytes
+    assert files[0].stat().st_size >= report.bytes > report.read_bytes == built.nbytes
 
     cache.clear_memory_cache()  # a new process (another sweep trial): it reads the file
     again = VTabDataset(tmp_path / "data", "toy", "train800", img_size=32)
     loaded, report2 = prepare_prefix_cache(dtl_plus(), again, mode="disk", cache_dir=tmp_path / "cache")
     assert report2.source == "disk" and report2.key == report.key
-    for a, b in zip(loaded.tensors().values(), built.tensors().values()):
+    for a, b in zip(loaded.tensors.values(), built.tensors.values()):
         assert torch.equal(a, b)
 
-    # Another start block, other weights or other data give another key.
-    assert cache.cache_key(dtl_plus(start_block=5), data, "fp32") != report.key
+    # Another start block, rank or kernel reads the same entry; other weights or other data give another key.
+    assert cache.cache_key(dtl_plus(start_block=5, rank=4, kernel_size=5), data, "fp32") == report.key
     retrained = copy.deepcopy(model)
     with torch.no_grad():
         retrained.head.weight.add_(1.0)
@@ -290,4 +294,61 @@ def test_a_later_run_in_the_same_process_reuses_the_memory_cache():
     data = Fingerprinted(*data.tensors)
     first, report = prepare_prefix_cache(dtl_plus(), data, mode="memory")
     second, report2 = prepare_prefix_cache(copy.deepcopy(dtl_plus()), data, mode="memory")
-    assert report.source == "built" and report2.source == "memory" and second is first
+    assert report.source == "built" and report2.source == "memory"
+    assert all(second.tensors[name] is first.tensors[name] for name in first.tensors)  # not computed again
+
+
+# --- one cache for every start block, and for the linear probe ---------------------------------------------------
+def test_one_cache_serves_two_start_blocks_with_the_uncached_logits_and_gradients(tmp_path):
+    from dtl.data import VTabDataset
+
+    write_task(tmp_path / "data", n=6)
+    data = VTabDataset(tmp_path / "data", "toy", "train800", img_size=32)
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    labels = torch.tensor([data[i][1] for i in range(len(data))])
+    reports = {}
+    for start_block in (3, 8):  # the same random backbone (seed 0), two start blocks and ranks
+        model = dtl_plus(start_block=start_block, rank=2 if start_block == 3 else 5)
+        reference_logits, reference_grads = logits_and_grads(model, images, labels)
+        features, reports[start_block] = prepare_prefix_cache(model, data, mode="disk", cache_dir=tmp_path / "cache")
+        cache.clear_memory_cache()  # as in another trial's process: the second model reads the file
+        inputs, cached_labels = features.batch(torch.arange(len(data)))
+        assert set(inputs) == set(model.cached_names()) and torch.equal(cached_labels, labels)
+        logits, grads = logits_and_grads(model, inputs, labels)
+        torch.testing.assert_close(logits, reference_logits, rtol=1e-5, atol=1e-5)
+        for name in reference_grads:
+            torch.testing.assert_close(grads[name], reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert reports[3].source == "built" and reports[8].source == "disk"
+    assert reports[3].key == reports[8].key and reports[3].path == reports[8].path
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    assert reports[8].read_bytes > reports[3].read_bytes  # M = 8 reads x_0..x_9, M = 3 reads x_0..x_4
+
+
+def test_the_linear_probe_trains_from_cached_pooled_features_as_from_images():
+    images, labels = images_and_labels(n=40, seed=4)
+    data = TensorDataset(images, labels)
+    config = dict(epochs=2, warmup_epochs=0, cooldown_epochs=0, batch_size=8, eval_batch_size=16, lr=1e-2,
+                  eval_every=1, progress=False)
+    runs = {}
+    for mode in ("off", "memory"):
+        torch.manual_seed(0)
+        model = dtl.create_model(MICRO, "linear", num_classes=5)
+        runs[mode] = (model, train_and_evaluate(model, data, {"val": data}, TrainConfig(**config, prefix_cache=mode)))
+    fast = runs["memory"][1]
+    assert fast.prefix_cache["layout"] == "pooled" and fast.prefix_cache["bytes"] == 40 * (96 * 4 + 8)
+    for key in ("train/loss", "val/accuracy", "val/loss"):
+        assert fast.metrics[key] == pytest.approx(runs["off"][1].metrics[key], rel=1e-5, abs=1e-6), key
+    torch.testing.assert_close(runs["memory"][0].head.weight, runs["off"][0].head.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_drop_path_keeps_the_cache_with_the_suffix_scope():
+    data = TensorDataset(*images_and_labels())
+    torch.manual_seed(0)
+    everywhere = dtl.create_model(MICRO, "dtl_plus", num_classes=5, drop_path_rate=0.2)
+    torch.manual_seed(0)
+    suffix = dtl.create_model(MICRO, "dtl_plus", num_classes=5, drop_path_rate=0.2, drop_path_scope="suffix")
+    assert cache.cache_refusal(everywhere) and cache.cache_refusal(suffix) is None
+    _, report = prepare_prefix_cache(suffix, data, mode="memory")
+    assert report.mode == "memory" and report.key == cache.cache_key(everywhere, data, "fp32") is None
+    linear = dtl.create_model(MICRO, "linear", num_classes=5, drop_path_rate=0.2, drop_path_scope="suffix")
+    assert cache.cache_refusal(linear) is None  # the probe trains no block: no stochastic depth at all

@@ -24,7 +24,7 @@ def randomise_side_network(model: DTLModel, seed: int = 0) -> None:
 
 
 def reference_dtl_forward(model: DTLModel, images: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md section 1 written out literally for a ViT, independent of DTLModel's prefix/suffix split."""
+    """docs/design.md section 1 written out literally for a ViT, independent of DTLModel's prefix/suffix split."""
     vit = model.adapter.backbone
     beta = model.side_activation.beta
     x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
@@ -181,6 +181,43 @@ def test_grad_checkpointing_gives_the_same_gradients_with_fewer_saved_bytes():
         if a.requires_grad:
             assert torch.allclose(a.grad, b.grad, atol=1e-6), name
     assert saved_bytes(ckpt, images)[0] < 0.5 * saved_bytes(plain, images)[0]
+
+
+@pytest.mark.parametrize("backbone, start_block", [(MICRO, 6), ("swin_tiny_patch4_window7_224", 5)])
+def test_suffix_drop_path_scope_changes_nothing_in_blocks_up_to_m(backbone, start_block):
+    def drop_rates(model):
+        return [max((getattr(m, "drop_prob", 0.0) for m in block.modules()), default=0.0)
+                for block in model.adapter.blocks]
+
+    kwargs = dict(num_classes=3, drop_path_rate=0.2, start_block=start_block)
+    torch.manual_seed(0)
+    everywhere = dtl.create_model(backbone, "dtl", **kwargs)
+    torch.manual_seed(0)
+    suffix = dtl.create_model(backbone, "dtl", drop_path_scope="suffix", **kwargs)
+    rates, expected = drop_rates(suffix), drop_rates(everywhere)
+    assert all(rate > 0 for rate in expected[1:])  # timm's rule: 0 at block 0, rising to 0.2 at the last
+    assert rates[:start_block + 1] == [0.0] * (start_block + 1)  # blocks 0..M: none
+    assert rates[start_block + 1:] == expected[start_block + 1:]  # blocks after M: timm's rates, unchanged
+    assert suffix.prefix_is_deterministic and not everywhere.prefix_is_deterministic
+
+    size = suffix.adapter.backbone.patch_embed.img_size[0]
+    images = torch.randn(2, 3, size, size)
+    suffix.train()
+    first, again = suffix.forward_prefix(images), suffix.forward_prefix(images)
+    with torch.no_grad():
+        suffix.eval()
+        reference = suffix.forward_prefix(images)
+    for a, b, c in zip((*first.side_inputs, first.block_output), (*again.side_inputs, again.block_output),
+                       (*reference.side_inputs, reference.block_output)):
+        assert torch.equal(a, b) and torch.equal(a, c)  # the prefix trains exactly as it is cached
+    # a scope of "suffix" is the same for LoRA (every block is trained through) and means none for the probe
+    for method, kept in (("lora", True), ("linear", False)):
+        if backbone == MICRO:
+            torch.manual_seed(0)
+            model = dtl.create_model(backbone, method, num_classes=3, drop_path_rate=0.2, drop_path_scope="suffix")
+            assert drop_rates(model) == (expected if kept else [0.0] * len(expected)), method
+    with pytest.raises(ValueError, match="drop_path_scope must be one of all, suffix"):
+        dtl.create_model(MICRO, "dtl", num_classes=3, drop_path_scope="prefix")
 
 
 def test_lora_and_adapter_start_equal_to_the_backbone_and_train_only_their_parameters():

@@ -6,12 +6,14 @@ RAY_TMPDIR) and runs in its own process group, which the test kills afterwards: 
 touched (no global `ray stop`).
 
 Fast: everything except the three tests marked slow (resume after SIGKILL, Ctrl-C, --address on a `ray start`
-cluster), which take about a minute each on 2 cores.
+cluster), which take about a minute each on 2 cores. The incumbent rule, the per-task routers and the schedule
+each trial trains with are also tested without Ray.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -43,7 +45,6 @@ TINY_PARAMS = {
 FAILING_SPACE = {
     "method": "dtl_plus",
     "num_samples": 3,
-    "training": {"epochs": EPOCHS, "warmup_epochs": 0, "cooldown_epochs": 0},
     "scheduler": {"grace_period": 1, "reduction_factor": 2},
     "params": {
         "method": {"type": "categorical", "choices": ["dtl_plus", "dtl"]},
@@ -55,7 +56,6 @@ FAILING_SPACE = {
 PLAIN_SPACE = {
     "method": "dtl",
     "num_samples": 4,
-    "training": {"epochs": EPOCHS, "warmup_epochs": 0, "cooldown_epochs": 0},
     "params": {"rank": {"type": "int", "low": 1, "high": 16, "log": True},
                "lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}},
 }
@@ -76,10 +76,11 @@ def test_shipped_spaces_load_with_the_design_ranges():
         params = {p.name: p for p in space.resolve(12).params}
         assert (params["rank"].low, params["rank"].high) == (1, 16)
         assert (params["lr"].low, params["lr"].high, params["lr"].log) == (1e-4, 1e-2, True)
-        assert "kernel_size" not in space.training and space.training["epochs"] >= 1
+        # trials train with the pipeline's schedule; ASHA's rungs are shares of it
+        assert space.training == {} and space.grace_period == "25%" and space.reduction_factor == 3
+        assert space.grace_epochs(20) == 5 and space.grace_epochs(110) == 28
         # equal search budgets, so methods compare fairly
         assert space.num_samples == load_space("dtl_plus").num_samples
-        assert space.training == load_space("dtl_plus").training
     dtl_plus = {p.name: p for p in load_space("dtl_plus").resolve(12).params}
     assert dtl_plus["start_block"].low == 0 and dtl_plus["start_block"].high == 11  # M in 0..N-1
     assert set(dtl_plus["method"].choices) == {"dtl_plus", "dtl"}  # DWConv on / off
@@ -102,8 +103,10 @@ def test_shipped_spaces_load_with_the_design_ranges():
      "params.kernel_size.when.method: value(s) ['lora'] are not among its choices"),
     (lambda s: s["params"]["kernel_size"].update(when={"rank": 2}),
      "params.kernel_size.when.rank: must name a categorical parameter listed earlier"),
-    (lambda s: s["training"].update(epochs=0), "training.epochs: expected an integer >= 1"),
-    (lambda s: s["training"].update(eval_every=3), "training.eval_every: not a training setting a sweep may fix"),
+    (lambda s: s.update(training={"epochs": 0}), "training.epochs: expected an integer >= 1"),
+    (lambda s: s.update(training={"eval_every": 3}), "training.eval_every: not a training setting a sweep may fix"),
+    (lambda s: s["scheduler"].update(grace_period="quarter"), "scheduler.grace_period: expected a number of epochs"),
+    (lambda s: s["scheduler"].update(grace_period="150%"), "scheduler.grace_period: expected a number of epochs"),
     (lambda s: s.update(params={}), "params: expected a non-empty mapping"),
     (lambda s: s.update(num_samples=0), "num_samples: expected an integer >= 1"),
 ])
@@ -194,7 +197,7 @@ def test_trial_config_layers_pipeline_budget_and_sampled_values():
     base = ExperimentConfig.from_dict({**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "root": "/abs/data"},
                                        "overrides": {TASK: {"lr": 0.5, "beta": 50.0, "epochs": 9}}})
     setup = TrialSetup(task=TASK, base_config=base.to_dict(), training={"epochs": 3, "cooldown_epochs": 0},
-                       seed=42, threads=1, tracking_uri="sqlite:///x.db", experiment_id="1", parent_run_id="p",
+                       seed=42, eval_every=1, threads=1, tracking_uri="sqlite:///x.db", experiment_id="1", parent_run_id="p",
                        sweep_name="s", space_name="dtl_plus")
     config = trial_config(setup, {"method": "dtl", "lr": 0.002, "rank": 4}).for_task(TASK)
     assert config.training.lr == 0.002 and config.model.rank == 4 and config.model.method == "dtl"  # sampled win
@@ -207,7 +210,8 @@ def test_trial_config_layers_pipeline_budget_and_sampled_values():
 def test_resources_are_checked_against_the_nodes(monkeypatch):
     import ray
 
-    from sweeps.driver import SweepError, check_resources, default_concurrency
+    from sweeps.cluster import check_resources, default_concurrency
+    from sweeps.state import SweepError
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
@@ -231,6 +235,171 @@ def test_help_documents_every_flag(capsys):
                  "--address", "--scheduler", "--seed", "--storage-path", "--resume", "--name", "--params",
                  "--best-path", "--experiment"):
         assert flag in text
+
+
+# ------------------------------------------------------------------------------- the schedule of a trial
+
+
+def test_a_space_without_training_uses_the_pipelines_schedule(tmp_path):
+    from dtl.config import ExperimentConfig
+    from sweeps.driver import plan_task
+
+    params = {**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "root": "/abs/data"},
+              "training": {**TINY_PARAMS["training"], "epochs": 20, "warmup_epochs": 2},
+              "overrides": {TASK: {"epochs": 16}}}
+    base = ExperimentConfig.from_dict(params)
+    plan = plan_task(base, TASK, load_space("dtl_plus"))
+    assert plan.epochs == plan.final_epochs == 16 and not plan.shortened  # the task's own resolved schedule
+    assert plan.grace_epochs == 4 and plan.start["start_block"] == 6  # 25% of 16; the incumbent is a point
+
+    short = write_yaml(tmp_path / "short.yaml", {**PLAIN_SPACE, "training": {"epochs": 4, "warmup_epochs": 1},
+                                                 "scheduler": {"grace_period": 2}})
+    plan = plan_task(base, TASK, load_space(short))
+    assert plan.epochs == 4 and plan.final_epochs == 16 and plan.shortened
+
+
+def test_the_shipped_spaces_work_unchanged_with_the_paper_schedule():
+    from pipeline.params import load_params
+    from sweeps.driver import plan_task
+
+    config = load_params(REPO / "params" / "vit_b16_vtab1k.yaml", None)
+    plan = plan_task(config, "dsprites_ori", load_space("dtl_plus"))
+    assert (plan.epochs, plan.grace_epochs, config.training.warmup_epochs) == (110, 28, 10)
+    assert plan.start == {"method": "dtl_plus", "kernel_size": 5, "rank": 2, "start_block": 6, "lr": 0.0008,
+                          "weight_decay": 0.05, "drop_path": 0.2}  # the authors' settings are the incumbent
+
+
+# ------------------------------------------------------------------------------------- the incumbent rule
+
+
+def correctness(hits: int, total: int = 200, offset: int = 0):
+    import numpy as np
+
+    correct = np.zeros(total, dtype=bool)
+    correct[offset:offset + hits] = True
+    return correct
+
+
+def test_the_incumbent_is_kept_on_a_tie_and_on_a_one_image_win_and_replaced_on_a_clear_win():
+    from sweeps.selection import Candidate, choose_winner, decode_correct, encode_correct
+
+    incumbent = Candidate("inc", 0.5, correctness(100))
+    tie = Candidate("tie", 0.5, correctness(100, offset=50))  # as many images won as lost
+    one = Candidate("one", 0.505, correctness(101))  # one more image right
+    clear = Candidate("clear", 0.65, correctness(130))  # 30 more, none lost
+    for challengers in ([tie], [one], [tie, one]):
+        decision = choose_winner(incumbent, challengers)
+        assert decision.winner == "inc" and not decision.replaced and "kept" in decision.reason
+    assert choose_winner(incumbent, [one]).comparisons[0].p_value == 0.5  # 1 of 1 disagreements: a coin flip
+    decision = choose_winner(incumbent, [tie, one, clear])
+    assert decision.winner == "clear" and decision.replaced and decision.margin == pytest.approx(0.15)
+    assert decision.level == pytest.approx(0.05 / 3)  # Bonferroni over the three challengers
+    comparison = next(c for c in decision.comparisons if c.trial_id == "clear")
+    assert (comparison.wins, comparison.losses) == (30, 0) and comparison.p_value == pytest.approx(0.5 ** 30)
+    # a win that would pass alone fails once many challengers were tried: 8 vs 1 disagreements, p = 0.0195
+    close_hits = correctness(108)
+    close_hits[0] = False  # wins images 100..107, loses image 0
+    close = Candidate("close", 0.535, close_hits)
+    assert choose_winner(incumbent, [close]).replaced
+    assert not choose_winner(incumbent, [close] + [Candidate(f"t{i}", 0.5, correctness(100)) for i in range(3)]).replaced
+    # without an incumbent the best val accuracy wins, and the decision says nothing was compared
+    decision = choose_winner(None, [tie, clear])
+    assert decision.winner == "clear" and "no incumbent" in decision.reason
+    # per-image results survive their trip through Tune and MLflow
+    bits = correctness(37, total=203, offset=5)
+    assert (decode_correct(encode_correct(bits)) == bits).all() and len(encode_correct(bits)) < 60
+
+
+def test_kept_incumbents_leave_best_yaml_alone_and_winners_replace_entries(tmp_path):
+    from sweeps.driver import write_winners
+    from sweeps.results import TaskOutcome, TrialRow, decide
+    from sweeps.selection import encode_correct
+    from sweeps.state import SweepState
+
+    def outcome(task: str, challenger_hits: int) -> TaskOutcome:
+        rows = [TrialRow(task, "inc", "done", 2, 0.5, {"lr": 0.003}, incumbent=True,
+                         correct=encode_correct(correctness(100))),
+                TrialRow(task, "new", "done", 2, challenger_hits / 200, {"lr": 0.01, "rank": 8},
+                         correct=encode_correct(correctness(challenger_hits))),
+                TrialRow(task, "short", "stopped early", 1, 0.9, {"lr": 0.1})]  # never the winner
+        result = TaskOutcome(task, 2, 2, rows, finished=True)
+        result.decision = decide(rows)
+        return result
+
+    best = tmp_path / "best.yaml"
+    best.write_text("digits: {}\npatterns: {lr: 0.001}\n")
+    state = SweepState(path=tmp_path / "sweep.json", name="s", space="dtl_plus", space_file="", tasks={},
+                       num_samples=3, scheduler="asha", seed=0, alpha=0.05, params_path=str(tmp_path / "none.yaml"),
+                       best_path=str(best), experiment="e", experiment_id="1", tracking_uri="sqlite:///x")
+    kept, replaced = outcome("digits", 101), outcome("patterns", 140)
+    assert kept.best.trial_id == "inc" and replaced.best.trial_id == "new"
+    write_winners(state, [kept, replaced])
+    entries = yaml.safe_load(best.read_text())
+    assert entries == {"digits": {}, "patterns": {"lr": 0.01, "rank": 8}}
+    assert TaskOutcome.from_dict(replaced.to_dict()).best.trial_id == "new"  # what --resume reads back
+
+
+# ----------------------------------------------------------------------------- one Tuner for every task
+
+
+class FakeSearcher:
+    """Stands in for OptunaSearch: numbered suggestions, remembers what it was told."""
+
+    def __init__(self, name: str):
+        self.name, self.count, self.completed = name, 0, []
+
+    def suggest(self, trial_id):
+        self.count += 1
+        return {"lr": self.count}
+
+    def on_trial_result(self, trial_id, result):
+        pass
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        self.completed.append((trial_id, error))
+
+
+def test_one_searcher_per_task_behind_one_tune_searcher():
+    from ray.tune.search import Searcher
+
+    from sweeps.search import TaskSearch
+
+    searchers = {"a": FakeSearcher("a"), "b": FakeSearcher("b")}
+    search = TaskSearch(searchers, {"a": 2, "b": 3}, {"a": True, "b": False}, metric="val_accuracy", mode="max")
+    configs = [search.suggest(f"t{i}") for i in range(5)]
+    assert [c["task"] for c in configs] == ["a", "b", "a", "b", "b"]  # the task with the fewest trials next
+    assert [c["incumbent"] for c in configs] == [True, False, False, False, False]  # b has no start point
+    assert [c["lr"] for c in configs] == [1, 1, 2, 2, 3] and search.suggest("t5") == Searcher.FINISHED
+    search.on_trial_complete("t1", {"val_accuracy": 0.5})
+    search.on_trial_complete("t2", None, error=True)
+    assert searchers["b"].completed == [("t1", False)] and searchers["a"].completed == [("t2", True)]
+
+
+def test_asha_compares_trials_within_a_task_and_never_stops_the_incumbent():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from sweeps.search import TaskASHA
+
+    def asha():
+        return ASHAScheduler(time_attr="epoch", metric="val_accuracy", mode="max", max_t=8, grace_period=2)
+
+    scheduler = TaskASHA({"a": asha(), "b": asha()}, {"a": 8, "b": 8}, "epoch")
+    trials = {name: SimpleNamespace(trial_id=name, config={"task": task, "incumbent": incumbent})
+              for name, task, incumbent in (("good", "a", False), ("incumbent", "a", True), ("weak", "a", False),
+                                            ("other", "b", False))}
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+
+    def at_rung(name: str, accuracy: float) -> str:
+        return scheduler.on_trial_result(None, trials[name], {"epoch": 2, "val_accuracy": accuracy})
+
+    assert at_rung("good", 0.9) == TrialScheduler.CONTINUE
+    assert at_rung("incumbent", 0.1) == TrialScheduler.CONTINUE  # would be stopped: below the rung's median
+    assert scheduler.protected_stops == {"incumbent": 1}
+    assert at_rung("weak", 0.2) == TrialScheduler.STOP  # an ordinary trial is stopped
+    assert at_rung("other", 0.01) == TrialScheduler.CONTINUE  # task b's rung holds only its own trials
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -347,37 +516,47 @@ def test_tiny_sweep_records_parent_children_best_and_a_failed_trial(sweep_factor
 
     best = [c for c in children if c.data.tags.get("best") == "true"]
     assert len(best) == 1 and best[0].info.status == "FINISHED"
-    # the winner is the best of the trials trained to the end (one ASHA stopped after an epoch is not comparable)
-    completed = [c for c in good if len(sweep.val_steps(c)) == EPOCHS]
-    assert best[0].data.metrics["val_accuracy"] == max(c.data.metrics["val_accuracy"] for c in completed)
     # the first trial was the current configuration (params.yaml with the paper defaults filled in)
-    assert "first trial: the current configuration (method=dtl_plus kernel_size=3 rank=2 lr=0.003)" in out
-    assert any(c.data.params.get("trial.rank") == "2" and c.data.params.get("trial.kernel_size") == "3"
-               and c.data.params.get("trial.lr") == "0.003" for c in children)
+    assert "first trial = the current configuration (method=dtl_plus kernel_size=3 rank=2 lr=0.003)" in out
+    incumbent = [c for c in children if c.data.tags["incumbent"] == "true"]
+    assert len(incumbent) == 1 and len(sweep.val_steps(incumbent[0])) == EPOCHS  # never stopped early
+    assert incumbent[0].data.params["trial.rank"] == "2" and incumbent[0].data.params["trial.kernel_size"] == "3"
+    assert incumbent[0].data.params["trial.lr"] == "0.003"
+    # the incumbent rule: a challenger wins only if it beats the incumbent on the same val images beyond chance
     parent = parents[0]
+    replaced = parent.data.tags["replaced_incumbent"] == "true"
+    assert (best[0].info.run_id == incumbent[0].info.run_id) != replaced
+    assert "p =" in parent.data.tags["decision"] or "no challenger" in parent.data.tags["decision"]
     assert parent.data.metrics["best_val_accuracy"] == best[0].data.metrics["val_accuracy"]
+    assert parent.data.metrics["incumbent_val_accuracy"] == incumbent[0].data.metrics["val_accuracy"]
     assert parent.data.tags["best_run_id"] == best[0].info.run_id
     assert parent.data.metrics["trials_failed"] == 1
+    assert (sweep.storage / "tiny" / f"cost_{TASK}.png").stat().st_size > 1000  # accuracy vs cost, per task
+    assert any(a.path == f"cost_{TASK}.png" for a in sweep.client().list_artifacts(parent.info.run_id))
+    for child in good:  # cost next to accuracy
+        if len(sweep.val_steps(child)) == EPOCHS:
+            assert child.data.metrics["trainable_params"] > 0 and child.data.metrics["train_time_s"] > 0
+            assert child.data.metrics["saved_bytes_per_batch"] > 0 and ":" in child.data.tags["val_correct"]
 
-    # the winner lands in best.yaml as a pipeline override entry; other entries and a header are kept
+    # best.yaml: a kept incumbent leaves the task's entry alone; other entries and a header are kept
     text = sweep.best.read_text()
-    assert text.startswith("#") and "sweeps/run.py" in text
     entries = yaml.safe_load(text)
     assert entries["patterns"] == {"lr": 0.001}
-    winner = {k[len("trial."):]: v for k, v in best[0].data.params.items() if k.startswith("trial.")}
-    assert set(entries[TASK]) == set(winner) and entries[TASK]["lr"] == 0.003
-    assert str(entries[TASK]["rank"]) == winner["rank"] and entries[TASK]["method"] == winner["method"]
-    assert ("kernel_size" in entries[TASK]) == (entries[TASK]["method"] == "dtl_plus")
-    # ... and the pipeline's loader picks it up for that task
-    from pipeline.params import load_params
-
-    merged = load_params(sweep.params, sweep.best, task=TASK)
-    assert merged.training.lr == 0.003 and merged.model.rank == entries[TASK]["rank"]
+    if replaced:
+        winner = {k[len("trial."):]: v for k, v in best[0].data.params.items() if k.startswith("trial.")}
+        assert text.startswith("#") and "sweeps/run.py" in text and set(entries[TASK]) == set(winner)
+    else:
+        assert entries[TASK] == {} and "incumbent was beaten" in out
 
     results = json.loads((sweep.storage / "tiny" / "results.json").read_text())
-    assert len(results["trials"]) == 3 and results["best"][TASK]["val_accuracy"] == parent.data.metrics[
-        "best_val_accuracy"]
-    assert "failed" in out and "Best configuration per task" in out and "dvc repro" in out
+    assert len(results["tasks"][TASK]["rows"]) == 3
+    assert results["best"][TASK]["val_accuracy"] == parent.data.metrics["best_val_accuracy"]
+    assert "failed" in out and "Incumbent rule" in out and re.search(r"trials \d/3 done, 0 running", out)
+
+    # a second run of a finished sweep re-runs nothing
+    code, again = sweep.run("--resume", log="again.log")
+    assert code == 0 and "finished earlier: nothing to run" in again, again
+    assert len(sweep.runs()[1]) == 3
 
 
 def test_cli_errors_come_before_any_work(sweep_factory, monkeypatch, capsys):
@@ -404,11 +583,12 @@ def test_cli_errors_come_before_any_work(sweep_factory, monkeypatch, capsys):
     command = [*sweep.command("--name", "warming")[2:], "--space", str(warming)]
     assert run.main(command) == 2
     err = capsys.readouterr().err
-    assert "grace_period (2) must exceed the trials' warmup_epochs (2)" in err and "Traceback" not in err
-    from sweeps.driver import check_task_config
+    assert "grace_period (2: epoch 2 of 4) must exceed the trials' warmup_epochs (2)" in err
+    assert "Traceback" not in err
     from pipeline.params import load_params
+    from sweeps.driver import plan_task
 
-    assert check_task_config(load_params(sweep.params), TASK, load_space(warming), "fifo") == 4
+    assert plan_task(load_params(sweep.params), TASK, load_space(warming), "fifo").epochs == 4
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -456,8 +636,8 @@ def test_resume_after_killing_the_driver_does_not_rerun_finished_trials(sweep_fa
         # a trial whose run had FINISHED but whose last report Tune never saw is reported, not retrained
         assert "not retrained" in by_trial[trial_id].data.tags.get("resumed", "not retrained")
     state = json.loads((sweep.storage / "tiny" / "sweep.json").read_text())
-    assert state["tasks"][TASK]["finished"] and len(state["tasks"][TASK]["rows"]) == 4
-    assert yaml.safe_load(sweep.best.read_text())[TASK]
+    outcome = state["tasks"][TASK]["outcome"]
+    assert state["finished"] and outcome["finished"] and len(outcome["rows"]) == 4 and outcome["decision"]["winner"]
 
 
 @pytest.mark.slow
@@ -502,7 +682,7 @@ def test_address_joins_a_ray_start_cluster(sweep_factory):
         parents, children = sweep.runs()
         assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
         # the trials ran in the joined cluster's session, not in a private instance
-        assert list(Path(head_tmp).glob("session_*/artifacts/*/digits/working_dirs/*"))
+        assert list(Path(head_tmp).glob("session_*/artifacts/*/trials/working_dirs/*"))
         assert not list(Path(sweep.ray_tmp).glob("ray/session_*"))
     finally:
         # `ray stop` would stop every Ray on the machine: stop only this head's process group.

@@ -2,7 +2,7 @@
 
 The real VTAB-1K folders cannot be downloaded where this toolkit runs, so the toolkit writes small tasks in the
 same layout (``<root>/<task>/images/*.png`` plus ``train800.txt``, ``val200.txt``, ``train800val200.txt``,
-``test.txt``; DESIGN.md section 3) and the same spirit: the structured tasks mimic dSprites and CLEVR (which are
+``test.txt``; docs/design.md) and the same spirit: the structured tasks mimic dSprites and CLEVR (which are
 synthetic by design), ``digits`` stands in for a Natural task and ``patterns`` for a Specialized one. Every task
 is balanced, deterministic for a seed, and built so that the label is not readable from a shortcut (colour,
 background) that the other factors vary independently of.

@@ -1,6 +1,6 @@
 """VTAB-1K folders as PyTorch datasets, with errors that say which file and line is wrong.
 
-The layout is the one most PETL code reads (DESIGN.md section 3): ``<root>/<task>/`` holds the images and four
+The layout is the one most PETL code reads (docs/design.md): ``<root>/<task>/`` holds the images and four
 list files (``train800.txt``, ``val200.txt``, ``train800val200.txt``, ``test.txt``) whose lines are
 ``relative/path/to/image.jpg <integer label>``. Users assemble these folders by hand or by script, so every
 problem is reported as a :class:`DataError` naming the file, the line and what was expected; and

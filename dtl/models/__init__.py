@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from . import embedded  # noqa: F401  (registers the embedded backbone with timm)
-from .adapters import BackboneAdapter
+from .adapters import DROP_PATH_SCOPES, BackboneAdapter, CachedInputs
 from .backbone import CheckpointError, create_backbone, load_checkpoint
 from .baselines import BASELINE_RANK, BaselineModel
 from .dtl import DTLModel, PrefixState
@@ -73,6 +73,7 @@ def create_model(
     pretrained: bool | str | Path = False,
     *,
     drop_path_rate: float = 0.0,
+    drop_path_scope: str = "all",
     img_size: int | None = None,
     backbone_dtype: str | torch.dtype | None = None,
     **options,
@@ -88,11 +89,19 @@ def create_model(
     as such, instead of fp32 weights under autocast; the trainable CSN and head stay fp32.
     Defaults are the paper's for the backbone family (ViT: rank 2, M 6, maps on all blocks, k 3;
     Swin: rank 4, M 14, maps from block 4, k 5).
+
+    ``drop_path_rate`` follows timm's stochastic-depth rule (0 at the first block, rising linearly to the rate at
+    the last). ``drop_path_scope`` says where it applies: ``"all"`` (every block, as the authors' code builds it)
+    or ``"suffix"`` (only the blocks gradients flow through: those after M for DTL, none for the linear probe,
+    all for LoRA / adapter / full). With ``"suffix"`` the frozen part stays deterministic in training, so the
+    prefix cache (``dtl.cache``) stays exact whatever the rate.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if drop_path_scope not in DROP_PATH_SCOPES:
+        raise ValueError(f"drop_path_scope must be one of {', '.join(DROP_PATH_SCOPES)}, got {drop_path_scope!r}")
     unknown = sorted(set(options) - set(METHOD_OPTIONS[method]))
     if unknown:
         allowed = ", ".join(METHOD_OPTIONS[method]) or "none"
@@ -112,6 +121,8 @@ def create_model(
                          backbone_dtype=dtype, **settings)
     else:
         model = BaselineModel(adapter, num_classes, method, rank=options.get("rank"))
+    if drop_path_scope == "suffix":
+        adapter.disable_drop_path(model.frozen_blocks)
     return model
 
 
@@ -120,7 +131,8 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "BACKBONE_DTYPES", "BASELINE_RANK", "METHODS", "METHOD_OPTIONS", "BackboneAdapter", "BaselineModel", "CheckpointError", "DTLModel", "PrefixState",
+    "BACKBONE_DTYPES", "BASELINE_RANK", "DROP_PATH_SCOPES", "METHODS", "METHOD_OPTIONS", "BackboneAdapter",
+    "BaselineModel", "CachedInputs", "CheckpointError", "DTLModel", "PrefixState",
     "EMBEDDED_BACKBONE", "EMBEDDED_WEIGHTS", "SwinAdapter", "VitAdapter", "adapter_for", "create_backbone",
     "create_model", "load_checkpoint", "register_family", "resolve_backbone_dtype", "trainable_parameters",
 ]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+DROP_PATH_SCOPES = ("all", "suffix")
+
 
 @dataclass(frozen=True)
 class StageInfo:
@@ -78,3 +80,64 @@ class BackboneAdapter(nn.Module):
             for block in range(stage.first_block, stage.last_block + 1):
                 x = self.run_block(block, x)
         return self.pool(x)
+
+    def block_states(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every block's input (``block_input.<b>``) and every stage's output (``stage_output.<s>``, before the next
+        stage's transition): all that a DTL model with any start block reads from the frozen backbone."""
+        states = {}
+        x = self.embed(images)
+        for stage_index, stage in enumerate(self.stages):
+            x = self.enter_stage(stage_index, x)
+            for block in range(stage.first_block, stage.last_block + 1):
+                states[block_input_name(block)] = x
+                x = self.run_block(block, x)
+            states[stage_output_name(stage_index)] = x
+        return states
+
+    def block_output_name(self, block: int) -> str:
+        """The :meth:`block_states` entry holding ``Block_b(x_b)``: the next block's input within a stage, else the
+        stage's output."""
+        stage = self.stages[self.stage_of(block)]
+        return stage_output_name(self.stage_of(block)) if block == stage.last_block else block_input_name(block + 1)
+
+    def stochastic_modules(self, blocks: range | list[int]) -> list[str]:
+        """Names of the modules that draw random numbers in train mode (drop-path, dropout, patch dropout with a
+        rate > 0) in the embedding and in ``blocks``: what makes those parts' outputs change between epochs."""
+        skipped = {id(m) for block in range(len(self.blocks)) if block not in blocks
+                   for m in self.blocks[block].modules()}
+        found = []
+        for name, module in self.backbone.named_modules():
+            if id(module) in skipped:
+                continue
+            rate = getattr(module, "drop_prob", None)  # timm DropPath
+            if rate is None and isinstance(module, nn.modules.dropout._DropoutNd):
+                rate = module.p
+            if rate is None and type(module).__name__ == "PatchDropout":
+                rate = getattr(module, "prob", None)
+            if rate:
+                found.append(f"{name} ({type(module).__name__} {rate:g})")
+        return found
+
+    def disable_drop_path(self, blocks: range | list[int]) -> None:
+        """Turn stochastic depth off in ``blocks`` (the ``suffix`` drop-path scope: the blocks a cached or frozen
+        part runs must be deterministic; the others keep timm's rate)."""
+        for block in blocks:
+            for module in self.blocks[block].modules():
+                if getattr(module, "drop_prob", None):
+                    module.drop_prob = 0.0
+
+
+def block_input_name(block: int) -> str:
+    return f"block_input.{block}"
+
+
+def stage_output_name(stage: int) -> str:
+    return f"stage_output.{stage}"
+
+
+class CachedInputs(dict):
+    """A batch of frozen-backbone outputs (name -> (B, ...) tensor) read from the prefix cache instead of images;
+    models that can train from the cache accept it in ``forward``."""
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "CachedInputs":
+        return CachedInputs({name: t.to(device, non_blocking=non_blocking) for name, t in self.items()})

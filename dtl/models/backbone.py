@@ -40,7 +40,7 @@ def create_backbone(
         kwargs["img_size"] = img_size
     if name.startswith("vit_"):
         # Keep the pretrained final `norm`: DTL applies it after the patch-token mean itself. timm's
-        # global_pool='avg' would swap it for a new, untrained fc_norm (PITFALLS.md, timm).
+        # global_pool='avg' would swap it for a new, untrained fc_norm.
         kwargs.update(global_pool="", fc_norm=False)
 
     if pretrained is True:

@@ -1,6 +1,6 @@
 """The methods DTL is compared with, in the same harness and with the same head and pooling.
 
-* ``linear``: frozen backbone, train the head only.
+* ``linear``: frozen backbone, train the head only (from cached pooled features when ``dtl.cache`` can).
 * ``full``: train everything.
 * ``lora``: low-rank updates on every attention ``qkv`` projection (ViT), B zero-initialised.
 * ``adapter``: AdaptFormer's parallel bottleneck adapter beside every MLP (ViT), up-projection zero-initialised.
@@ -16,7 +16,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .adapters import BackboneAdapter
+from .adapters import BackboneAdapter, CachedInputs
 
 
 class LoRALinear(nn.Module):
@@ -55,7 +55,7 @@ class ParallelAdapterBlock(nn.Module):
         return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x)))) + adapted
 
 
-BASELINE_RANK = 8  # LoRA rank and adapter bottleneck when none is given (the comparisons DESIGN.md uses)
+BASELINE_RANK = 8  # LoRA rank and adapter bottleneck when none is given (the usual comparison setting)
 
 
 class BaselineModel(nn.Module):
@@ -79,9 +79,26 @@ class BaselineModel(nn.Module):
             raise ValueError(f"unknown baseline method {method!r}")
         self.head = nn.Linear(adapter.num_features, num_classes)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor | CachedInputs) -> torch.Tensor:
+        if isinstance(inputs, CachedInputs):
+            return self.head(inputs["pooled"])
         if self.method == "linear":
-            with torch.no_grad():
-                features = self.adapter.forward_features(images)
-            return self.head(features)
-        return self.head(self.adapter.forward_features(images))
+            return self.head(self.compute_frozen(inputs)["pooled"])
+        return self.head(self.adapter.forward_features(inputs))
+
+    # --- the prefix cache (the linear probe: the whole backbone is frozen, so its pooled features are cached) ----
+    @property
+    def cache_layout(self) -> str | None:
+        return "pooled" if self.method == "linear" else None
+
+    @property
+    def frozen_blocks(self) -> range:
+        """The blocks no gradient flows through: all of them for the linear probe, none for the other methods."""
+        return range(len(self.adapter.blocks) if self.method == "linear" else 0)
+
+    @torch.no_grad()
+    def compute_frozen(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pooled": self.adapter.forward_features(images)}
+
+    def cached_names(self) -> list[str]:
+        return ["pooled"]

@@ -7,6 +7,9 @@ The forward pass is split in two so the frozen prefix can be cached (see ``dtl.c
   parameter, so nothing of it is kept for backward.
 * :meth:`DTLModel.forward_suffix` adds the side output after block M and runs blocks M+1..N-1 and the head.
 
+The prefix cache stores :meth:`BackboneAdapter.block_states` (every block's input, whatever M), so one cache
+serves models with any start block: :meth:`DTLModel.state_from_cache` picks the tensors this model's M reads.
+
 Memory (what is kept for backward): the frozen blocks after M carry no weight gradients, so their linear
 layers keep no inputs (autograd saves a matmul input only for the weight gradient). The side state h itself is
 never kept: each add-back block's side output g(theta(h_i)) is recomputed in backward from the rank-r codes
@@ -29,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .adapters import BackboneAdapter
+from .adapters import BackboneAdapter, CachedInputs, block_input_name
 from .side_network import DepthwiseGridConv, LowRankMap, SharpSwish
 
 
@@ -138,8 +141,10 @@ class DTLModel(nn.Module):
         codes = [self._code(block, x) for block, x in zip(self.prefix_map_blocks, state.side_inputs)]
         return self._run_suffix(state.block_output, codes)
 
-    def forward(self, inputs: torch.Tensor | PrefixState) -> torch.Tensor:
-        """Logits from images, or from a :class:`PrefixState` (the prefix cache's training path)."""
+    def forward(self, inputs: torch.Tensor | PrefixState | CachedInputs) -> torch.Tensor:
+        """Logits from images, from a :class:`PrefixState`, or from a batch of the prefix cache."""
+        if isinstance(inputs, CachedInputs):
+            inputs = self.state_from_cache(inputs)
         if isinstance(inputs, PrefixState):
             return self.forward_suffix(inputs)
         if self.grad_checkpointing is True and torch.is_grad_enabled() and self.prefix_map_blocks:
@@ -220,7 +225,28 @@ class DTLModel(nn.Module):
             out = self.adapter.from_grid(conv(grid), extra, out)
         return out
 
-    # --- helpers ------------------------------------------------------------------------------------------
+    # --- the prefix cache -----------------------------------------------------------------------------------
+    cache_layout = "blocks"  # what dtl.cache stores for this model: every block's input (see BackboneAdapter)
+
+    @property
+    def frozen_blocks(self) -> range:
+        """Blocks 0..M: their inputs depend on no trainable parameter, so the prefix cache can serve them."""
+        return range(self.start_block + 1)
+
+    @torch.no_grad()
+    def compute_frozen(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the prefix cache stores for ``images``: the frozen backbone's block states, independent of M."""
+        with self._frozen_context(images):
+            return self.adapter.block_states(images.to(self.backbone_dtype))
+
+    def cached_names(self) -> list[str]:
+        """The block states this model reads: the inputs of the mapped blocks up to M and block M's output."""
+        return [*map(block_input_name, self.prefix_map_blocks), self.adapter.block_output_name(self.start_block)]
+
+    def state_from_cache(self, inputs: CachedInputs) -> PrefixState:
+        names = self.cached_names()
+        return PrefixState(tuple(inputs[name] for name in names[:-1]), inputs[names[-1]])
+
     @property
     def prefix_is_deterministic(self) -> bool:
         """True when the prefix gives the same output for the same image in train mode: no drop-path, dropout
@@ -229,20 +255,7 @@ class DTLModel(nn.Module):
 
     def prefix_randomness(self) -> list[str]:
         """Names of the stochastic modules (rate > 0) that the frozen prefix runs, e.g. ``blocks.3.drop_path1``."""
-        suffix = {id(m) for block in range(self.start_block + 1, self.num_blocks)
-                  for m in self.adapter.blocks[block].modules()}
-        found = []
-        for name, module in self.adapter.backbone.named_modules():
-            if id(module) in suffix:
-                continue
-            rate = getattr(module, "drop_prob", None)  # timm DropPath
-            if rate is None and isinstance(module, nn.modules.dropout._DropoutNd):
-                rate = module.p
-            if rate is None and type(module).__name__ == "PatchDropout":
-                rate = getattr(module, "prob", None)
-            if rate:
-                found.append(f"{name} ({type(module).__name__} {rate:g})")
-        return found
+        return self.adapter.stochastic_modules(self.frozen_blocks)
 
 
 def _mlp_is_recomputable(block: nn.Module) -> bool:

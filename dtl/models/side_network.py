@@ -1,6 +1,6 @@
 """The Compact Side Network (CSN) of DTL: low-rank maps on block inputs, a sharp Swish, and DTL+'s DWConv.
 
-Math (DESIGN.md section 1): for every block i in the extract set, W_i = A_i C_i with rank r. The side state
+Math (docs/design.md): for every block i in the extract set, W_i = A_i C_i with rank r. The side state
 h_i = sum_{j <= i} x_j W_j accumulates from block INPUTS; from the start block M on, the block output gets
 g(theta(h_i)) added, with theta(u) = u * sigmoid(beta * u) and g the identity (DTL) or one depthwise
 convolution over the token grid shared by all add-back blocks of a stage (DTL+).

@@ -1,0 +1,67 @@
+"""Ray for a sweep: quiet settings, a private instance or a joined cluster, and what the cluster can hold."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Mapping
+
+from .state import SweepError
+
+
+def quiet_environment() -> None:
+    """Settings Ray reads at import/start time: our own progress view instead of Tune's tables, frequent
+    experiment snapshots (little lost after a kill), token authentication for `ray start` clusters."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # `ray start` clusters use token authentication; Ray reads this before `ray.init`, so set it first
+    # (a driver without it retries ~20 s, then fails). RAY_AUTH_MODE=disabled in the environment still wins.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # after a kill, at most ~1 s of progress is lost
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "30")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    # A resumed trial reports steps Optuna saw before the stop; its warning about that is noise.
+    warnings.filterwarnings("ignore", message="The reported value is ignored")
+
+
+def start_ray(address: str | None) -> None:
+    import ray
+
+    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                  configure_logging=True)
+    if address:
+        try:
+            ray.init(address=address, **common)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise SweepError(f"--address {address}: could not join the Ray cluster ({err}). Start it with "
+                             "`ray start --head --port 6379` and pass the address it prints.") from None
+    else:
+        # "local" forces a private instance even while another `ray start` cluster runs on this machine.
+        ray.init(address="local", **common)
+    # Tune logs every failed trial's full traceback; the sweep prints one line per failure and keeps the
+    # traceback in the trial's error file and its MLflow run instead.
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def check_resources(cpus_per_trial: float, gpus_per_trial: float) -> dict[str, float]:
+    """Some alive node must hold one trial, or Tune would leave every trial PENDING forever."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    fits = [n for n in nodes if n.get("CPU", 0) >= cpus_per_trial and n.get("GPU", 0) >= gpus_per_trial]
+    if not fits:
+        sizes = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes) or "none"
+        raise SweepError(f"no Ray node can hold a trial of --cpus-per-trial {cpus_per_trial:g} and --gpus-per-trial "
+                         f"{gpus_per_trial:g} (nodes: {sizes}); lower them or add nodes")
+    total = ray.cluster_resources()
+    return {"CPU": float(total.get("CPU", 0)), "GPU": float(total.get("GPU", 0))}
+
+
+def default_concurrency(total: Mapping[str, float], cpus: float, gpus: float, num_trials: int) -> int:
+    """As many trials at once as the cluster holds (at most ``num_trials``)."""
+    slots = math.floor(total["CPU"] / cpus) if cpus > 0 else num_trials
+    if gpus > 0:
+        slots = min(slots, math.floor(total["GPU"] / gpus + 1e-9))
+    return max(1, min(slots, num_trials))
