@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     checks = check_targets(results)
     if checks:
-        print("\ntargets (the issue's; they are set for ViT-B/16 at batch 32):")
+        print("\ntargets (the project's memory and speed targets, set for ViT-B/16 at batch 32):")
         for check in checks:
             print(f"  [{'met' if check['met'] else 'NOT met'}] {check['target']}: {check['value']:.3f}")
     if args.out:

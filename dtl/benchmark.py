@@ -62,7 +62,7 @@ ROWS: dict[str, RowSpec] = {
 PRECISIONS = ("fp32", "bf16", "fp16")
 _LOW_PRECISION = {"bf16": "bf16", "fp16": "fp16"}
 
-# The issue's targets (ViT-B/16, 224 px, batch 32, M = 6): (row, figure, reference row, bound, "max"/"min").
+# The project's targets (ViT-B/16, 224 px, batch 32, M = 6): (row, figure, reference row, bound, "max"/"min").
 RATIO_TARGETS = (
     ("dtl_plus", "saved_bytes", "full", 0.35, "max"),
     ("dtl_plus", "saved_bytes", "lora", 0.45, "max"),
@@ -341,7 +341,7 @@ def format_table(results: list[dict]) -> str:
 
 
 def check_targets(results: list[dict]) -> list[dict]:
-    """The issue's ratio targets (and, on CUDA, the peak-memory targets) that these results can check."""
+    """The ratio targets (and, on CUDA, the peak-memory targets) that these results can check."""
     by_name = {r["method"]: r for r in results}
     checks = []
     targets = list(RATIO_TARGETS)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .cache import CACHE_MODES, PrefixCacheError, place_features, prepare_prefix_cache, to_device
+from .io import atomic_path, trainable_state_dict
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EpochCallback = Callable[[int, dict], None]
@@ -86,6 +87,38 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class TrainingState:
+    """What continuing a run after ``epochs_done`` epochs needs to go on exactly as if it had not stopped: the
+    trainable weights (kilobytes for DTL; never the frozen backbone), the optimizer and loss-scaler state, the
+    generators that draw the batch order and the dropout / drop-path masks, and what was measured so far.
+    ``save``/``load`` use ``torch.save`` with plain tensors and containers only (``weights_only`` loading)."""
+
+    epochs_done: int
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict
+    scaler: dict
+    data_order: torch.Tensor  # torch.Generator state of the shuffling
+    rng: torch.Tensor  # torch's default CPU generator (dropout, drop-path)
+    cuda_rng: list[torch.Tensor] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    train_time_s: float = 0.0
+    images_seen: int = 0
+    saved_bytes_per_batch: int = 0
+    cpu_time_s: float = 0.0
+
+    def save(self, path) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(asdict(self), tmp)
+
+    @classmethod
+    def load(cls, path) -> "TrainingState":
+        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+
+
+StateCallback = Callable[[TrainingState], None]
 
 
 @dataclass
@@ -230,12 +263,19 @@ def train_and_evaluate(
     eval_data: Mapping[str, Dataset],
     config: TrainConfig,
     callbacks: Sequence[EpochCallback] = (),
+    *,
+    resume_from: TrainingState | None = None,
+    save_state: StateCallback | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data``, evaluate on each of ``eval_data`` (e.g. {"val": ..., "test": ...}).
 
     Every epoch each callback gets ``(epoch, metrics)`` with ``train/loss``, ``train/accuracy``, ``lr`` and,
     on evaluation epochs, ``<split>/accuracy`` and ``<split>/loss``. A non-finite loss raises
     ``FloatingPointError`` so a sweep can record the trial as failed.
+
+    ``save_state``, if given, receives a :class:`TrainingState` after every epoch, before the callbacks (so a
+    callback can hand the checkpoint on with the epoch's metrics); ``resume_from`` continues such a state: the
+    epochs after ``epochs_done`` then train exactly as an uninterrupted run would have trained them.
     """
     seed_everything(config.seed)
     cpu_started = time.process_time()
@@ -294,9 +334,24 @@ def train_and_evaluate(
 
     history: list[dict] = []
     per_image_correct: dict[str, torch.Tensor] = {}
-    train_time, images_seen, saved_bytes = 0.0, 0, 0
-    bar = tqdm(range(config.epochs), desc="train", unit="epoch", disable=not config.progress,
-               file=sys.stderr, dynamic_ncols=True)
+    train_time, images_seen, saved_bytes, cpu_before = 0.0, 0, 0, 0.0
+    first_epoch = 0
+    if resume_from is not None:
+        if not 0 < resume_from.epochs_done < config.epochs:
+            raise ValueError(f"cannot resume after epoch {resume_from.epochs_done} of a {config.epochs}-epoch run")
+        model.load_state_dict(resume_from.trainable, strict=False)
+        optimizer.load_state_dict(resume_from.optimizer)
+        scaler.load_state_dict(resume_from.scaler)
+        generator.set_state(resume_from.data_order)
+        torch.set_rng_state(resume_from.rng)
+        if device.type == "cuda" and resume_from.cuda_rng:
+            torch.cuda.set_rng_state_all(resume_from.cuda_rng)
+        history = list(resume_from.history)
+        first_epoch = resume_from.epochs_done
+        train_time, images_seen = resume_from.train_time_s, resume_from.images_seen
+        saved_bytes, cpu_before = resume_from.saved_bytes_per_batch, resume_from.cpu_time_s
+    bar = tqdm(range(first_epoch, config.epochs), desc="train", unit="epoch", disable=not config.progress,
+               file=sys.stderr, dynamic_ncols=True, initial=first_epoch, total=config.epochs)
     for epoch in bar:
         scheduler.step(epoch)
         model.train()
@@ -342,6 +397,13 @@ def train_and_evaluate(
         history.append(metrics)
         bar.set_postfix({k.replace("/", "_"): f"{v:.3g}" for k, v in metrics.items()
                          if k in ("train/loss", "train/accuracy", "val/accuracy", "test/accuracy")})
+        if save_state is not None and not last:
+            save_state(TrainingState(
+                epochs_done=epoch + 1, trainable=trainable_state_dict(model), optimizer=optimizer.state_dict(),
+                scaler=scaler.state_dict(), data_order=generator.get_state(), rng=torch.get_rng_state(),
+                cuda_rng=torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                history=[dict(h) for h in history], train_time_s=train_time, images_seen=images_seen,
+                saved_bytes_per_batch=saved_bytes, cpu_time_s=cpu_before + time.process_time() - cpu_started))
         for callback in callbacks:
             callback(epoch, dict(metrics))
 
@@ -359,6 +421,6 @@ def train_and_evaluate(
         precision=precision,
         prefix_cache=cache_report.to_dict(),
         saved_bytes_per_batch=saved_bytes,
-        cpu_time_s=time.process_time() - cpu_started,
+        cpu_time_s=cpu_before + time.process_time() - cpu_started,
         correct=per_image_correct,
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from .config import ExperimentConfig
-from .engine import EpochCallback, TrainResult, seed_everything, train_and_evaluate
+from .engine import EpochCallback, StateCallback, TrainingState, TrainResult, seed_everything, train_and_evaluate
 from .models import create_model
 
 PROTOCOL_SPLITS = {"final": ("train800val200", {"test": "test"}), "val": ("train800", {"val": "val200"})}
@@ -88,8 +88,13 @@ def run_task(
     *,
     seed: int | None = None,
     callbacks: Sequence[EpochCallback] = (),
+    resume_from: TrainingState | None = None,
+    save_state: StateCallback | None = None,
 ) -> TaskRun:
-    """Train and evaluate ``config``'s method on ``task`` (overrides applied) and return the finished run."""
+    """Train and evaluate ``config``'s method on ``task`` (overrides applied) and return the finished run.
+
+    ``save_state`` / ``resume_from``: checkpoint the run after every epoch / continue from such a checkpoint
+    (``dtl.engine.train_and_evaluate``)."""
     from .data import VTabDataset
 
     config = config.for_task(task)
@@ -112,5 +117,7 @@ def run_task(
         {name: dataset(split) for name, split in eval_splits.items()},
         config.training,
         callbacks,
+        resume_from=resume_from,
+        save_state=save_state,
     )
     return TaskRun(task=task, config=config, model=model, result=result, num_classes=train_set.num_classes)

@@ -62,6 +62,7 @@ class SweepOptions:
     scheduler: str = "asha"
     seed: int = 0
     alpha: float = ALPHA  # level of the incumbent rule's paired test
+    max_failures: int = 3  # restarts of a trial whose worker or node died, from its last checkpoint
     storage_path: str = str(DEFAULT_STORAGE)
     resume: bool = False
     name: str | None = None  # None: <space>-<timestamp>; with --resume: the latest sweep of that space
@@ -210,6 +211,8 @@ def check_options(options: SweepOptions) -> None:
         raise SweepError(f"--scheduler: expected one of {', '.join(SCHEDULERS)}, got {options.scheduler!r}")
     if options.cpus_per_trial <= 0 or (options.gpus_per_trial is not None and options.gpus_per_trial < 0):
         raise SweepError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    if options.max_failures < 0:
+        raise SweepError(f"--max-failures: expected an integer >= 0, got {options.max_failures}")
     if not 0 < options.alpha < 1:
         raise SweepError(f"--alpha: expected a level in (0, 1) such as 0.05, got {options.alpha}")
 
@@ -219,7 +222,7 @@ def check_options(options: SweepOptions) -> None:
 
 
 def build_tuner(state: SweepState, plans: Mapping[str, TaskPlan], base_config, cpus: float, gpus: float,
-                max_concurrent: int, closer, progress, experiment_dir: Path):
+                max_concurrent: int, max_failures: int, closer, progress, experiment_dir: Path):
     """A new Tuner over every task, or the saved one restored (``--resume``)."""
     from ray import tune
 
@@ -269,9 +272,13 @@ def build_tuner(state: SweepState, plans: Mapping[str, TaskPlan], base_config, c
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=len(plans) * state.num_samples,
                                     max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname,
                                     reuse_actors=True),  # one process per slot: imports are paid once
-        run_config=tune.RunConfig(name=TRIALS_DIR, storage_path=str(experiment_dir), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[status_callback(closer), progress]),
+        run_config=tune.RunConfig(
+            name=TRIALS_DIR, storage_path=str(experiment_dir), verbose=0,
+            # A raised error means the worker or its node died: the trial restarts from its last checkpoint (a
+            # trial that fails on its own reports the error instead, see sweeps.trainable, and is not retried).
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[status_callback(closer), progress]),
     )
     return tuner, False
 
@@ -354,7 +361,7 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
                                 {task: plan.epochs for task, plan in plans.items()})
         progress = ProgressView({task: (state.num_samples, plan.epochs) for task, plan in plans.items()})
         tuner, resuming = build_tuner(state, plans, base_config, options.cpus_per_trial, gpus, max_concurrent,
-                                      closer, progress, experiment_dir)
+                                      options.max_failures, closer, progress, experiment_dir)
         announce(plans, state, max_concurrent, options.cpus_per_trial, gpus, resuming)
         grid = tuner.fit()
         outcomes = collect(grid, plans, state, client, closer, experiment_dir)
@@ -466,8 +473,11 @@ def report(state: SweepState, outcomes: Sequence[TaskOutcome], experiment_dir: P
           f"train800; * winner, (i) incumbent = the current configuration)\n{trials_table(outcomes)}")
     rows = [row for outcome in outcomes for row in outcome.rows]
     counts = {s: sum(r.status == s for r in rows) for s in ("done", "stopped early", "failed", "unfinished")}
+    restarted = sum(r.restarts > 0 for r in rows)
     print(f"\n{len(rows)} trials: {counts['done']} done, {counts['stopped early']} stopped early by ASHA, "
-          f"{counts['failed']} failed, {counts['unfinished']} unfinished; wall time {wall_time_s:.0f} s"
+          f"{counts['failed']} failed, {counts['unfinished']} unfinished"
+          + (f", {restarted} restarted from a checkpoint after their worker died" if restarted else "")
+          + f"; wall time {wall_time_s:.0f} s"
           + (f" ({state.wall_time_s:.0f} s with the earlier runs of this sweep)"
              if state.wall_time_s > wall_time_s + 1 else ""))
     shortened = [o for o in outcomes if o.epochs < o.final_epochs]
@@ -488,8 +498,9 @@ def report(state: SweepState, outcomes: Sequence[TaskOutcome], experiment_dir: P
         else:
             print(f"\nNo task's incumbent was beaten: {state.best_path} is unchanged.")
         print(f"Accuracy vs cost per task: {experiment_dir}/cost_<task>.png (also on each task's parent run)")
-    print(f"MLflow: experiment {state.experiment!r} at {state.tracking_uri}  "
-          f"(mlflow ui --backend-store-uri {state.tracking_uri})")
+    browse = (f"open {state.tracking_uri}" if state.tracking_uri.startswith(("http://", "https://"))
+              else f"mlflow ui --backend-store-uri {state.tracking_uri}")
+    print(f"MLflow: experiment {state.experiment!r} at {state.tracking_uri}  ({browse})")
     write_json(experiment_dir / RESULTS_FILE, {
         "sweep": state.name, "space": state.space, "wall_time_s": state.wall_time_s, "alpha": state.alpha,
         "tasks": {o.task: o.to_dict() for o in outcomes},

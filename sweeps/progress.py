@@ -15,7 +15,7 @@ from typing import IO
 
 from ray.tune import Callback
 
-from .trainable import INCUMBENT_KEY, METRIC, TASK_KEY, TIME_ATTR
+from .trainable import INCUMBENT_KEY, METRIC, TASK_KEY, TIME_ATTR, TRIAL_ERROR
 
 
 def format_duration(seconds: float) -> str:
@@ -65,14 +65,16 @@ class ProgressView(Callback):
         result = trial.last_result or {}
         epoch = int(result.get(TIME_ATTR, 0) or 0)
         accuracy = result.get(METRIC)
-        if how is None:
+        if TRIAL_ERROR in result:
+            how = f"failed: {result[TRIAL_ERROR]}"
+        elif how is None:
             how = "done" if epoch >= self.plans.get(task, (0, 0))[1] else f"stopped early at epoch {epoch}"
         else:
             from .records import error_summary
 
             how = f"failed: {error_summary(trial) or 'see ' + str(trial.path)}"
         role = " (incumbent)" if config.get(INCUMBENT_KEY) else ""
-        score = f", val {accuracy:.3f}" if isinstance(accuracy, float) and how != "failed" else ""
+        score = f", val {accuracy:.3f}" if isinstance(accuracy, float) and not how.startswith("failed") else ""
         self._write(f"[{format_duration(time.monotonic() - self.started)}] {task} {trial.trial_id}{role}: {how}"
                     f"{score}", event=True)
         if self.live:
@@ -97,11 +99,11 @@ class ProgressView(Callback):
             accuracy = result.get(METRIC)
             if isinstance(accuracy, float):
                 best[task] = max(best.get(task, 0.0), accuracy)
-            if trial.status == "TERMINATED":
+            if trial.status == "ERROR" or TRIAL_ERROR in result:
+                counts["failed"] += 1
+            elif trial.status == "TERMINATED":
                 counts["done" if epoch >= epochs else "stopped"] += 1
                 ended_epochs.append(epoch)
-            elif trial.status == "ERROR":
-                counts["failed"] += 1
             else:
                 counts["running"] += trial.status == "RUNNING"
                 remaining += epochs - epoch

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .selection import ALPHA, Candidate, Decision, choose_winner, decode_correct
-from .trainable import CORRECT, COST_METRICS, METRIC, TIME_ATTR, plain, split_trial_config
+from .trainable import CORRECT, COST_METRICS, METRIC, TIME_ATTR, TRIAL_ERROR, plain, split_trial_config
 
 STATUSES = ("done", "stopped early", "failed", "unfinished")
 
@@ -26,6 +26,7 @@ class TrialRow:
     correct: str | None = None  # encoded per-image val correctness (sweeps.selection)
     error: str | None = None
     run_id: str | None = None
+    restarts: int = 0  # times the trial was restarted from its checkpoint after its worker or node died
 
 
 @dataclass
@@ -67,10 +68,10 @@ def trial_row(trial, epochs: int, run=None, error: str | None = None) -> TrialRo
     result = trial.last_result or {}
     accuracy = result.get(METRIC)
     epoch = int(result.get(TIME_ATTR, 0) or 0)
-    if trial.status == "TERMINATED":
+    if trial.status == "ERROR" or TRIAL_ERROR in result:
+        status, error = "failed", result.get(TRIAL_ERROR) or error
+    elif trial.status == "TERMINATED":
         status = "done" if epoch >= epochs else "stopped early"
-    elif trial.status == "ERROR":
-        status = "failed"
     else:
         status = "unfinished"
     return TrialRow(
@@ -78,7 +79,8 @@ def trial_row(trial, epochs: int, run=None, error: str | None = None) -> TrialRo
         val_accuracy=float(accuracy) if isinstance(accuracy, (int, float)) and math.isfinite(accuracy) else None,
         params=plain(params), incumbent=incumbent,
         cost={k: float(result[k]) for k in COST_METRICS if isinstance(result.get(k), (int, float))},
-        correct=result.get(CORRECT) if status == "done" else None, error=error, run_id=run.info.run_id if run else None)
+        correct=result.get(CORRECT) if status == "done" else None, error=error, run_id=run.info.run_id if run else None,
+        restarts=int(getattr(trial, "num_failures", 0) or 0))
 
 
 def decide(rows: Sequence[TrialRow], alpha: float = ALPHA) -> Decision:

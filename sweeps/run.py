@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "fifo: run every trial to the end (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the TPE samplers: same seed, same first trials (default: %(default)s)")
+    parser.add_argument("--max-failures", type=int, default=3,
+                        help="restarts of a trial whose worker or node died, each from the trial's last checkpoint "
+                             "(a trial that fails on its own, e.g. a NaN loss, is not retried; default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=0.05,
                         help="level of the paired test a challenger must pass to replace the current "
                              "configuration, Bonferroni-corrected over the challengers (default: %(default)s)")

@@ -25,7 +25,7 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from .trainable import INCUMBENT_KEY, TASK_KEY
+from .trainable import INCUMBENT_KEY, TASK_KEY, TRIAL_ERROR
 
 
 class TaskSearch(Searcher):
@@ -57,10 +57,12 @@ class TaskSearch(Searcher):
         return {TASK_KEY: task, INCUMBENT_KEY: incumbent, **config}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self._searchers[self._task_of[trial_id]].on_trial_result(trial_id, result)
+        if self.metric in result:  # epochs that did not score val200 report training figures only
+            self._searchers[self._task_of[trial_id]].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self._searchers[self._task_of[trial_id]].on_trial_complete(trial_id, result=result, error=error)
+        failed = error or bool(result and TRIAL_ERROR in result)  # a trial that failed on its own reports why
+        self._searchers[self._task_of[trial_id]].on_trial_complete(trial_id, result=result, error=failed)
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as handle:

@@ -32,6 +32,10 @@ from typing import Any
 METRIC = "val_accuracy"  # the objective: val200 accuracy after training on train800
 TIME_ATTR = "epoch"  # epochs completed; ASHA's time attribute
 CORRECT = "val_correct"  # which val images the final model got right (sweeps.selection.encode_correct)
+# A trial that fails on its own (a bad configuration, a NaN loss, out of memory) reports this key and ends; Tune
+# would retry a raised error like a lost node, and retrying cannot fix those.
+TRIAL_ERROR = "trial_error"
+STATE_FILE = "training_state.pt"  # the trial's checkpoint: dtl.engine.TrainingState (kilobytes, no backbone)
 # Cost figures of a finished trial (dtl.engine.TrainResult.summary), next to its accuracy.
 COST_METRICS = ("trainable_params", "train_time_s", "cpu_time_s", "saved_bytes_per_batch", "peak_memory_bytes",
                 "images_per_s")
@@ -91,9 +95,15 @@ def trial_config(setup: TrialSetup, params: Mapping[str, Any]):
 
 
 def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> None:
-    """Ray Tune function trainable: train one configuration, report every epoch, record the child run."""
+    """Ray Tune function trainable: train one configuration, report (and checkpoint) every epoch, record the
+    child run. A trial restarted after its node died continues from its last checkpoint."""
+    import tempfile
+    from pathlib import Path
+
     import torch
     from ray import tune
+
+    from dtl.engine import TrainingState
 
     from .selection import encode_correct
 
@@ -105,30 +115,50 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
     os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
     context = tune.get_context()
     trial_id = context.get_trial_id()
-    if report_recorded_result(setup, trial_id):
+    resume_from = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume_from = TrainingState.load(Path(folder) / STATE_FILE)
+    elif report_recorded_result(setup, trial_id):
         return
-    with child_run(setup, trial_id, context.get_trial_name(), incumbent) as run:
-        from dtl.experiment import run_task
+    folder = Path(tempfile.mkdtemp(prefix="dtl_trial_"))
+    try:
+        with child_run(setup, trial_id, context.get_trial_name(), incumbent, resume_from) as run:
+            from dtl.experiment import run_task
 
-        trial = trial_config(setup, params)  # a bad configuration raises here: the trial is recorded FAILED
-        resolved = trial.for_task(task)
-        run.log_params(resolved, params)
-        last_epoch = resolved.training.epochs - 1
-        log_epoch = run.epoch_logger()
+            trial = trial_config(setup, params)  # a bad configuration raises here: the trial is recorded FAILED
+            resolved = trial.for_task(task)
+            run.log_params(resolved, params)
+            run.note_device(resolved.training.device)
+            last_epoch = resolved.training.epochs - 1
+            log_epoch = run.epoch_logger()
+            saved: list[int] = []
 
-        def report_epoch(epoch: int, metrics: dict) -> None:
-            log_epoch(epoch, metrics)
-            # Tune sees the epochs that scored val200 (ASHA's rungs among them); the last one is reported after
-            # the run is closed (see below)
-            if epoch < last_epoch and "val/accuracy" in metrics:
-                tune.report(tune_metrics(epoch, metrics))
+            def save_state(state: TrainingState) -> None:
+                state.save(folder / STATE_FILE)
+                saved.append(state.epochs_done)
 
-        task_run = run_task(trial, task, seed=setup.seed, callbacks=[report_epoch])
-        summary = task_run.summary()
-        final = {**tune_metrics(len(task_run.result.history) - 1, task_run.result.history[-1]),
-                 **{k: float(summary[k]) for k in COST_METRICS if isinstance(summary.get(k), (int, float))},
-                 CORRECT: encode_correct(task_run.result.correct["val"].tolist())}
-        run.finish(summary=summary, tags={CORRECT: final[CORRECT]})
+            def report_epoch(epoch: int, metrics: dict) -> None:
+                log_epoch(epoch, metrics)
+                if epoch < last_epoch:  # the last epoch is reported after the run is closed (see below)
+                    state = tune.Checkpoint.from_directory(str(folder)) if saved and saved[-1] == epoch + 1 else None
+                    tune.report(tune_metrics(epoch, metrics), checkpoint=state)
+
+            task_run = run_task(trial, task, seed=setup.seed, callbacks=[report_epoch], resume_from=resume_from,
+                                save_state=save_state)
+            summary = task_run.summary()
+            final = {**tune_metrics(len(task_run.result.history) - 1, task_run.result.history[-1]),
+                     **{k: float(summary[k]) for k in COST_METRICS if isinstance(summary.get(k), (int, float))},
+                     CORRECT: encode_correct(task_run.result.correct["val"].tolist())}
+            run.finish(summary=summary, tags={CORRECT: final[CORRECT]})
+    except Exception as err:  # the child run is closed FAILED with the traceback; Tune must not retry it
+        tune.report({TRIAL_ERROR: f"{type(err).__name__}: {err}"[:1000]})
+        return
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
     # Reported last, once MLflow holds everything: Tune may end this process as soon as it sees the result.
     tune.report(final)
 
@@ -179,6 +209,20 @@ class ChildRun:
         for start in range(0, len(new), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=new[start:start + 100])
 
+    def note_device(self, device: str) -> None:
+        """Ray may reserve a (fractional) GPU that this process cannot see, e.g. logical GPUs of a test cluster:
+        say so once, and train on the CPU instead of failing."""
+        import sys
+
+        import ray
+        import torch
+
+        if device == "auto" and ray.get_gpu_ids() and not torch.cuda.is_available():
+            note = (f"Ray reserved GPU {ray.get_gpu_ids()} for this trial but no CUDA device is visible here: "
+                    "training on the CPU")
+            print(note, file=sys.stderr, flush=True)
+            self.client.set_tag(self.run_id, "device_note", note)
+
     def epoch_logger(self):
         """An engine callback logging each epoch's metrics to this run (step = epoch, as the pipeline)."""
         import time
@@ -225,8 +269,10 @@ def find_child_run(client, experiment_id: str, parent_run_id: str, trial_id: str
 
 
 @contextmanager
-def child_run(setup: TrialSetup, trial_id: str, trial_name: str, incumbent: bool) -> Iterator[ChildRun]:
-    """Open (or, for a resumed trial, reopen) the trial's child run; close it with a status whatever happens."""
+def child_run(setup: TrialSetup, trial_id: str, trial_name: str, incumbent: bool,
+              resume_from=None) -> Iterator[ChildRun]:
+    """Open (or, for a restarted trial, reopen) the trial's child run; close it with a status whatever happens.
+    A trial restarted from a checkpoint (``resume_from``) keeps its run and its curve goes on from there."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.tracking import git_commit
@@ -237,6 +283,10 @@ def child_run(setup: TrialSetup, trial_id: str, trial_name: str, incumbent: bool
         run_id = existing.info.run_id
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "resumed", "true")
+        if resume_from is not None:
+            restarts = int(existing.data.tags.get("restarts", "0")) + 1
+            client.set_tag(run_id, "restarts", str(restarts))
+            client.set_tag(run_id, "restarted_from_epoch", str(resume_from.epochs_done))
     else:
         commit = git_commit()
         tags = {

@@ -105,3 +105,44 @@ def test_fp16_on_cpu_is_refused():
     config = TrainConfig(epochs=1, cooldown_epochs=0, precision="fp16", device="cpu", progress=False)
     with pytest.raises(ValueError, match="fp16' needs a CUDA device"):
         train_and_evaluate(model, quadrant_task(64), {}, config)
+
+
+@pytest.mark.parametrize("prefix_cache", ["off", "memory"])
+def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tmp_path, prefix_cache):
+    from dtl.engine import TrainingState
+
+    data = quadrant_task(48)
+    config = TrainConfig(epochs=4, warmup_epochs=1, cooldown_epochs=0, batch_size=16, lr=3e-3, eval_every=1,
+                         progress=False, prefix_cache=prefix_cache)
+
+    def model():  # stochastic depth after M: the resumed run must draw the same masks
+        torch.manual_seed(0)
+        return dtl.create_model(MICRO, "dtl_plus", num_classes=4, drop_path_rate=0.3, drop_path_scope="suffix")
+
+    straight = model()
+    reference = train_and_evaluate(straight, data, {"val": data}, config)
+    saved = []
+    first = model()
+
+    class Stop(Exception):
+        pass
+
+    def save_and_stop(state):  # a killed worker: the run dies after its second epoch's checkpoint
+        saved.append(tmp_path / f"epoch{state.epochs_done}.pt")
+        state.save(saved[-1])
+        if state.epochs_done == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_and_evaluate(first, data, {"val": data}, config, save_state=save_and_stop)
+    state = TrainingState.load(saved[-1])  # from disk, as a restarted trial reads its checkpoint
+    assert state.epochs_done == 2 and len(state.history) == 2 and set(state.trainable) == {
+        n for n, p in first.named_parameters() if p.requires_grad}
+    resumed_model = model()  # a fresh process: untrained side network, same frozen backbone
+    resumed = train_and_evaluate(resumed_model, data, {"val": data}, config, resume_from=state)
+    assert [h["train/loss"] for h in resumed.history] == [h["train/loss"] for h in reference.history]
+    assert resumed.metrics == reference.metrics
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed_model.named_parameters()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="cannot resume after epoch 4 of a 4-epoch run"):
+        train_and_evaluate(model(), data, {}, config, resume_from=TrainingState(**{**state.__dict__, "epochs_done": 4}))
