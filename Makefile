@@ -2,14 +2,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The exact versions the tests passed with (`make lock` rewrites it); plain `pip install -e .` ignores it.
+CONSTRAINTS ?= constraints.txt
+DTL_CACHE_DIR ?= $(HOME)/.cache/dtl/prefix
 
-.PHONY: setup quickstart test test-all clean
+.PHONY: setup quickstart test test-all lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-setup: $(BIN)/python  ## create .venv and install the project with its test extra
-	$(BIN)/pip install --quiet -e ".[dev]"
+setup: $(BIN)/python  ## create .venv and install the project with its test extra, at the locked versions
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[dev]"
+	$(BIN)/python -m pipeline.plots_page  # `dvc plots show` pages that render offline
 
 quickstart: setup  ## set up, then run the DVC pipeline on the embedded default (docs/pipeline.md)
 	DTL_PYTHON="$(abspath $(BIN))/python" $(BIN)/dvc repro
@@ -20,3 +24,14 @@ test:  ## the fast test suite (CPU, no network)
 
 test-all:  ## every test, slow ones included
 	$(BIN)/python -m pytest -q -m ""
+
+lock:  ## pin what a fresh, unconstrained install resolves today (then run `make test` before committing it)
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet -e ".[dev]"
+	.venv-lock/bin/pip freeze --exclude-editable | grep -v "^-e " > $(CONSTRAINTS)
+	rm -rf .venv-lock
+
+clean:  ## remove outputs, generated data and the prefix cache (never the shipped weights, the git-tracked
+         ## metrics/ and plots/, the MLflow records or sweep results)
+	rm -rf outputs dvc_plots data/synthetic
+	rm -rf "$(DTL_CACHE_DIR)"

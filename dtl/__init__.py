@@ -3,14 +3,7 @@
 ``import dtl`` pulls in torch and timm only: the DVC pipeline, the Ray Tune sweeps and MLflow live in
 ``pipeline/`` and ``sweeps/`` and import their libraries lazily, so the library runs where those are absent.
 """
-from .models import (
-    EMBEDDED_BACKBONE,
-    METHODS,
-    CheckpointError,
-    DTLModel,
-    create_model,
-    register_family,
-    trainable_parameters,
-)
+from .methods import METHODS, DTLModel, available_methods, create_model, get_method, register_method, trainable_parameters
+from .models import EMBEDDED_BACKBONE, CheckpointError, register_family
 
 __version__ = "0.1.0"

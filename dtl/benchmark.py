@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from .engine import SavedTensorBytes, autocast, parameter_groups, resolve_device
-from .models import BACKBONE_DTYPES, DTLModel, PrefixState, create_model, trainable_parameters
+from .methods import (BACKBONE_DTYPES, DTLModel, PrefixState, available_methods, create_model, get_method,
+                      trainable_parameters)
 
 
 @dataclass(frozen=True)
@@ -48,17 +49,20 @@ class RowSpec:
     cached: bool = False
 
 
-ROWS: dict[str, RowSpec] = {
-    "full": RowSpec("full"),
-    "linear": RowSpec("linear"),
-    "lora": RowSpec("lora", {"rank": 8}),
-    "adapter": RowSpec("adapter", {"rank": 8}),
-    "dtl": RowSpec("dtl"),
-    "dtl_plus": RowSpec("dtl_plus"),
-    "dtl_plus_mlp": RowSpec("dtl_plus", {"grad_checkpointing": "mlp"}),
-    "dtl_plus_ckpt": RowSpec("dtl_plus", {"grad_checkpointing": True}),
-    "dtl_plus_cached": RowSpec("dtl_plus", cached=True),
-}
+def registry_rows() -> dict[str, RowSpec]:
+    """One row per registered method with its default options, then each method's declared benchmark variants
+    (for DTL+: gradient checkpointing, MLP-only recomputation, training from the prefix cache)."""
+    rows: dict[str, RowSpec] = {}
+    for name in available_methods():
+        rows[name] = RowSpec(name)
+    for name in available_methods():
+        for row, options in get_method(name).benchmark_variants.items():
+            options = dict(options)
+            rows[row] = RowSpec(name, options, cached=bool(options.pop("cached", False)))
+    return rows
+
+
+ROWS: dict[str, RowSpec] = registry_rows()
 PRECISIONS = ("fp32", "bf16", "fp16")
 _LOW_PRECISION = {"bf16": "bf16", "fp16": "fp16"}
 
@@ -159,7 +163,7 @@ class _Row:
         self.name, self.spec, self.device, self.precision = name, spec, device, settings.precision
         self.timing = settings.timing
         options = dict(spec.options)
-        dtype = settings.dtl_backbone_dtype() if spec.method in ("dtl", "dtl_plus") else "fp32"
+        dtype = settings.dtl_backbone_dtype() if get_method(spec.method).low_precision_backbone else "fp32"
         self.backbone_dtype = dtype
         self.model = create_model(settings.backbone, spec.method, settings.num_classes, img_size=settings.img_size,
                                   backbone_dtype=None if dtype == "fp32" else dtype, **options).to(device).train()

@@ -43,7 +43,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .models import CachedInputs, PrefixState
+from .methods import PrefixState
+from .models import CachedInputs
 
 CACHE_MODES = ("auto", "memory", "disk", "off")
 FORMAT_VERSION = 2

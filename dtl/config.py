@@ -9,12 +9,16 @@ allowed.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field, fields, replace
+import re
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .engine import TrainConfig
-from .models import BACKBONE_DTYPES, DROP_PATH_SCOPES, METHODS, METHOD_OPTIONS
+from .methods import (BACKBONE_DTYPES, all_option_names, available_methods, canonical_name, float_option_names,
+                      get_method, method_options)
+from .models import DROP_PATH_SCOPES
 
 DATA_SOURCES = ("synthetic", "vtab1k")
 PROTOCOLS = ("final", "val")
@@ -34,6 +38,9 @@ class DataConfig:
     num_test: int = 1000  # synthetic only: test images per task
     generator_seed: int = 0  # synthetic only
     preload: bool = True  # decode every image once and keep it in memory
+    # class counts of tasks that are not VTAB-1K tasks (a folder of your own in the VTAB-1K layout), e.g.
+    # {my_task: 12}; a meta.json {"num_classes": K} in the task folder works too
+    num_classes: dict[str, int] = field(default_factory=dict)
 
     def validate(self) -> None:
         _need(self.source in DATA_SOURCES, "data.source", f"one of {', '.join(DATA_SOURCES)}", self.source)
@@ -44,54 +51,69 @@ class DataConfig:
         _need(self.image_size is None or (isinstance(self.image_size, int) and self.image_size >= 8),
               "data.image_size", "null or an integer >= 8", self.image_size)
         _need(isinstance(self.num_test, int) and self.num_test >= 1, "data.num_test", "an integer >= 1", self.num_test)
+        _need(isinstance(self.generator_seed, int) and not isinstance(self.generator_seed, bool), "data.generator_seed",
+              "an integer", self.generator_seed)
+        _need(isinstance(self.preload, bool), "data.preload", "true or false", self.preload)
+        _need(isinstance(self.num_classes, dict) and all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            for k, v in self.num_classes.items()), "data.num_classes",
+              "a mapping of task -> number of classes (an integer >= 1), e.g. {my_task: 12}", self.num_classes)
 
 
-@dataclass
-class ModelConfig:
-    backbone: str = "vit_micro_patch4_32"
-    checkpoint: bool | str = True  # true: the hub/embedded weights; false: random init; a path: local file
-    method: str = "dtl_plus"
-    rank: int | None = None  # None: the family's paper default (ViT 2, Swin 4; LoRA 8; adapter 8)
-    start_block: int | None = None  # M; None: the paper default (ViT 6, Swin 14)
-    extract_start: int | None = None  # first block with a side map; None: the paper default (ViT 0, Swin 4)
-    beta: float = 100.0
-    kernel_size: int | None = None  # DTL+ only; None: the paper default (ViT 3, Swin 5)
-    drop_path: float = 0.0
-    # all: timm's rule on every block (the authors' code); suffix: only blocks gradients flow through (after M for
-    # DTL, none for the linear probe), which keeps the frozen part deterministic and the prefix cache exact
-    drop_path_scope: str = "all"
-    grad_checkpointing: bool | str = False  # dtl/dtl_plus: true (lowest memory) or "mlp" (recompute MLP hidden only)
-    backbone_dtype: str = "fp32"  # dtl/dtl_plus: bf16/fp16 stores and runs the frozen backbone in low precision
+class _ModelSection:
+    """The ``model`` section: common fields (backbone, checkpoint, method, drop-path, backbone dtype) and every
+    registered method's options as flat keys (``model.rank``, ``model.prompt_length``...; ``null`` = the method's
+    default for the backbone). The option fields are derived from the method registry (``dtl.methods``), so a new
+    method's options are config keys and per-task override keys without touching this file."""
 
     def validate(self) -> None:
-        _need(self.method in METHODS, "model.method", f"one of {', '.join(METHODS)}", self.method)
+        _need(isinstance(self.method, str) and self.method in method_options(), "model.method",
+              f"one of {', '.join(available_methods())}", self.method)
         _need(isinstance(self.backbone, str) and self.backbone, "model.backbone", "a timm model name", self.backbone)
         _need(isinstance(self.checkpoint, (bool, str)), "model.checkpoint", "true, false or a file path",
               self.checkpoint)
-        for name in ("rank", "start_block", "extract_start", "kernel_size"):
+        checks = _option_checks()
+        for name in all_option_names():  # every option that is set, whichever method it belongs to
             value = getattr(self, name)
-            low = 0 if name in ("start_block", "extract_start") else 1
-            _need(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= low),
-                  f"model.{name}", f"null or an integer >= {low}", value)
-        _need(isinstance(self.beta, (int, float)) and self.beta > 0, "model.beta", "a number > 0", self.beta)
+            if value is not None and name in checks and not checks[name][0](value):
+                raise ConfigError(f"model.{name}: expected null or {checks[name][1]}, got {value!r}")
         _need(isinstance(self.drop_path, (int, float)) and 0 <= self.drop_path < 1, "model.drop_path",
               "a number in [0, 1)", self.drop_path)
         _need(self.drop_path_scope in DROP_PATH_SCOPES, "model.drop_path_scope", f"one of {', '.join(DROP_PATH_SCOPES)}",
               self.drop_path_scope)
-        _need(isinstance(self.grad_checkpointing, bool) or self.grad_checkpointing == "mlp",
-              "model.grad_checkpointing", 'false, true or "mlp"', self.grad_checkpointing)
-        _need(self.backbone_dtype in BACKBONE_DTYPES, "model.backbone_dtype", f"one of {', '.join(BACKBONE_DTYPES)}",
-              self.backbone_dtype)
-        _need(self.backbone_dtype == "fp32" or self.method in ("dtl", "dtl_plus"), "model.backbone_dtype",
-              f"fp32 for method {self.method!r} (low-precision backbones are for dtl and dtl_plus)",
+        _need(isinstance(self.backbone_dtype, str) and self.backbone_dtype in BACKBONE_DTYPES, "model.backbone_dtype",
+              f"one of {', '.join(BACKBONE_DTYPES)}", self.backbone_dtype)
+        capable = [m for m in available_methods() if get_method(m).low_precision_backbone]
+        _need(self.backbone_dtype == "fp32" or canonical_name(self.method) in capable, "model.backbone_dtype",
+              f"fp32 for method {self.method!r} (low-precision backbones are for {', '.join(capable)})",
               self.backbone_dtype)
 
     def model_options(self) -> dict[str, Any]:
-        """The keyword options of ``dtl.create_model`` that this method uses (unset ones left to defaults)."""
-        options = {name: getattr(self, name) for name in METHOD_OPTIONS[self.method] if getattr(self, name) is not None}
-        if not self.grad_checkpointing:
-            options.pop("grad_checkpointing", None)
-        return options
+        """The keyword options of ``dtl.create_model`` that this method uses (unset ones left to its defaults)."""
+        return {name: getattr(self, name) for name in method_options()[self.method] if getattr(self, name) is not None}
+
+
+def _option_checks() -> dict[str, tuple]:
+    checks: dict[str, tuple] = {}
+    for name in available_methods():
+        for option, check in get_method(name).options.checks.items():
+            checks.setdefault(option, check)
+    return checks
+
+
+ModelConfig = make_dataclass("ModelConfig", [
+    ("backbone", str, field(default="vit_micro_patch4_32")),
+    ("checkpoint", "bool | str", field(default=True)),  # true: hub / embedded weights; false: random; a file path
+    ("method", str, field(default="dtl_plus")),
+    ("drop_path", float, field(default=0.0)),
+    # all: timm's rule on every block (the authors' code); suffix: only blocks gradients flow through (after M for
+    # DTL, none for the linear probe), which keeps the frozen part deterministic and the prefix cache exact
+    ("drop_path_scope", str, field(default="all")),
+    ("backbone_dtype", str, field(default="fp32")),  # bf16/fp16: store and run the frozen backbone in low precision
+    *[(name, Any, field(default=None)) for name in all_option_names()],
+], bases=(_ModelSection,))
+ModelConfig.__module__ = __name__  # so configs pickle into Ray workers by this module's name
+ModelConfig.__doc__ = _ModelSection.__doc__
 
 
 @dataclass
@@ -160,7 +182,7 @@ class ExperimentConfig:
         model = {k: v for k, v in values.items() if OVERRIDE_KEYS[k] == "model"}
         training = {k: v for k, v in values.items() if OVERRIDE_KEYS[k] == "training"}
         try:
-            merged = replace(self, model=replace(self.model, **model), overrides={})
+            merged = replace(self, model=replace(self.model, **_with_numbers(ModelConfig, model)), overrides={})
             merged.model.validate()
             merged.training = _build(TrainConfig, {**asdict(self.training), **training}, "", "training")
         except (ConfigError, ValueError) as err:
@@ -181,23 +203,158 @@ def check_override_entry(values: Any, where: str) -> dict[str, Any]:
     return dict(values)
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate a YAML experiment file (such as ``params.yaml``)."""
+# Top-level sections of a params file that tools around the library own (the DVC pipeline's MLflow experiment):
+# set aside when the experiment is read, and validated by those tools (``tool_section``).
+TOOL_SECTIONS = ("mlflow",)
+
+BEST_HEADER = (
+    "Best per-task configurations found by the sweeps (sweeps/run.py rewrites the entries of the tasks it\n"
+    "swept and keeps the others). Keys: flat override keys of dtl.config.OVERRIDE_KEYS. They take precedence\n"
+    "over params.yaml (global sections < params.yaml overrides.<task> < this file). To clear a task, set its\n"
+    "entry back to {} (every task keeps an entry: DVC fails on a missing templated params key)."
+)
+
+
+def read_yaml(path: str | Path, *, missing_ok: bool = False) -> Any:
+    """Parse a YAML file; a missing file (unless ``missing_ok``) or a syntax error names the file."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
+        if missing_ok:
+            return None
         raise ConfigError(f"{path}: file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return ExperimentConfig.from_dict(raw, where=str(path))
+
+
+def _split_sections(raw: Any, where: str) -> tuple[dict, dict]:
+    """(experiment part, tools' sections) of a params file's mapping."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = copy.deepcopy(raw)
+    tools = {name: raw.pop(name) for name in TOOL_SECTIONS if name in raw}
+    return raw, tools
+
+
+def tool_section(path: str | Path, name: str) -> dict[str, Any]:
+    """The raw ``name`` section of a params file (``{}`` if absent), for the tool that owns it to validate."""
+    section = _split_sections(read_yaml(path), str(path))[1].get(name) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: {name}: expected a mapping, got {type(section).__name__}")
+    return section
+
+
+def read_best(best_path: str | Path) -> dict[str, dict[str, Any]]:
+    """A best-configuration file (``sweeps/best.yaml``) as ``{task: {override key: value}}`` (missing: none).
+
+    Only the shape and the key names are checked here; values are checked against a base configuration when
+    they are merged (:func:`load_config`)."""
+    where = str(best_path)
+    raw = read_yaml(best_path, missing_ok=True)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of task -> settings, got {type(raw).__name__}")
+    return {str(task): ({} if values is None else check_override_entry(values, f"{where}: {task}"))
+            for task, values in raw.items()}
+
+
+def _merge_best_entry(base: ExperimentConfig, task: str, values: Mapping[str, Any], best_path) -> dict[str, Any]:
+    """The base's overrides of ``task`` updated by its best-file entry, validated as merged; an invalid value is
+    an error naming the best file and the task."""
+    combined = {**base.overrides.get(task, {}), **values}
+    try:
+        ExperimentConfig(data=base.data, model=base.model, training=base.training,
+                         evaluation=base.evaluation, overrides={task: combined}).for_task(task, where="")
+    except ConfigError as err:
+        reason = str(err).split(f"overrides.{task}: ", 1)[-1]
+        raise ConfigError(f"{best_path}: {task}: {reason}") from None
+    return combined
+
+
+def load_config(path: str | Path, best_path: str | Path | None = None, *, task: str | None = None) -> ExperimentConfig:
+    """The validated experiment of a params file (``params.yaml``), with a best-configuration file's entries
+    merged into ``overrides`` (``best_path``; None ignores sweep results).
+
+    Precedence for a task, lowest first: the global sections < ``overrides.<task>`` < the best file's ``<task>``
+    (a sweep's winner wins). With ``task`` given, the result is ``config.for_task(task)``: exactly what that task
+    trains with. The tools' sections (``TOOL_SECTIONS``) are set aside. Errors name the file and the key
+    (``params.yaml: model.rank: expected ...``, ``sweeps/best.yaml: cifar: unknown key(s) lrr; allowed: ...``).
+    """
+    where = str(path)
+    experiment, _ = _split_sections(read_yaml(path), where)
+    base = ExperimentConfig.from_dict(experiment, where=where)
+    merged = {name: dict(values) for name, values in base.overrides.items()}
+    if best_path is not None:
+        for name, values in read_best(best_path).items():
+            merged[name] = _merge_best_entry(base, name, values, best_path)
+    config = copy.copy(base)
+    config.overrides = merged
+    return config.for_task(task, where=where) if task is not None else config
+
+
+def write_best(best_path: str | Path, entries: Mapping[str, Mapping[str, Any]], header: str = BEST_HEADER, *,
+               params_path: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """Replace the entries of ``entries``' tasks in a best-configuration file (keeping every other entry),
+    atomically. Keys are checked against ``OVERRIDE_KEYS``; values by merging them into the configuration of
+    ``params_path`` (when it exists), so an invalid winner never lands in the file. ``header`` becomes a ``#``
+    comment block at the top. Returns the full new mapping."""
+    import yaml
+
+    from .io import write_text
+
+    best_path = Path(best_path)
+    current = read_best(best_path)
+    for name, values in entries.items():
+        current[str(name)] = check_override_entry(_plain(values), f"{best_path}: {name}")
+    if params_path is not None and Path(params_path).is_file():
+        experiment, _ = _split_sections(read_yaml(params_path), str(params_path))
+        base = ExperimentConfig.from_dict(experiment, where=str(params_path))
+        for name in entries:
+            _merge_best_entry(base, str(name), current[str(name)], best_path)
+    comment = "".join(f"# {line}".rstrip() + "\n" for line in header.strip().splitlines()) if header else ""
+    body = yaml.safe_dump(current, sort_keys=False, default_flow_style=None, width=120)
+    write_text(best_path, comment + body)
+    return current
+
+
+def _plain(values: Any) -> Any:
+    """numpy scalars (as Ray/Optuna return them) -> Python numbers, so YAML stays plain."""
+    if isinstance(values, Mapping):
+        return {str(k): _plain(v) for k, v in values.items()}
+    if hasattr(values, "item") and not isinstance(values, (str, bytes)):
+        return values.item()
+    return values
 
 
 def _need(ok: bool, key: str, expected: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+# PyYAML follows YAML 1.1, which reads an exponent without a dot (``1e-4``) as text, not as a number.
+_YAML_EXPONENT = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+\s*$")
+
+
+def yaml_number(value: Any) -> Any:
+    """``"1e-4"`` (how YAML 1.1 reads ``1e-4``) -> ``0.0001``; anything else unchanged."""
+    return float(value) if isinstance(value, str) and _YAML_EXPONENT.match(value) else value
+
+
+def _float_fields(section_class) -> set[str]:
+    names = {f.name for f in fields(section_class) if "float" in str(f.type)}
+    return names | (float_option_names() if section_class is ModelConfig else set())
+
+
+def _with_numbers(section_class, values: dict) -> dict:
+    """The section's values with YAML-1.1 exponent text in its number fields read as numbers."""
+    numeric = _float_fields(section_class)
+    return {k: yaml_number(v) if k in numeric else v for k, v in values.items()}
 
 
 def _build(section_class, values: dict, where: str, section: str):
@@ -209,6 +366,6 @@ def _build(section_class, values: dict, where: str, section: str):
     if unknown:
         raise ConfigError(f"{prefix}{section}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
     try:
-        return section_class(**values)
+        return section_class(**_with_numbers(section_class, values))
     except ValueError as err:  # TrainConfig validates itself and names the field as training.<name>
         raise ConfigError(f"{prefix}{err}") from None

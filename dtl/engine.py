@@ -30,6 +30,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EpochCallback = Callable[[int, dict], None]
 
 
+class SetupError(ValueError):
+    """A run cannot start with these settings on this machine or data (no CUDA device, a batch larger than the
+    split...); the message names the setting and what to do."""
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings for one run. Validated on construction; errors name the field."""
@@ -61,22 +66,41 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"training.{name}: expected {expected}, got {getattr(self, name)!r}")
 
-        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "an integer >= 1")
-        need(isinstance(self.warmup_epochs, int) and 0 <= self.warmup_epochs, "warmup_epochs", "an integer >= 0")
-        need(isinstance(self.cooldown_epochs, int) and 0 <= self.cooldown_epochs < self.epochs,
-             "cooldown_epochs", f"an integer in 0..epochs-1 ({self.epochs - 1})")
-        for name in ("lr", "min_lr", "warmup_lr"):
-            need(isinstance(self.__dict__[name], (int, float)) and self.__dict__[name] >= 0, name, "a number >= 0")
-        need(self.lr > 0, "lr", "a number > 0")
-        need(self.weight_decay >= 0, "weight_decay", "a number >= 0")
-        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1")
-        need(isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1")
-        need(0 <= self.label_smoothing < 1, "label_smoothing", "a number in [0, 1)")
-        need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "null or a number > 0")
+        def integer(name: str, low: int, high: int | None = None) -> None:
+            value = getattr(self, name)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+            need(ok and (high is None or value <= high), name,
+                 f"an integer >= {low}" if high is None else f"an integer in {low}..{high}")
+
+        def number(name: str, low: float, *, above: bool = False, below: float | None = None,
+                   optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = ok and (value > low if above else value >= low) and (below is None or value < below)
+            bounds = f"> {low:g}" if above else f">= {low:g}"
+            expected = f"a number in [{low:g}, {below:g})" if below is not None else f"a number {bounds}"
+            need(ok, name, ("null or " if optional else "") + expected)
+
+        integer("epochs", 1)
+        integer("warmup_epochs", 0)
+        integer("cooldown_epochs", 0, self.epochs - 1 if isinstance(self.epochs, int) else None)
+        number("lr", 0, above=True)
+        number("min_lr", 0)
+        number("warmup_lr", 0)
+        number("weight_decay", 0)
+        integer("batch_size", 1)
+        integer("eval_batch_size", 1)
+        number("label_smoothing", 0, below=1)
+        number("grad_clip", 0, above=True, optional=True)
         need(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
-        need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
-             "auto, cpu, cuda or cuda:N")
-        need(isinstance(self.eval_every, int) and self.eval_every >= 0, "eval_every", "an integer >= 0")
+        integer("seed", 0)
+        need(isinstance(self.device, str) and (self.device == "auto" or self.device.split(":")[0] in
+                                               ("cpu", "cuda", "mps")), "device", "auto, cpu, cuda or cuda:N")
+        integer("num_workers", 0)
+        integer("eval_every", 0)
+        need(isinstance(self.progress, bool), "progress", "true or false")
         need(self.prefix_cache in CACHE_MODES, "prefix_cache", f"one of {', '.join(CACHE_MODES)}")
         need(self.prefix_cache_dir is None or (isinstance(self.prefix_cache_dir, str) and self.prefix_cache_dir),
              "prefix_cache_dir", "null or a folder path")
@@ -160,7 +184,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("training.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+        raise SetupError(f"training.device is {name!r} but no CUDA device is available here: use 'auto' (the GPU when "
+                         "there is one, else the CPU) or 'cpu'")
     return device
 
 
@@ -168,7 +193,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("training.precision 'fp16' needs a CUDA device (use bf16 or fp32 on CPU)")
+        raise SetupError("training.precision 'fp16' needs a CUDA device (use bf16 or fp32 on CPU)")
     return precision
 
 
@@ -257,6 +282,41 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
     return metrics
 
 
+class EpochProgress:
+    """Each epoch as it ends: epoch/total, loss, train accuracy, lr, images/s and the time left. A tqdm bar on a
+    terminal; plain lines, one per epoch, in a log (a DVC stage, CI), in the style of timm's train script."""
+
+    SHOWN = ("train/loss", "train/accuracy", "val/accuracy", "test/accuracy")
+
+    def __init__(self, epochs: int, first_epoch: int, images_per_epoch: int, enabled: bool):
+        self.epochs, self.images_per_epoch, self.enabled = epochs, images_per_epoch, enabled
+        self.started, self.done = time.perf_counter(), 0
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            self.bar = tqdm(total=epochs, initial=first_epoch, desc="train", unit="epoch", file=sys.stderr,
+                            dynamic_ncols=True)
+
+    def epoch_done(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.done += 1
+        elapsed = time.perf_counter() - self.started
+        per_epoch = elapsed / self.done
+        shown = {k.replace("/", "_"): metrics[k] for k in self.SHOWN if k in metrics}
+        if self.bar is not None:
+            self.bar.set_postfix({**{k: f"{v:.3g}" for k, v in shown.items()}, "lr": f"{metrics['lr']:.2g}"})
+            self.bar.update(1)
+            return
+        left = per_epoch * (self.epochs - epoch - 1)
+        print(f"epoch {epoch + 1}/{self.epochs} " + " ".join(f"{k} {v:.4f}" for k, v in shown.items())
+              + f" lr {metrics['lr']:.3g} | {self.images_per_epoch / per_epoch:.0f} img/s, {left:.0f} s left",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def train_and_evaluate(
     model: nn.Module,
     train_data: Dataset,
@@ -284,10 +344,10 @@ def train_and_evaluate(
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError("the model has no trainable parameters")
+        raise SetupError("the model has no trainable parameters")
     if len(train_data) < config.batch_size:
-        raise ValueError(f"training split has {len(train_data)} samples, fewer than batch_size={config.batch_size} "
-                         "(batches drop the remainder, as in the official recipe)")
+        raise SetupError(f"training split has {len(train_data)} samples, fewer than batch_size={config.batch_size} "
+                         "(training.batch_size: batches drop the remainder, as in the official recipe)")
     cache_options = dict(mode=config.prefix_cache, cache_dir=config.prefix_cache_dir, device=device,
                          precision=precision, batch_size=config.eval_batch_size, num_workers=config.num_workers,
                          progress=config.progress)
@@ -350,9 +410,8 @@ def train_and_evaluate(
         first_epoch = resume_from.epochs_done
         train_time, images_seen = resume_from.train_time_s, resume_from.images_seen
         saved_bytes, cpu_before = resume_from.saved_bytes_per_batch, resume_from.cpu_time_s
-    bar = tqdm(range(first_epoch, config.epochs), desc="train", unit="epoch", disable=not config.progress,
-               file=sys.stderr, dynamic_ncols=True, initial=first_epoch, total=config.epochs)
-    for epoch in bar:
+    progress = EpochProgress(config.epochs, first_epoch, len(train_loader) * config.batch_size, config.progress)
+    for epoch in range(first_epoch, config.epochs):
         scheduler.step(epoch)
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
@@ -395,8 +454,7 @@ def train_and_evaluate(
                 for key, value in scores.items():
                     metrics[f"{split}/{key}"] = value
         history.append(metrics)
-        bar.set_postfix({k.replace("/", "_"): f"{v:.3g}" for k, v in metrics.items()
-                         if k in ("train/loss", "train/accuracy", "val/accuracy", "test/accuracy")})
+        progress.epoch_done(epoch, metrics)
         if save_state is not None and not last:
             save_state(TrainingState(
                 epochs_done=epoch + 1, trainable=trainable_state_dict(model), optimizer=optimizer.state_dict(),
@@ -407,6 +465,7 @@ def train_and_evaluate(
         for callback in callbacks:
             callback(epoch, dict(metrics))
 
+    progress.close()
     final = {k: v for k, v in history[-1].items() if k not in ("epoch", "lr")}
     rss_scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     return TrainResult(

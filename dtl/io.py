@@ -11,15 +11,31 @@ import torch
 from torch import nn
 
 
+def current_umask() -> int:
+    """The process's umask (what ``open(path, "w")`` and ``mkdir`` subtract from 0o666 / 0o777)."""
+    try:
+        with open("/proc/self/status") as status:  # Linux: read it without changing it
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename, with the
+    permissions an ordinary write would have given it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0o600; an ordinary write follows the umask
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -55,6 +71,10 @@ def save_trainable(model: nn.Module, path: str | Path, metadata: dict[str, str] 
         save_file(trainable_state_dict(model), str(tmp), metadata=metadata)
 
 
+class WeightsMismatchError(ValueError):
+    """Saved trainable weights do not fit the model they are loaded into."""
+
+
 def load_trainable(model: nn.Module, path: str | Path) -> None:
     """Load weights written by :func:`save_trainable` into a model built with the same settings."""
     from safetensors.torch import load_file
@@ -63,6 +83,7 @@ def load_trainable(model: nn.Module, path: str | Path) -> None:
     expected = set(trainable_state_dict(model))
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise WeightsMismatchError(f"{path} does not match the model: missing {missing[:3]}, "
+                                   f"unexpected {unexpected[:3]}")
     model.load_state_dict(state, strict=False)
 

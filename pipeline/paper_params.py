@@ -53,7 +53,7 @@ def paper_params(method: str = "dtl_plus", data_root: str = "data/vtab-1k") -> d
                   "drop_path_scope": "all",  # the authors' code: timm's stochastic depth on every block
                   "grad_checkpointing": False, "backbone_dtype": "fp32"},
         "training": {**PAPER_TRAINING, "lr": 1e-3, "eval_batch_size": 256, "grad_clip": None, "precision": "auto",
-                     "device": "auto", "num_workers": 8, "eval_every": 0, "progress": False,
+                     "device": "auto", "num_workers": 8, "eval_every": 0, "progress": True,
                      "prefix_cache": "auto", "prefix_cache_dir": None},
         "evaluation": {"protocol": "final", "seeds": [42]},
         "overrides": {task: overrides[task] for task in VTAB_TASKS},

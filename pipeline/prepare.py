@@ -21,9 +21,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dtl.config import load_config
 from dtl.io import write_json
 
-from .params import check_dvc_entries, load_params
+from .params import check_dvc_entries
 from .stage import OutputPaths, StageError, atomic_dir, run_stage, stage_arguments
 
 LIST_SPLITS = ("train800", "val200", "train800val200", "test")
@@ -91,10 +92,20 @@ def task_record(root: Path, task: str, checked: dict[str, int], source: str, roo
     }
 
 
+def verified_images_file(root: Path) -> Path:
+    """Where the images of ``root`` that decoded are remembered (by size and modification time), next to the
+    prefix cache, so a later ``prepare`` decodes only new or changed files."""
+    from dtl.cache import default_cache_dir
+
+    key = hashlib.blake2b(str(root.resolve()).encode(), digest_size=8).hexdigest()
+    return default_cache_dir().parent / "checked_images" / f"{key}.json"
+
+
 def prepare(params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]:
     from dtl.data import check_vtab_root
+    from dtl.experiment import PROTOCOLS, check_run
 
-    config = load_params(params_path, best_path)
+    config = load_config(params_path, best_path)
     check_dvc_entries(params_path, best_path, config.data.tasks)
     data = config.data
     root = Path(data.root)
@@ -103,8 +114,13 @@ def prepare(params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]
     elif not root.is_dir():
         raise StageError(f"data.root: VTAB-1K folder {root.resolve()} does not exist (data.source: vtab1k); "
                          "point data.root at the folder holding one sub-folder per task")
-    checked = check_vtab_root(root, data.tasks)  # raises DataError listing every problem
+    # every list, label and image (decoded, for folders of the user's own), all problems at once
+    checked = check_vtab_root(root, data.tasks, num_classes=data.num_classes, verify_images=data.source == "vtab1k",
+                              verified=verified_images_file(root), progress=True)
     records = {task: task_record(root, task, checked[task], data.source, data.root) for task in data.tasks}
+    for task, record in records.items():  # every task's settings, before any train stage starts
+        train_split = PROTOCOLS[config.for_task(task).evaluation.protocol].train
+        check_run(config, task, record["images"][train_split], record["num_classes"])
 
     paths = OutputPaths(outputs)
     manifest = {"source": data.source, "root": data.root, "tasks": records,
@@ -122,7 +138,8 @@ def prepare(params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]
 def main(argv: list[str] | None = None) -> None:
     args = stage_arguments("Stage prepare: generate or check the task folders, write a manifest.",
                            task=False).parse_args(argv)
-    run_stage("prepare", lambda: prepare(args.params, args.best, args.outputs))
+    run_stage("prepare", lambda: prepare(args.params, args.best, args.outputs),
+              output=OutputPaths(args.outputs).prepare_dir)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ Reads ``outputs/evaluate/<task>.json`` for every task of ``data.tasks`` and writ
 - ``outputs/report.md``: per-task test accuracy (mean +- std over seeds), trainable parameters, peak memory,
   images/s; then the Natural / Specialized / Structured means, their mean (the "group mean" papers quote) and
   the plain mean over tasks (the 19-task mean on VTAB-1K);
-- ``outputs/report.json``: the same numbers (DVC metrics);
-- ``outputs/report_tasks.json``: one row per task (``dvc plots``: accuracy per task, accuracy vs trainable
-  parameters / memory; compare methods across experiments with ``dvc plots diff``);
-- ``outputs/report.png``: the same plots as a static image (``dvc plots show`` loads Vega from a CDN).
+- ``outputs/report.json``: the same numbers;
+- ``metrics/summary.json``: the group means, the group mean and the task mean (DVC metrics, git-tracked);
+- ``plots/tasks.json``: one row per task (``dvc plots``: accuracy per task, accuracy vs trainable parameters /
+  memory; ``dvc plots diff`` compares experiments side by side; git-tracked);
+- ``outputs/report.png``: the same plots as a static image.
 
 MLflow: a ``report`` run holds the aggregate metrics and these files; the report is also attached to every
 task run it summarises (artifact folder ``report/``).
@@ -21,10 +22,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from dtl.config import load_config
 from dtl.io import atomic_path, write_json, write_text
 
-from . import tracking
-from .params import load_params, load_pipeline_settings
+from .params import load_pipeline_settings
 from .stage import OutputPaths, read_json, run_stage, stage_arguments
 
 GROUP_ORDER = ("Natural", "Specialized", "Structured")
@@ -100,6 +101,26 @@ def report_metrics(report: dict[str, Any]) -> dict[str, Any]:
     metrics.update({key: report[key] for key in ("mean_trainable_params", "mean_trainable_params_excl_head",
                                                  "max_peak_memory_mb", "mean_images_per_s")})
     return metrics
+
+
+def summary_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """``metrics/summary.json``: the group mean first (``test_acc``, the column it shares with the per-task
+    files), then each group's mean and the plain mean over tasks, under names short enough for a terminal."""
+    test = report["test"]
+    return {"test_acc": _round(test["group_mean"]),
+            **{group.lower(): _round(mean) for group, mean in test["groups"].items()},
+            "task_mean": _round(test["task_mean"])}
+
+
+def tasks_plot(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``plots/tasks.json``: what ``dvc plots`` draws per task (accuracy, and accuracy against cost)."""
+    return [{"task": r["task"], "group": r["group"], "test_acc": _round(r["test_accuracy"]),
+             "params": r["trainable_params_excl_head"], "memory_mb": round(r["peak_memory_mb"], 1),
+             "images_s": round(r["images_per_s"], 1)} for r in rows]
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def _pct(value: float | None, std: float | None = None) -> str:
@@ -198,41 +219,41 @@ def plot(rows: list[dict[str, Any]], report: dict[str, Any], path: Path) -> None
 
 def log_to_mlflow(rows: list[dict[str, Any]], report: dict[str, Any], paths: OutputPaths, experiment: str,
                   source: str) -> str:
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    import tracking
 
     experiment_id = tracking.init_tracking(experiment)
-    tags = {"dvc_stage": "report", "data_source": source, "pipeline": "dvc",
-            "git_commit": tracking.git_commit() or "uncommitted", "tasks": ",".join(r["task"] for r in rows)}
-    files = [paths.report_md, paths.report_json, paths.report_png, paths.report_tasks]
-    with tracking.tracked_run(experiment_id, "report", tags, {"tasks": [r["task"] for r in rows]}) as run:
+    tags = {"dvc_stage": "report", "data_source": source, "pipeline": "dvc", "tasks": ",".join(r["task"] for r in rows)}
+    files = [paths.report_md, paths.report_json, paths.report_png, paths.summary_metrics, paths.tasks_plot]
+    tracking.close_orphaned_runs(experiment_id, dvc_stage="report")
+    run = tracking.Run.create(experiment_id, "report", tags, {"tasks": [r["task"] for r in rows]})
+    with tracking.recorded(run):
         metrics = {f"test_{group}": mean for group, mean in report["test"]["groups"].items()}
         metrics.update({"test_group_mean": report["test"]["group_mean"], "test_task_mean": report["test"]["task_mean"],
                         "mean_trainable_params": report["mean_trainable_params"],
                         "max_peak_memory_mb": report["max_peak_memory_mb"],
                         "mean_images_per_s": report["mean_images_per_s"]})
-        tracking.log_numbers(metrics)
+        run.log_metrics(metrics)
         for path in files:
-            mlflow.log_artifact(str(path), artifact_path="report")
-        report_run_id = run.info.run_id
-    client = MlflowClient(tracking.tracking_uri())
+            run.log_artifacts(path, "report")
     for row in rows:  # attach the report to each task run it summarises
-        if tracking.run_exists(row["mlflow_run_id"]):
-            client.set_tag(row["mlflow_run_id"], "report_run_id", report_run_id)
+        task_run = tracking.Run(row["mlflow_run_id"]) if row.get("mlflow_run_id") else None
+        if task_run is not None and task_run.exists():
+            task_run.set_tags({"report_run_id": run.run_id})
             for path in files:
-                client.log_artifact(row["mlflow_run_id"], str(path), artifact_path="report")
-    return report_run_id
+                task_run.log_artifacts(path, "report")
+    return run.run_id
 
 
 def make_report(params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]:
-    config = load_params(params_path, best_path)
+    config = load_config(params_path, best_path)
     paths = OutputPaths(outputs)
     rows = task_rows(config.data.tasks, outputs)
     report = build_report(rows, config.data.source)
-    write_json(paths.report_tasks, [{k: v for k, v in r.items() if k != "mlflow_run_id"} for r in rows])
+    write_json(paths.tasks_plot, tasks_plot(rows))
     plot(rows, report, paths.report_png)
     write_text(paths.report_md, markdown(rows, report))
     write_json(paths.report_json, report_metrics(report))
+    write_json(paths.summary_metrics, summary_metrics(report))
     log_to_mlflow(rows, report, paths, load_pipeline_settings(params_path).mlflow_experiment, config.data.source)
     test = report["test"]
     print("report: " + ", ".join(f"{g} {100 * m:.1f}" for g, m in test["groups"].items())
@@ -243,7 +264,8 @@ def make_report(params_path: Path, best_path: Path, outputs: Path) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> None:
     args = stage_arguments("Stage report: aggregate the per-task metrics.", task=False).parse_args(argv)
-    run_stage("report", lambda: make_report(args.params, args.best, args.outputs))
+    run_stage("report", lambda: make_report(args.params, args.best, args.outputs),
+              output=OutputPaths(args.outputs).report_md)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
 """What every pipeline stage shares: where its files live, atomic folder swaps, and failing with a clear message.
 
-Layout under ``outputs/`` (gitignored; each path is a DVC output of exactly one stage):
+Under ``outputs/`` (gitignored; DVC caches them, so switching experiments restores them without retraining):
 
 - ``prepare/manifest.json`` + ``prepare/<task>.json``: what ``prepare`` found (counts, classes, group, a
   fingerprint of the list files); ``train@<task>`` depends on its task's record only, so adding a task to
   ``data.tasks`` re-runs ``prepare`` and the new task, not the others.
 - ``train/<task>/``: ``seed<S>.safetensors`` (trainable weights only), ``config.json`` (the exact resolved
-  settings), ``summary.json`` (per-seed results, MLflow run id).
-- ``history/<task>.tsv``: per-epoch training curves (``dvc plots``).
-- ``evaluate/<task>.json``: the task's metrics (numbers only: ``dvc metrics``); ``evaluate/<task>.details.json``:
-  what they describe (group, method, per-seed scores, MLflow run id).
-- ``report.md``, ``report.json``, ``report.png``, ``report_tasks.json``: the report stage.
+  settings), ``summary.json`` (per-seed results, MLflow run id), ``history.tsv``.
+- ``evaluate/<task>.json``: every number of the task's evaluation (means, stds, losses, costs);
+  ``evaluate/<task>.details.json``: what they describe (group, method, per-seed scores, MLflow run ids).
+- ``report.md``, ``report.json``, ``report.png``: the report stage.
+
+Next to ``outputs/``, tracked by git so that every DVC experiment commit carries them (``cache: false``):
+
+- ``metrics/<task>.json`` (``dvc metrics``: test accuracy, trainable parameters, peak memory, images/s) and
+  ``metrics/summary.json`` (the group means);
+- ``plots/curves/<task>.tsv`` (per-epoch training curves) and ``plots/tasks.json`` (one row per task), the
+  ``dvc plots`` data, which ``dvc plots diff`` compares between experiments.
 
 DVC deletes a stage's outputs before running it unless they are ``persist: true``; the stages declare them
 persistent and write them by atomic rename, so a failing stage leaves the previous results in place.
@@ -24,11 +30,14 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dtl.io import current_umask
 
 from .params import DEFAULT_BEST, DEFAULT_PARAMS
 
@@ -55,11 +64,23 @@ class OutputPaths:
     def train_dir(self, task: str) -> Path:
         return self.root / "train" / task
 
-    def history(self, task: str) -> Path:
-        return self.root / "history" / f"{task}.tsv"
-
     def metrics(self, task: str) -> Path:
         return self.root / "evaluate" / f"{task}.json"
+
+    # git-tracked, next to outputs/
+    def task_metrics(self, task: str) -> Path:
+        return self.root.parent / "metrics" / f"{task}.json"
+
+    @property
+    def summary_metrics(self) -> Path:
+        return self.root.parent / "metrics" / "summary.json"
+
+    def curve(self, task: str) -> Path:
+        return self.root.parent / "plots" / "curves" / f"{task}.tsv"
+
+    @property
+    def tasks_plot(self) -> Path:
+        return self.root.parent / "plots" / "tasks.json"
 
     def details(self, task: str) -> Path:
         return self.root / "evaluate" / f"{task}.details.json"
@@ -76,10 +97,6 @@ class OutputPaths:
     def report_png(self) -> Path:
         return self.root / "report.png"
 
-    @property
-    def report_tasks(self) -> Path:
-        return self.root / "report_tasks.json"
-
 
 def stage_arguments(description: str, *, task: bool) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
@@ -93,34 +110,96 @@ def stage_arguments(description: str, *, task: bool) -> argparse.ArgumentParser:
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input, not a bug: shown as one line instead of a traceback."""
+    """Errors that mean bad input or settings, not a bug: shown as one line instead of a traceback."""
     from dtl.config import ConfigError
+    from dtl.data import DataError
+    from dtl.engine import SetupError
     from dtl.models import CheckpointError
 
-    errors: list[type[BaseException]] = [StageError, ConfigError, CheckpointError, FloatingPointError,
-                                         FileExistsError]
-    try:
-        from dtl.data import DataError
-
-        errors.append(DataError)
-    except ImportError:  # pragma: no cover - dtl.data always defines it
-        pass
-    return tuple(errors)
+    return (StageError, ConfigError, CheckpointError, DataError, SetupError, FloatingPointError, FileExistsError)
 
 
 def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_stage(name: str, main: Callable[[], Any]) -> None:
+def pipeline_process():
+    """The ``dvc`` process that started this stage (the nearest ancestor running ``dvc``), or None when the stage
+    was started by hand."""
+    import psutil
+
+    try:
+        process = psutil.Process().parent()
+        while process is not None:
+            if any(Path(arg).name == "dvc" for arg in process.cmdline()[:3]):
+                return process
+            process = process.parent()
+    except psutil.Error:
+        pass
+    return None
+
+
+def watch_pipeline(interval_s: float = 1.0) -> None:
+    """Stop this stage (as SIGTERM does: temporary files removed, MLflow run KILLED) when the ``dvc repro`` that
+    started it is gone: a SIGTERM to DVC alone ends DVC but not its stage, which would otherwise run on beside
+    the next ``dvc repro`` and write its outputs after DVC stopped tracking them."""
+    import threading
+
+    parent = pipeline_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        while parent.is_running() and parent.status() != "zombie":  # is_running() also catches a reused pid
+            time.sleep(interval_s)
+        print(f"\nthe dvc process {parent.pid} that started this stage is gone: stopping", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="watch-dvc", daemon=True).start()
+
+
+@contextmanager
+def exclusive(path: Path, stage: str) -> Iterator[None]:
+    """Hold ``<path's folder>/.<name>.lock`` while the stage writes ``path``: a second stage for the same output
+    refuses to start while the first is alive. Under the lock, what a killed run left next to ``path`` (its
+    temporary folders) is removed."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.parent / f".{path.name}.lock"
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise StageError(f"{stage} is already running ({owner}) and writes {path}; wait for it to finish or "
+                             "stop it first") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed with SIGKILL
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_stage(name: str, main: Callable[[], Any], output: Path | None = None) -> None:
     """Run a stage's main; on an expected error print ``<stage> failed: <why>`` and exit 1 (no traceback).
 
     SIGTERM (a killed ``dvc repro``, a job scheduler) is handled like Ctrl-C, so temporary folders are removed
-    and the MLflow run is ended as KILLED instead of staying RUNNING forever.
+    and the MLflow run is ended as KILLED instead of staying RUNNING forever; so is the disappearance of the
+    ``dvc`` process that started the stage (:func:`watch_pipeline`). With ``output``, the stage holds a lock on
+    it (:func:`exclusive`).
     """
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        main()
+        watch_pipeline()
+        with exclusive(output, name) if output is not None else nullcontext():
+            main()
     except expected_errors() as err:
         print(f"\n{name} failed: {err}\n(earlier outputs of this stage were left as they were)", file=sys.stderr)
         raise SystemExit(1) from None
@@ -145,6 +224,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``path``; on success it replaces ``path`` (old one removed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0o700; an ordinary folder follows the umask
     try:
         yield staging
         if path.exists():

@@ -1,17 +1,17 @@
 """Stage ``train@<task>``: train the task's merged configuration once per seed and keep only what changed.
 
-``load_params(task)`` -> ``dtl.experiment.run_task`` for each seed of ``evaluation.seeds`` with two epoch
+``dtl.config.load_config(params, best, task=task)`` -> ``dtl.experiment.run_task`` for each seed of ``evaluation.seeds`` with two epoch
 callbacks (an MLflow logger and a recorder for the ``dvc plots`` curve), then, written atomically:
 
 - ``outputs/train/<task>/seed<S>.safetensors``: the trainable weights only (kilobytes for DTL; the frozen
   backbone is the checkpoint named in ``config.json``);
 - ``outputs/train/<task>/config.json``: the exact resolved settings (``evaluate`` rebuilds the model from it);
 - ``outputs/train/<task>/summary.json``: per-seed results and the MLflow run id;
-- ``outputs/history/<task>.tsv``: per-epoch lr / train loss / train accuracy (mean over seeds).
+- ``plots/curves/<task>.tsv``: per-epoch lr / train loss / train accuracy (mean over seeds; git-tracked, ``dvc plots``).
 
-MLflow: one run per task (``train@<task>``) with params, per-epoch metrics and these files as artifacts;
-with several seeds every seed is a child run holding its own curves. The ``evaluate`` stage adds its metrics to
-the same run.
+MLflow (``tracking``): one run per task (``train@<task>``) with params, the training split as a dataset input,
+per-epoch metrics, cost figures and these files as artifacts; with several seeds every seed is a child run
+holding its own curves. The ``evaluate`` stage records its own run, a child of this one.
 
 Usage: ``python -m pipeline.train TASK [--params params.yaml] [--best sweeps/best.yaml] [--outputs outputs]``
 """
@@ -23,11 +23,10 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from dtl.config import ExperimentConfig
+from dtl.config import ExperimentConfig, load_config
 from dtl.io import save_trainable, write_json, write_text
 
-from . import tracking
-from .params import load_params, load_pipeline_settings
+from .params import load_pipeline_settings
 from .stage import OutputPaths, StageError, atomic_dir, read_json, run_stage, stage_arguments
 
 CURVE_COLUMNS = ("lr", "train/loss", "train/accuracy")
@@ -42,7 +41,6 @@ def run_tags(stage: str, task: str, config: ExperimentConfig) -> dict[str, str]:
         "method": config.model.method,
         "backbone": config.model.backbone,
         "protocol": config.evaluation.protocol,
-        "git_commit": tracking.git_commit() or "uncommitted",
         "pipeline": "dvc",
     }
 
@@ -74,9 +72,10 @@ def tsv(rows: list[dict]) -> str:
 
 
 def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]:
-    from dtl.experiment import run_task
+    import tracking
+    from dtl.experiment import PROTOCOLS, run_task
 
-    config = load_params(params_path, best_path)
+    config = load_config(params_path, best_path)
     if task not in config.data.tasks:
         raise StageError(f"task {task!r} is not in data.tasks ({', '.join(config.data.tasks)})")
     paths = OutputPaths(outputs)
@@ -88,36 +87,37 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
     tags = {**run_tags("train", task, task_config), "group": record.get("group", "Other")}
     params = {**task_config.to_dict(), "task": task, "task_overrides": config.overrides.get(task) or {}}
     params.pop("overrides", None)
+    protocol = PROTOCOLS[task_config.evaluation.protocol]
+    task_dir = Path(task_config.data.root) / task
 
     started = time.perf_counter()
     seed_results: list[dict[str, Any]] = []
     histories: list[list[dict]] = []
-    with atomic_dir(paths.train_dir(task)) as staging, \
-            tracking.tracked_run(experiment_id, f"train@{task}", tags, params) as run:
-        run_id = run.info.run_id
+    tracking.close_orphaned_runs(experiment_id, dvc_stage=f"train@{task}")
+    run = tracking.Run.create(experiment_id, f"train@{task}", tags, params)
+    with atomic_dir(paths.train_dir(task)) as staging, tracking.recorded(run):
+        run.log_dataset(f"{task}/{protocol.train}", task_dir / f"{protocol.train}.txt", "train")
         for seed in seeds:
             print(f"train@{task}: seed {seed}: {task_config.model.method} on {task_config.model.backbone}, "
                   f"{task_config.training.epochs} epochs, lr {task_config.training.lr:g}", flush=True)
-            seed_run = (tracking.child_run(experiment_id, run_id, f"train@{task} seed {seed}",
-                                           {**tags, "seed": seed}, {"seed": seed})
-                        if len(seeds) > 1 else nullcontext(run_id))
-            with seed_run as seed_run_id:
+            seed_run = (tracking.Run.create(experiment_id, f"train@{task} seed {seed}", {**tags, "seed": seed},
+                                            {"seed": seed}, parent=run) if len(seeds) > 1 else run)
+            with tracking.recorded(seed_run) if seed_run is not run else nullcontext():
                 history: list[dict] = []
                 result = run_task(config, task, seed=seed,
-                                  callbacks=[lambda epoch, metrics: history.append(metrics),
-                                             tracking.epoch_logger(seed_run_id)])
+                                  callbacks=[lambda epoch, metrics: history.append(metrics), seed_run.epoch_logger()])
                 weights = staging / f"seed{seed}.safetensors"
                 save_trainable(result.model, weights, metadata={"task": task, "seed": str(seed),
                                                                 "method": task_config.model.method,
                                                                 "backbone": task_config.model.backbone})
                 summary = {**result.summary(), "seed": seed, "weights": weights.name,
-                           "head_params": head_parameters(result.model), "mlflow_run_id": seed_run_id}
+                           "head_params": head_parameters(result.model), "mlflow_run_id": seed_run.run_id}
                 summary["trainable_params_excl_head"] = summary["trainable_params"] - summary["head_params"]
                 cache = getattr(result.result, "prefix_cache", None)
                 if cache:  # which variant trained (docs/design.md: the cache and drop-path)
                     summary["prefix_cache"] = cache
-                    mlflow_set_tag(seed_run_id, "prefix_cache", cache.get("mode", "?"))
-                tracking.log_numbers({k: v for k, v in summary.items() if k in COST_KEYS}, seed_run_id)
+                    seed_run.set_tags({"prefix_cache": cache.get("mode", "?")})
+                seed_run.log_metrics({k: v for k, v in summary.items() if k in COST_KEYS})
             seed_results.append(summary)
             histories.append(history)
 
@@ -133,36 +133,27 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
             "seeds": seeds,
             "per_seed": seed_results,
             "wall_time_s": time.perf_counter() - started,
-            "mlflow": {"tracking_uri": tracking.tracking_uri(), "experiment_id": experiment_id, "run_id": run_id},
+            "mlflow": {"tracking_uri": tracking.tracking_uri(), "experiment_id": experiment_id, "run_id": run.run_id},
         }
         write_json(staging / "config.json", task_config.to_dict())
         write_json(staging / "summary.json", summary)
         curve = mean_curve(histories)
         write_text(staging / "history.tsv", tsv(curve))
-
-        import mlflow
-
         if len(seeds) > 1:  # the seeds' own curves are in their child runs; the task run gets the means
-            for key in {k for s in seed_results for k in s if k.endswith("/accuracy")}:
-                tracking.log_numbers({key: statistics.fmean(s[key] for s in seed_results)})
-        tracking.log_numbers({k: statistics.fmean(s[k] for s in seed_results) for k in COST_KEYS
-                              if all(isinstance(s.get(k), (int, float)) for s in seed_results)})
-        mlflow.log_artifacts(str(staging), artifact_path="train")
+            run.log_metrics({key: statistics.fmean(s[key] for s in seed_results)
+                             for key in {k for s in seed_results for k in s if k.endswith("/accuracy")}})
+        run.log_metrics({k: statistics.fmean(s[k] for s in seed_results) for k in COST_KEYS
+                         if all(isinstance(s.get(k), (int, float)) for s in seed_results)})
+        run.log_artifacts(staging, "train")
 
-    write_text(paths.history(task), tsv(curve))
+    write_text(paths.curve(task), tsv(curve))
     print(f"train@{task}: done in {summary['wall_time_s']:.0f} s; "
           + ", ".join(f"seed {s['seed']}: {_final_accuracy(s)}" for s in seed_results), flush=True)
     return summary
 
 
-COST_KEYS = ("trainable_params", "trainable_params_excl_head", "images_per_s", "train_time_s",
-             "peak_memory_bytes", "peak_rss_bytes")
-
-
-def mlflow_set_tag(run_id: str, key: str, value: Any) -> None:
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking.tracking_uri()).set_tag(run_id, key, str(value))
+COST_KEYS = ("trainable_params", "trainable_params_excl_head", "images_per_s", "train_time_s", "cpu_time_s",
+             "saved_bytes_per_batch", "peak_memory_bytes", "peak_rss_bytes")
 
 
 def _final_accuracy(seed_summary: dict) -> str:
@@ -173,7 +164,8 @@ def _final_accuracy(seed_summary: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = stage_arguments("Stage train@<task>: train the task's merged configuration per seed.",
                            task=True).parse_args(argv)
-    run_stage(f"train@{args.task}", lambda: train(args.task, args.params, args.best, args.outputs))
+    run_stage(f"train@{args.task}", lambda: train(args.task, args.params, args.best, args.outputs),
+              output=OutputPaths(args.outputs).train_dir(args.task))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ def quiet_environment() -> None:
     # (a driver without it retries ~20 s, then fails). RAY_AUTH_MODE=disabled in the environment still wins.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # after a kill, at most ~1 s of progress is lost
-    # Trials report (and checkpoint) every epoch but score val200 only at ASHA's rungs and the last epoch; the
-    # reports in between carry training figures only, which Tune's strict check would reject.
+    # Between ASHA's rungs a trial reports a checkpoint now and then (--checkpoint-every);
+    # those reports carry training figures only, which Tune's strict check would reject.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "30")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

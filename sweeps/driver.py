@@ -2,7 +2,7 @@
 
 Order of work, chosen so that parallel trials never race on shared state:
 
-1. the base configuration (``pipeline.params.load_params``), the search space and the task list are validated,
+1. the base configuration (``dtl.config.load_config``), the search space and the task list are validated,
    and each task's plan is fixed: the trials' schedule (the pipeline's own, unless the space shortens it), ASHA's
    rungs, and the current configuration as the first trial (the incumbent);
 2. the data is prepared here, once (``dtl.experiment.ensure_data``), and every path handed to trials is absolute
@@ -13,7 +13,7 @@ Order of work, chosen so that parallel trials never race on shared state:
    (concurrent creation of a SQLite store corrupts it); then ONE Tuner runs the trials of every task
    (``sweeps.search``: every free slot takes the next trial of any task), each trial writing its own child run;
 5. per task, the incumbent rule (``sweeps.selection``) picks the winner among the trials trained to the end;
-   winners that replace their incumbent are merged into ``sweeps/best.yaml`` (``pipeline.params.write_best``),
+   winners that replace their incumbent are merged into ``sweeps/best.yaml`` (``dtl.config.write_best``),
    which the DVC pipeline reads, so ``dvc repro`` retrains them on train800val200 and tests them.
 
 Everything the sweep needs to resume lives in ``<storage>/<name>/``: ``sweep.json`` (settings, parent run ids,
@@ -23,6 +23,7 @@ re-run; in-flight ones start again); a sweep that finished is not run again.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -38,6 +39,8 @@ from .state import STATE_FILE, SweepError, SweepState, find_saved_state
 from .trainable import METRIC, TIME_ATTR, TrialSetup, plain
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PARAMS = REPO_ROOT / "params.yaml"  # the DVC pipeline's params: the sweep starts from what it trains
+DEFAULT_BEST = REPO_ROOT / "sweeps" / "best.yaml"  # where winners go; the pipeline reads it
 DEFAULT_STORAGE = REPO_ROOT / "sweep_results"
 DEFAULT_EXPERIMENT = "dtl-sweeps"
 RESULTS_FILE = "results.json"
@@ -63,11 +66,12 @@ class SweepOptions:
     seed: int = 0
     alpha: float = ALPHA  # level of the incumbent rule's paired test
     max_failures: int = 3  # restarts of a trial whose worker or node died, from its last checkpoint
+    checkpoint_every: float = 60.0  # seconds between a trial's checkpoints besides ASHA's rungs (0: every epoch)
     storage_path: str = str(DEFAULT_STORAGE)
     resume: bool = False
     name: str | None = None  # None: <space>-<timestamp>; with --resume: the latest sweep of that space
-    params_path: str | None = None  # None: pipeline.params.DEFAULT_PARAMS (params.yaml)
-    best_path: str | None = None  # None: pipeline.params.DEFAULT_BEST (sweeps/best.yaml)
+    params_path: str | None = None  # None: DEFAULT_PARAMS (params.yaml)
+    best_path: str | None = None  # None: DEFAULT_BEST (sweeps/best.yaml)
     experiment: str = DEFAULT_EXPERIMENT  # MLflow experiment
 
 
@@ -100,11 +104,11 @@ def resolve_repo_path(value: str | Path) -> Path:
 
 def load_base(options: SweepOptions):
     """The pipeline's merged configuration, with every path made absolute for trials."""
-    from pipeline.params import DEFAULT_BEST, DEFAULT_PARAMS, load_params
+    from dtl.config import load_config
 
     params_path = Path(options.params_path or DEFAULT_PARAMS).resolve()
     best_path = Path(options.best_path or DEFAULT_BEST).resolve()
-    config = load_params(params_path, best_path)
+    config = load_config(params_path, best_path)
     config.data.root = str(resolve_repo_path(config.data.root))
     if isinstance(config.model.checkpoint, str):
         config.model.checkpoint = str(resolve_repo_path(config.model.checkpoint))
@@ -122,33 +126,31 @@ def load_base(options: SweepOptions):
     return config, params_path, best_path
 
 
-def backbone_facts(config, task: str) -> tuple[int, dict[str, Any]]:
-    """N, the number of blocks of the task's backbone (for the symbolic bound ``last_block``), and the DTL
-    settings the paper uses on it (what a ``null`` rank, start block or kernel size means)."""
+def task_backbone(config, task: str):
+    """The task's backbone (random weights) seen through its family adapter: its number of blocks fixes the
+    symbolic bound ``last_block``, and each method's defaults for it say what a ``null`` option means."""
     from dtl.models import adapter_for, create_backbone
 
     resolved = config.for_task(task)
-    adapter = adapter_for(create_backbone(resolved.model.backbone, False, img_size=config.data.image_size))
-    return len(adapter.blocks), dict(adapter.paper_defaults)
+    return adapter_for(create_backbone(resolved.model.backbone, False, img_size=config.data.image_size))
 
 
-def current_settings(config, task: str, space: SearchSpace, paper_defaults: Mapping[str, Any]) -> dict[str, Any]:
+def current_settings(config, task: str, space: SearchSpace, adapter) -> dict[str, Any]:
     """What the task trains with now (params.yaml, its overrides and any earlier sweep winner) as flat override
     keys with the defaults filled in: the sweep's first trial. A space with a fixed method of its own (lora,
     adapter) starts from the current lr, weight decay and drop-path with that method's default options."""
-    from dtl.models import BASELINE_RANK
+    from dtl.methods import canonical_name, get_method
 
     from .space import METHOD_SPECIFIC
 
     resolved = config.for_task(task)
     method = resolved.model.method if "method" in space.param_names else space.method
     values = {**asdict(resolved.training), **asdict(resolved.model), "method": method}
-    if method != resolved.model.method:
+    if canonical_name(method) != canonical_name(resolved.model.method):
         values.update(dict.fromkeys(METHOD_SPECIFIC))  # another method's options do not carry over
-    defaults = paper_defaults if method in ("dtl", "dtl_plus") else {"rank": BASELINE_RANK}
-    for name, default in defaults.items():
-        if values.get(name) is None:
-            values[name] = default
+    spec = get_method(canonical_name(method))
+    options = spec.make_options({k: values[k] for k in spec.options.names() if values.get(k) is not None})
+    values.update(options.resolved(adapter))
     return values
 
 
@@ -171,16 +173,59 @@ def plan_task(config, task: str, space: SearchSpace, scheduler: str = "asha") ->
         raise SweepError(f"{space.path}: scheduler.grace_period ({space.grace_period}: epoch {grace} of "
                          f"{training.epochs}) must exceed the trials' warmup_epochs ({training.warmup_epochs}): "
                          "ASHA's first rung would compare models still warming up. Raise grace_period")
-    blocks, paper_defaults = backbone_facts(config, task)
-    resolved_space = space.resolve(blocks)
-    start, why_not = resolved_space.start_point(current_settings(config, task, space, paper_defaults))
+    adapter = task_backbone(config, task)
+    resolved_space = space.resolve(len(adapter.blocks))
+    start, why_not = resolved_space.start_point(current_settings(config, task, space, adapter))
+    check_space_bounds(probe, task, resolved_space)
     return TaskPlan(task=task, space=resolved_space, epochs=training.epochs, final_epochs=final_epochs,
                     grace_epochs=grace, start=start, why_not=why_not)
 
 
+def check_space_bounds(probe, task: str, space: SearchSpace) -> None:
+    """Every value a trial may draw must be a valid setting for the task's backbone: each parameter's low and high
+    (each choice of a categorical one) is validated against the schema, and those of model options by building
+    the model once with random weights (the start block against the backbone's blocks, the kernel against its
+    token grid...). So a space that cannot work fails here, before any trial, naming the bound."""
+    from dtl.config import ConfigError
+    from dtl.methods import all_option_names
+
+    for spec in space.params:
+        enabling = {name: allowed[0] for name, allowed in spec.when.items()}  # earlier parameters it depends on
+        bounds = ([("choices", choice) for choice in spec.choices] if spec.type == "categorical"
+                  else [("low", spec.low), ("high", spec.high)])
+        for which, value in bounds:
+            entry = {**probe.overrides.get(task, {}), **enabling, spec.name: value}
+            trial = type(probe)(data=probe.data, model=probe.model, training=probe.training,
+                                evaluation=probe.evaluation, overrides={task: entry})
+            try:
+                resolved = trial.for_task(task, where="")
+                if spec.name in all_option_names() or spec.name == "method":
+                    _check_model_cached(resolved)
+            except ConfigError as err:
+                # the schema's message without the probe's own location ("overrides.<task>: training.<key>: ",
+                # "model (<method> on <backbone>): "): the bound named above is the location
+                reason = re.sub(r"^:?\s*((overrides\.[^:\s]+|[a-z_]+\.[a-z_]+|model \([^)]*\)): )*", "", str(err))
+                raise SweepError(f"{space.path}: params.{spec.name}.{which}: {value!r} cannot be trained with "
+                                 f"{probe.model.backbone}: {reason}") from None
+
+
+_CHECKED_MODELS: set[str] = set()
+
+
+def _check_model_cached(resolved) -> None:
+    """``build_model`` with random weights, once per distinct backbone, method and options."""
+    from dtl.experiment import build_model
+
+    key = repr((resolved.model.backbone, resolved.data.image_size, resolved.model.method,
+                sorted(resolved.model.model_options().items()), resolved.model.drop_path_scope))
+    if key not in _CHECKED_MODELS:
+        build_model(resolved, 2, pretrained=False)
+        _CHECKED_MODELS.add(key)
+
+
 def prepare_state(options: SweepOptions, space: SearchSpace, tasks: list[str], params_path: Path, best_path: Path,
                   storage: Path) -> SweepState:
-    from pipeline.tracking import init_tracking, tracking_uri
+    from tracking import init_tracking, tracking_uri
 
     if options.resume:
         state = find_saved_state(options.name, storage, space.name)
@@ -213,6 +258,8 @@ def check_options(options: SweepOptions) -> None:
         raise SweepError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
     if options.max_failures < 0:
         raise SweepError(f"--max-failures: expected an integer >= 0, got {options.max_failures}")
+    if not options.checkpoint_every >= 0:
+        raise SweepError(f"--checkpoint-every: expected seconds >= 0, got {options.checkpoint_every}")
     if not 0 < options.alpha < 1:
         raise SweepError(f"--alpha: expected a level in (0, 1) such as 0.05, got {options.alpha}")
 
@@ -222,7 +269,7 @@ def check_options(options: SweepOptions) -> None:
 
 
 def build_tuner(state: SweepState, plans: Mapping[str, TaskPlan], base_config, cpus: float, gpus: float,
-                max_concurrent: int, max_failures: int, closer, progress, experiment_dir: Path):
+                max_concurrent: int, options: SweepOptions, closer, progress, experiment_dir: Path):
     """A new Tuner over every task, or the saved one restored (``--resume``)."""
     from ray import tune
 
@@ -234,7 +281,7 @@ def build_tuner(state: SweepState, plans: Mapping[str, TaskPlan], base_config, c
         seed=base_config.evaluation.seeds[0], eval_every=plan.grace_epochs, threads=max(1, int(cpus)),
         tracking_uri=state.tracking_uri,
         experiment_id=state.experiment_id, parent_run_id=closer.parents[task], sweep_name=state.name,
-        space_name=plan.space.name) for task, plan in plans.items()}
+        space_name=plan.space.name, checkpoint_every=options.checkpoint_every) for task, plan in plans.items()}
     trainable = tune.with_resources(tune.with_parameters(train_trial, setups=setups), {"cpu": cpus, "gpu": gpus})
     path = experiment_dir / TRIALS_DIR
     if tune.Tuner.can_restore(str(path)):
@@ -276,7 +323,7 @@ def build_tuner(state: SweepState, plans: Mapping[str, TaskPlan], base_config, c
             name=TRIALS_DIR, storage_path=str(experiment_dir), verbose=0,
             # A raised error means the worker or its node died: the trial restarts from its last checkpoint (a
             # trial that fails on its own reports the error instead, see sweeps.trainable, and is not retried).
-            failure_config=tune.FailureConfig(max_failures=max_failures),
+            failure_config=tune.FailureConfig(max_failures=options.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[status_callback(closer), progress]),
     )
@@ -329,39 +376,44 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
     except (DataError, KeyError, FileExistsError) as err:
         raise SweepError(f"data ({base_config.data.source} at {base_config.data.root}): {err}") from None
 
-    state = prepare_state(options, space, tasks, params_path, best_path, storage)
+    import ray
+
+    import tracking
+
+    from .progress import ProgressView
+    from .records import ChildRunCloser, open_parent_run
+
+    start_ray(options.address)
+    try:  # the cluster must hold a trial before anything of the sweep is written
+        total = check_resources(options.cpus_per_trial, options.gpus_per_trial or 0)
+        gpus = options.gpus_per_trial if options.gpus_per_trial is not None else (1.0 if total["GPU"] > 0 else 0.0)
+        check_resources(options.cpus_per_trial, gpus)
+        state = prepare_state(options, space, tasks, params_path, best_path, storage)
+    except BaseException:
+        ray.shutdown()
+        raise
     earlier_wall_time = state.wall_time_s  # of earlier, interrupted runs of this sweep
     experiment_dir = storage / state.name
     print(f"sweep {state.name}: results in {experiment_dir}; MLflow experiment {state.experiment!r} at "
           f"{state.tracking_uri}", flush=True)
-
-    import ray
-
-    from .progress import ProgressView
-    from .records import ChildRunCloser, mlflow_client, open_parent_run
-
-    start_ray(options.address)
-    client = mlflow_client(state.tracking_uri)
+    client = tracking.client(state.tracking_uri)
     outcomes: list[TaskOutcome] = []
     interrupted = False
     try:
-        total = check_resources(options.cpus_per_trial, options.gpus_per_trial or 0)
-        gpus = options.gpus_per_trial if options.gpus_per_trial is not None else (1.0 if total["GPU"] > 0 else 0.0)
-        check_resources(options.cpus_per_trial, gpus)
         num_trials = len(tasks) * state.num_samples
         max_concurrent = options.max_concurrent or default_concurrency(total, options.cpus_per_trial, gpus,
                                                                        num_trials)
         for task, plan in plans.items():
             entry = state.tasks.setdefault(task, {})
-            entry["parent_run_id"] = open_parent_run(client, state.experiment_id, state.name, task, plan.space,
-                                                     base_config, plan.epochs, entry.get("parent_run_id"))
+            entry["parent_run_id"] = open_parent_run(state.experiment_id, state.tracking_uri, state.name, task,
+                                                     plan.space, base_config, plan.epochs, entry.get("parent_run_id"))
         state.save()
         closer = ChildRunCloser(state.tracking_uri, state.experiment_id,
                                 {task: state.tasks[task]["parent_run_id"] for task in tasks},
                                 {task: plan.epochs for task, plan in plans.items()})
         progress = ProgressView({task: (state.num_samples, plan.epochs) for task, plan in plans.items()})
         tuner, resuming = build_tuner(state, plans, base_config, options.cpus_per_trial, gpus, max_concurrent,
-                                      options.max_failures, closer, progress, experiment_dir)
+                                      options, closer, progress, experiment_dir)
         announce(plans, state, max_concurrent, options.cpus_per_trial, gpus, resuming)
         grid = tuner.fit()
         outcomes = collect(grid, plans, state, client, closer, experiment_dir)
@@ -398,7 +450,7 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
         print(f"\nThe sweep was interrupted; finished trials are kept. Resume it with:\n  {resume}", flush=True)
         return EXIT_INTERRUPTED
     if not any(o.best for o in outcomes):
-        print("\nNo trial finished successfully: nothing was written to the best-configuration file.", flush=True)
+        print("\nNo trial trained to the end: nothing was written to the best-configuration file.", flush=True)
         return EXIT_FAILED
     return 0
 
@@ -423,7 +475,9 @@ def collect(grid, plans: Mapping[str, TaskPlan], state: SweepState, client, clos
     """Rows, the incumbent rule's decision, MLflow records and the cost plot for every task."""
     from ray.tune.analysis import ExperimentAnalysis
 
-    from .records import error_summary, numbers, reconcile_runs, record_decision
+    import tracking
+
+    from .records import error_summary, reconcile_runs, record_decision
     
     from .trainable import TASK_KEY
 
@@ -437,17 +491,17 @@ def collect(grid, plans: Mapping[str, TaskPlan], state: SweepState, client, clos
             outcome.rows.append(trial_row(trial, plan.epochs, runs.get(trial.trial_id),
                                           error_summary(trial) if trial.status == "ERROR" else None))
         outcome.finished = len(own) >= state.num_samples and all(r.status != "unfinished" for r in outcome.rows)
-        parent = state.tasks[task]["parent_run_id"]
+        parent = tracking.Run(state.tasks[task]["parent_run_id"], state.tracking_uri)
         if outcome.finished:
             outcome.decision = decide(outcome.rows, state.alpha)
             plot = cost_plot(outcome, experiment_dir / f"cost_{task}.png")
             if outcome.best:
-                record_decision(client, parent, outcome, plot)
+                record_decision(parent, outcome, plot)
         counts = outcome.counts()
-        client.log_batch(parent, metrics=numbers({"trials_done": counts["done"],
-                                                  "trials_stopped_early": counts["stopped early"],
-                                                  "trials_failed": counts["failed"]}))
-        client.set_terminated(parent, ("FINISHED" if outcome.best else "FAILED") if outcome.finished else "KILLED")
+        parent.log_metrics({"trials_done": counts["done"], "trials_stopped_early": counts["stopped early"],
+                            "trials_failed": counts["failed"], "trials_restarted": sum(r.restarts > 0 for r in outcome.rows)})
+        parent.finish(("FINISHED" if outcome.best else "FAILED") if outcome.finished else "KILLED",
+                      error=None if outcome.best or not outcome.finished else "no trial trained to the end")
         state.tasks[task]["outcome"] = outcome.to_dict()
         outcomes.append(outcome)
     return outcomes
@@ -456,12 +510,12 @@ def collect(grid, plans: Mapping[str, TaskPlan], state: SweepState, client, clos
 def write_winners(state: SweepState, outcomes: Sequence[TaskOutcome]) -> None:
     """Merge the winners that replaced their incumbent into the best-configuration file; a kept incumbent is
     what the task trains with already, so its entry stays as it is (and ``dvc repro`` retrains nothing)."""
-    from pipeline.params import DEFAULT_BEST_HEADER, write_best
+    from dtl.config import BEST_HEADER, write_best
 
     entries = {o.task: plain(o.best.params) for o in outcomes if o.best and o.best.trial_id != o.decision.incumbent}
     if not entries:
         return
-    header = (DEFAULT_BEST_HEADER + f"\nLast written by `python sweeps/run.py --space {state.space}` (sweep {state.name}, "
+    header = (BEST_HEADER + f"\nLast written by `python sweeps/run.py --space {state.space}` (sweep {state.name}, "
               f"{datetime.now().isoformat(timespec='seconds')}); `dvc repro` retrains these entries.")
     write_best(state.best_path, entries, header, params_path=state.params_path)
 

@@ -19,56 +19,33 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .trainable import (METRIC, TAG_KIND, TAG_PARENT, TAG_SWEEP, TAG_TASK, TAG_TRIAL, TASK_KEY, TIME_ATTR,
-                        find_child_run)
+from .trainable import METRIC, TAG_KIND, TAG_SWEEP, TAG_TASK, TAG_TRIAL, TASK_KEY, TIME_ATTR
 
 
-def mlflow_client(tracking_uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri)
-
-
-def numbers(values: Mapping[str, Any]):
-    """MLflow metrics of the finite numbers in ``values`` (step 0, now)."""
-    import math
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, 0) for k, v in values.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-
-
-def open_parent_run(client, experiment_id: str, sweep_name: str, task: str, space, base_config,
+def open_parent_run(experiment_id: str, tracking_uri: str, sweep_name: str, task: str, space, base_config,
                     epochs: int, known_run_id: str | None) -> str:
     """The task's parent run: created once (with the search space and the base configuration), reopened on
     --resume."""
-    from mlflow.entities import Param
-
-    from pipeline.tracking import flatten, git_commit
+    import tracking
 
     if known_run_id:
-        client.update_run(known_run_id, status="RUNNING")
-        return known_run_id
-    commit = git_commit()
-    run = client.create_run(experiment_id, tags={
-        "mlflow.runName": f"{sweep_name}/{task}", TAG_KIND: "sweep", TAG_SWEEP: sweep_name, TAG_TASK: task,
-        "space": space.name, **({"git_commit": commit} if commit else {})})
+        return tracking.Run.reopen(known_run_id, tracking_uri).run_id
     values = {"space": space.name, "space_file": str(space.path), "epochs": epochs,
               "grace_period": space.grace_period, "reduction_factor": space.reduction_factor,
               **{f"sweep.training.{k}": v for k, v in space.training.items()},
               **{f"search.{p.name}": p.describe().split(": ", 1)[1] for p in space.params},
-              **{f"base.{k}": v for k, v in flatten(base_config.for_task(task).to_dict()).items()
+              **{f"base.{k}": v for k, v in tracking.flatten(base_config.for_task(task).to_dict()).items()
                  if not k.startswith("overrides")}}
-    params = [Param(k, "null" if v is None else str(v)[:6000]) for k, v in values.items()]
-    for start in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[start:start + 100])
-    return run.info.run_id
+    run = tracking.Run.create(experiment_id, f"{sweep_name}/{task}", {TAG_KIND: "sweep", TAG_SWEEP: sweep_name,
+                                                                      TAG_TASK: task, "space": space.name},
+                              values, uri=tracking_uri)
+    return run.run_id
 
 
 def child_runs(client, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
     """trial id -> the trial's child run."""
+    from tracking import TAG_PARENT
+
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
                               max_results=10000)
     return {run.data.tags.get(TAG_TRIAL): run for run in runs}
@@ -95,18 +72,19 @@ class ChildRunCloser:
         self.epochs = dict(epochs)  # task -> epochs of a trial trained to the end
 
     def close(self, trial, status: str) -> None:
+        import tracking
+
         task = (trial.config or {}).get(TASK_KEY)
         try:
-            client = mlflow_client(self.tracking_uri)
-            run = find_child_run(client, self.experiment_id, self.parents[task], trial.trial_id)
-            if run is None or run.info.status != "RUNNING":
+            found = tracking.Run.find(self.experiment_id, self.tracking_uri, parent=self.parents[task],
+                                      **{TAG_TRIAL: trial.trial_id})
+            if found is None or found.info.status != "RUNNING":
                 return
+            run = tracking.Run(found.info.run_id, self.tracking_uri)
             epoch = int((trial.last_result or {}).get(TIME_ATTR, 0) or 0)
             if status == "FINISHED" and epoch < self.epochs[task]:
-                client.set_tag(run.info.run_id, "stopped_early", f"epoch {epoch} of {self.epochs[task]} (ASHA)")
-            if status == "FAILED":
-                client.set_tag(run.info.run_id, "error", error_summary(trial) or "the trial's worker died")
-            client.set_terminated(run.info.run_id, status)
+                run.set_tags({"stopped_early": f"epoch {epoch} of {self.epochs[task]} (ASHA)"})
+            run.finish(status, error=(error_summary(trial) or "the trial's worker died") if status == "FAILED" else None)
         except Exception as err:  # never let bookkeeping stop the sweep; the driver reconciles at the end
             print(f"warning: could not close the MLflow run of trial {trial.trial_id}: {err}", file=sys.stderr)
 
@@ -128,7 +106,10 @@ def status_callback(closer: ChildRunCloser):
 def reconcile_runs(client, closer: ChildRunCloser, task: str, trials: Sequence[Any]) -> dict:
     """After ``fit()``: give every child run of ``task`` the status of its trial (KILLED for trials cut off by a
     stop); returns trial id -> run."""
+    import tracking
+
     parent = closer.parents[task]
+    client = client or tracking.client(closer.tracking_uri)
     runs = child_runs(client, closer.experiment_id, parent)
     known = {trial.trial_id for trial in trials}
     for trial_id, run in runs.items():
@@ -152,32 +133,28 @@ def reconcile_runs(client, closer: ChildRunCloser, task: str, trials: Sequence[A
     return child_runs(client, closer.experiment_id, parent)
 
 
-def record_decision(client, parent_run_id: str, outcome, plot: Path | None) -> None:
-    """The winner and the incumbent rule's outcome on the task's parent run, ``best=true`` on the winner's run."""
-    from mlflow.entities import Param
+def record_decision(parent, outcome, plot: Path | None) -> None:
+    """The winner and the incumbent rule's outcome on the task's parent run (a ``tracking.Run``), ``best=true`` on
+    the winner's run."""
+    import tracking
 
     decision, best = outcome.decision, outcome.best
     if best.run_id:
-        client.set_tag(best.run_id, "best", "true")
-        client.set_tag(parent_run_id, "best_run_id", best.run_id)
-    client.set_tag(parent_run_id, "best_trial_id", best.trial_id)
-    client.set_tag(parent_run_id, "decision", decision.reason[:5000])
-    client.set_tag(parent_run_id, "replaced_incumbent", str(decision.replaced).lower())
-    existing = client.get_run(parent_run_id).data.params
-    params = [Param(f"best.{k}", str(v)) for k, v in best.params.items() if f"best.{k}" not in existing]
-    params += [Param(key, str(value)) for key, value in (("alpha", decision.alpha), ("alpha_corrected", decision.level))
-               if key not in existing]
-    if params:
-        client.log_batch(parent_run_id, params=params)
+        tracking.Run(best.run_id, parent.uri).set_tags({"best": "true"})
+        parent.set_tags({"best_run_id": best.run_id})
+    parent.set_tags({"best_trial_id": best.trial_id, "decision": decision.reason,
+                     "replaced_incumbent": str(decision.replaced).lower()})
+    parent.log_params({**{f"best.{k}": v for k, v in best.params.items()}, "alpha": decision.alpha,
+                       "alpha_corrected": decision.level})
     incumbent = next((r for r in outcome.rows if r.trial_id == decision.incumbent), None)
     chosen = next((c for c in decision.comparisons if c.trial_id == best.trial_id), None)
-    client.log_batch(parent_run_id, metrics=numbers({
+    parent.log_metrics({
         f"best_{METRIC}": best.val_accuracy,
         f"incumbent_{METRIC}": incumbent.val_accuracy if incumbent else None,
         "margin": decision.margin,
         "p_value": chosen.p_value if chosen else None,
         "images_won": chosen.wins if chosen else None,
         "images_lost": chosen.losses if chosen else None,
-    }))
-    if plot is not None and plot.is_file():
-        client.log_artifact(parent_run_id, str(plot))
+    })
+    if plot is not None:
+        parent.log_artifacts(plot)

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python sweeps/run.py",
         description="Search hyperparameters per task with Ray Tune (one OptunaSearch TPE and one ASHA per task, "
                     "the trials of all tasks in one Tuner), training each trial with the pipeline's own entry "
-                    "point and schedule on train800 and scoring val200 every epoch. The first trial of each task "
+                    "point and schedule on train800 and scoring val200 at ASHA's rungs and at the end. The first trial of each task "
                     "is its current configuration; a challenger replaces it only when it wins on the same val "
                     "images beyond chance (exact McNemar test). Every trial is an MLflow child run of a parent "
                     "run per sweep and task; the winners are written to sweeps/best.yaml, which `dvc repro` "
@@ -78,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-failures", type=int, default=3,
                         help="restarts of a trial whose worker or node died, each from the trial's last checkpoint "
                              "(a trial that fails on its own, e.g. a NaN loss, is not retried; default: %(default)s)")
+    parser.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                        help="a trial checkpoints at each of ASHA's rungs and, between them, at least this often "
+                             "(0: after every epoch; each checkpoint is a report to the driver; "
+                             "default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=0.05,
                         help="level of the paired test a challenger must pass to replace the current "
                              "configuration, Bonferroni-corrected over the challengers (default: %(default)s)")

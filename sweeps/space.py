@@ -37,9 +37,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dtl.config import OVERRIDE_KEYS
+from dtl.config import OVERRIDE_KEYS, yaml_number
 from dtl.engine import TrainConfig
-from dtl.models import METHOD_OPTIONS, METHODS
+from dtl.methods import available_methods, canonical_name, get_method, method_options
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"
 PARAM_TYPES = ("int", "float", "categorical")
@@ -48,10 +48,10 @@ SYMBOLIC_BOUNDS = ("last_block",)
 TOP_LEVEL_KEYS = ("description", "method", "num_samples", "training", "scheduler", "params")
 SCHEDULER_KEYS = ("grace_period", "reduction_factor")
 DEFAULT_GRACE_PERIOD = "25%"
-# Training keys that the sweep itself decides (the objective is val200 accuracy, reported every epoch).
+# Training keys that the sweep itself decides (when val200 is scored: at ASHA's rungs; the seed).
 RESERVED_TRAINING_KEYS = ("eval_every", "seed")
 # Model options that only some methods take (checked against the methods a parameter can meet).
-METHOD_SPECIFIC = sorted({option for options in METHOD_OPTIONS.values() for option in options})
+METHOD_SPECIFIC = sorted({option for options in method_options().values() for option in options})
 
 
 class SpaceError(ValueError):
@@ -230,8 +230,9 @@ def parse_space(raw: Any, path: Path) -> SearchSpace:
                          f"allowed: {', '.join(TOP_LEVEL_KEYS)}")
 
     method = raw.get("method")
-    if method not in METHODS:
-        raise fail("method", f"expected one of {', '.join(METHODS)}, got {method!r}")
+    if not isinstance(method, str) or method not in method_options():
+        raise fail("method", f"expected one of {', '.join(available_methods())}, got {method!r}")
+    method = canonical_name(method)
     description = raw.get("description") or ""
     if not isinstance(description, str):
         raise fail("description", f"expected text, got {type(description).__name__}")
@@ -307,13 +308,13 @@ def _parse_param(name: str, spec: Any, earlier: list[ParamSpec], training: Mappi
         if len(set(map(repr, choices))) != len(choices):
             raise fail(f"{key}.choices", f"repeated choice in {choices!r}")
         if name == "method":
-            bad = [c for c in choices if c not in METHODS]
+            bad = [c for c in choices if not isinstance(c, str) or c not in method_options()]
             if bad:
-                raise fail(f"{key}.choices", f"unknown method(s) {bad}; expected some of {', '.join(METHODS)}")
+                raise fail(f"{key}.choices", f"unknown method(s) {bad}; expected some of {', '.join(available_methods())}")
         return ParamSpec(name=name, type=kind, choices=tuple(choices), when=when)
 
     def bound(which: str) -> Any:
-        value = spec.get(which)
+        value = yaml_number(spec.get(which)) if kind == "float" else spec.get(which)  # 1e-4 (YAML 1.1: text)
         if kind == "int" and isinstance(value, str):
             if value not in SYMBOLIC_BOUNDS:
                 raise fail(f"{key}.{which}", f"expected an integer or one of {', '.join(SYMBOLIC_BOUNDS)}, got {value!r}")
@@ -371,11 +372,15 @@ def _check_methods(method: str, params: list[ParamSpec], fail: Callable[[str, st
             possible = {method}
         else:
             possible = set(spec.when.get("method", method_param.choices))
-        wrong = sorted(m for m in possible if spec.name not in METHOD_OPTIONS[m])
+        wrong = sorted(m for m in possible if spec.name not in method_options()[m])
         if wrong:
-            takers = [m for m in METHODS if spec.name in METHOD_OPTIONS[m]]
+            takers = [m for m in available_methods() if spec.name in method_options()[m]]
             raise fail(f"params.{spec.name}", f"method(s) {', '.join(wrong)} do not take {spec.name} (taken by "
                                               f"{', '.join(takers)}); add `when: {{method: [...]}}` or remove it")
+        fixed = sorted(m for m in possible if spec.name not in get_method(canonical_name(m)).searchable)
+        if fixed:
+            raise fail(f"params.{spec.name}", f"a sweep may not search {spec.name} of method(s) {', '.join(fixed)} "
+                                              "(it changes how a trial runs, not the model it trains)")
 
 
 def _is_share(value: Any) -> bool:

@@ -1,9 +1,9 @@
 """The Ray Tune trainable of one sweep trial, and the MLflow child run that records it.
 
-A trial = the sweep's base configuration (``pipeline.params.load_params()``: the same data, model and training
+A trial = the sweep's base configuration (``dtl.config.load_config``: the same data, model and training
 settings as the DVC pipeline, so by default the same schedule the winner will be retrained with) + the space's
 explicit shortened schedule, if it has one + the sampled parameters, trained by the pipeline's own entry point
-``dtl.experiment.run_task`` under the ``val`` protocol (train on train800, score val200 after every epoch: the
+``dtl.experiment.run_task`` under the ``val`` protocol (train on train800, score val200 at ASHA's rungs and at the end: the
 test split is never used for selection). One Tuner runs the trials of every task: the trial's config names its
 task (``sweeps.search.split_trial_config``).
 
@@ -21,10 +21,9 @@ child per trial.
 from __future__ import annotations
 
 import copy
-import math
 import os
-import traceback
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +47,6 @@ TAG_KIND = "kind"
 TAG_SWEEP = "sweep"
 TAG_TASK = "task"
 TAG_TRIAL = "trial_id"
-TAG_PARENT = "mlflow.parentRunId"
 
 
 @dataclass(frozen=True)
@@ -68,6 +66,7 @@ class TrialSetup:
     parent_run_id: str
     sweep_name: str
     space_name: str
+    checkpoint_every: float = 60.0  # seconds between checkpoints besides the epochs that score val200 (0: every epoch)
     tags: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -95,8 +94,9 @@ def trial_config(setup: TrialSetup, params: Mapping[str, Any]):
 
 
 def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> None:
-    """Ray Tune function trainable: train one configuration, report (and checkpoint) every epoch, record the
-    child run. A trial restarted after its node died continues from its last checkpoint."""
+    """Ray Tune function trainable: train one configuration, record every epoch in the child run, report (and
+    checkpoint) the epochs that score val200 and one every ``setup.checkpoint_every`` seconds in between. A
+    trial restarted after its node died continues from its last checkpoint."""
     import tempfile
     from pathlib import Path
 
@@ -111,17 +111,18 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
     setup = setups[task]
     torch.set_num_threads(max(1, setup.threads))
     # Workers of a `ray start` cluster do not inherit the driver's environment: make every MLflow call in this
-    # process (pipeline.tracking's helpers included) use the sweep's store, never a default file here.
+    # process use the sweep's store, never a default file here.
     os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
     context = tune.get_context()
     trial_id = context.get_trial_id()
+    # A trial that finished before the sweep stopped is not trained again, whatever checkpoint Tune kept of it.
+    if report_recorded_result(setup, trial_id):
+        return
     resume_from = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume_from = TrainingState.load(Path(folder) / STATE_FILE)
-    elif report_recorded_result(setup, trial_id):
-        return
     folder = Path(tempfile.mkdtemp(prefix="dtl_trial_"))
     try:
         with child_run(setup, trial_id, context.get_trial_name(), incumbent, resume_from) as run:
@@ -129,21 +130,32 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
 
             trial = trial_config(setup, params)  # a bad configuration raises here: the trial is recorded FAILED
             resolved = trial.for_task(task)
-            run.log_params(resolved, params)
-            run.note_device(resolved.training.device)
+            record_trial(run, resolved, params, task)
+            note_device(run, resolved.training.device)
             last_epoch = resolved.training.epochs - 1
             log_epoch = run.epoch_logger()
-            saved: list[int] = []
+            latest: dict[str, Any] = {"state": None, "checkpointed": time.monotonic()}
 
             def save_state(state: TrainingState) -> None:
-                state.save(folder / STATE_FILE)
-                saved.append(state.epochs_done)
+                latest["state"] = state  # written out only if this epoch is reported (below)
 
             def report_epoch(epoch: int, metrics: dict) -> None:
                 log_epoch(epoch, metrics)
-                if epoch < last_epoch:  # the last epoch is reported after the run is closed (see below)
-                    state = tune.Checkpoint.from_directory(str(folder)) if saved and saved[-1] == epoch + 1 else None
-                    tune.report(tune_metrics(epoch, metrics), checkpoint=state)
+                if epoch >= last_epoch:  # the last epoch is reported after the run is closed (see below)
+                    return
+                # Each report costs the trial a round trip to the driver and a copy of the checkpoint to the
+                # sweep's storage (~0.5 s on 2 cores): report the epochs ASHA decides on, and otherwise
+                # checkpoint often enough (setup.checkpoint_every) that a lost node costs little.
+                scored = "val/accuracy" in metrics
+                if not scored and time.monotonic() - latest["checkpointed"] < setup.checkpoint_every:
+                    return
+                state = latest["state"]
+                checkpoint = None
+                if state is not None and state.epochs_done == epoch + 1:
+                    state.save(folder / STATE_FILE)
+                    checkpoint = tune.Checkpoint.from_directory(str(folder))
+                    latest["checkpointed"] = time.monotonic()
+                tune.report(tune_metrics(epoch, metrics), checkpoint=checkpoint)
 
             task_run = run_task(trial, task, seed=setup.seed, callbacks=[report_epoch], resume_from=resume_from,
                                 save_state=save_state)
@@ -151,7 +163,7 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
             final = {**tune_metrics(len(task_run.result.history) - 1, task_run.result.history[-1]),
                      **{k: float(summary[k]) for k in COST_METRICS if isinstance(summary.get(k), (int, float))},
                      CORRECT: encode_correct(task_run.result.correct["val"].tolist())}
-            run.finish(summary=summary, tags={CORRECT: final[CORRECT]})
+            record_result(run, summary, final[CORRECT])
     except Exception as err:  # the child run is closed FAILED with the traceback; Tune must not retry it
         tune.report({TRIAL_ERROR: f"{type(err).__name__}: {err}"[:1000]})
         return
@@ -166,15 +178,15 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
 def report_recorded_result(setup: TrialSetup, trial_id: str) -> bool:
     """On --resume: a trial whose MLflow run FINISHED before the sweep stopped (only its last report to Tune
     was lost) is not trained again; its recorded final metrics are reported instead."""
-    from mlflow.tracking import MlflowClient
+    import tracking
     from ray import tune
 
-    client = MlflowClient(setup.tracking_uri)
-    run = find_child_run(client, setup.experiment_id, setup.parent_run_id, trial_id)
+    run = find_child_run(setup, trial_id)
     if run is None or run.info.status != "FINISHED" or METRIC not in run.data.metrics:
         return False
-    history = client.get_metric_history(run.info.run_id, METRIC)
-    client.set_tag(run.info.run_id, "resumed", "reported from the recorded run, not retrained")
+    history = tracking.client(setup.tracking_uri).get_metric_history(run.info.run_id, METRIC)
+    tracking.Run(run.info.run_id, setup.tracking_uri).set_tags({"resumed": "reported from the recorded run, "
+                                                                           "not retrained"})
     recorded = {CORRECT: run.data.tags[CORRECT]} if CORRECT in run.data.tags else {}
     tune.report({TIME_ATTR: len(history), **run.data.metrics, **recorded})
     return True
@@ -188,136 +200,75 @@ def tune_metrics(epoch: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-class ChildRun:
-    """One trial's MLflow run, written with the client API (the trial may share its process with others)."""
+def find_child_run(setup: TrialSetup, trial_id: str):
+    """The MLflow run of ``trial_id`` under its task's parent run, or None."""
+    import tracking
 
-    def __init__(self, client, run_id: str):
-        self.client = client
-        self.run_id = run_id
-        self.closed = False
-
-    def log_params(self, resolved, params: Mapping[str, Any]) -> None:
-        """The trial's sampled values (``trial.<key>``) and the full configuration it trained (``model.rank``...)."""
-        from mlflow.entities import Param
-
-        from pipeline.tracking import flatten
-
-        values = {k: v for k, v in flatten(resolved.to_dict()).items() if not k.startswith("overrides")}
-        values.update({f"trial.{k}": v for k, v in plain(params).items()})
-        existing = self.client.get_run(self.run_id).data.params  # a resumed trial logged them already
-        new = [Param(k, "null" if v is None else str(v)) for k, v in values.items() if k not in existing]
-        for start in range(0, len(new), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=new[start:start + 100])
-
-    def note_device(self, device: str) -> None:
-        """Ray may reserve a (fractional) GPU that this process cannot see, e.g. logical GPUs of a test cluster:
-        say so once, and train on the CPU instead of failing."""
-        import sys
-
-        import ray
-        import torch
-
-        if device == "auto" and ray.get_gpu_ids() and not torch.cuda.is_available():
-            note = (f"Ray reserved GPU {ray.get_gpu_ids()} for this trial but no CUDA device is visible here: "
-                    "training on the CPU")
-            print(note, file=sys.stderr, flush=True)
-            self.client.set_tag(self.run_id, "device_note", note)
-
-    def epoch_logger(self):
-        """An engine callback logging each epoch's metrics to this run (step = epoch, as the pipeline)."""
-        import time
-
-        from mlflow.entities import Metric
-
-        def log(epoch: int, metrics: dict) -> None:
-            now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k.replace("/", "_"), float(v), now, epoch)
-                                                        for k, v in metrics.items() if k != "epoch"])
-
-        return log
-
-    def finish(self, status: str = "FINISHED", summary: Mapping[str, Any] | None = None,
-               error: str | None = None, tags: Mapping[str, str] | None = None) -> None:
-        if self.closed:
-            return
-        import time
-
-        from mlflow.entities import Metric
-
-        if summary:
-            now = int(time.time() * 1000)
-            metrics = [Metric(k.replace("/", "_"), float(v), now, 0) for k, v in summary.items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-                       and "/" not in k and k != "seed"]
-            if metrics:
-                self.client.log_batch(self.run_id, metrics=metrics)
-            for key in ("device", "precision", "prefix_cache"):  # how the trial ran (e.g. prefix cache: disk/off)
-                if isinstance(summary.get(key), str):
-                    self.client.set_tag(self.run_id, key, summary[key])
-        for key, value in (tags or {}).items():
-            self.client.set_tag(self.run_id, key, value)
-        if error:
-            self.client.set_tag(self.run_id, "error", error[:5000])
-        self.client.set_terminated(self.run_id, status)
-        self.closed = True
+    return tracking.Run.find(setup.experiment_id, setup.tracking_uri, parent=setup.parent_run_id,
+                             **{TAG_TRIAL: trial_id})
 
 
-def find_child_run(client, experiment_id: str, parent_run_id: str, trial_id: str):
-    runs = client.search_runs([experiment_id], filter_string=(
-        f"tags.`{TAG_PARENT}` = '{parent_run_id}' and tags.{TAG_TRIAL} = '{trial_id}'"), max_results=5)
-    return runs[0] if runs else None
+def note_device(run, device: str) -> None:
+    """Ray may reserve a (fractional) GPU that this process cannot see, e.g. logical GPUs of a test cluster: say
+    so once, and train on the CPU instead of failing."""
+    import sys
+
+    import ray
+    import torch
+
+    if device == "auto" and ray.get_gpu_ids() and not torch.cuda.is_available():
+        note = (f"Ray reserved GPU {ray.get_gpu_ids()} for this trial but no CUDA device is visible here: "
+                "training on the CPU")
+        print(note, file=sys.stderr, flush=True)
+        run.set_tags({"device_note": note})
+
+
+def record_trial(run, resolved, params: Mapping[str, Any], task: str) -> None:
+    """The trial's sampled values (``trial.<key>``), the full configuration it trains (``model.rank``...) and its
+    data (train800 and val200 as dataset inputs)."""
+    from pathlib import Path
+
+    from dtl.experiment import PROTOCOLS
+
+    values = {k: v for k, v in resolved.to_dict().items() if k != "overrides"}
+    run.log_params({**values, **{f"trial.{k}": v for k, v in plain(params).items()}})
+    protocol = PROTOCOLS[resolved.evaluation.protocol]
+    task_dir = Path(resolved.data.root) / task
+    run.log_dataset(f"{task}/{protocol.train}", task_dir / f"{protocol.train}.txt", "train")
+    for split in protocol.scored.values():
+        run.log_dataset(f"{task}/{split}", task_dir / f"{split}.txt", "validation")
+
+
+def record_result(run, summary: Mapping[str, Any], correct: str) -> None:
+    """The trial's final metrics and cost figures, how it ran, and which val images it got right."""
+    run.log_metrics({k: v for k, v in summary.items() if "/" not in k and k != "seed"})
+    run.set_tags({key: summary[key] for key in ("device", "precision", "prefix_cache")
+                  if isinstance(summary.get(key), str)})
+    run.set_tags({CORRECT: correct})
 
 
 @contextmanager
-def child_run(setup: TrialSetup, trial_id: str, trial_name: str, incumbent: bool,
-              resume_from=None) -> Iterator[ChildRun]:
-    """Open (or, for a restarted trial, reopen) the trial's child run; close it with a status whatever happens.
-    A trial restarted from a checkpoint (``resume_from``) keeps its run and its curve goes on from there."""
-    from mlflow.tracking import MlflowClient
+def child_run(setup: TrialSetup, trial_id: str, trial_name: str, incumbent: bool, resume_from=None):
+    """Open (or, for a restarted trial, reopen) the trial's child run and close it with its outcome. A trial
+    restarted from a checkpoint (``resume_from``) keeps its run, and its curve goes on from there. Tune stops a
+    trial by raising SystemExit in ``tune.report`` (an ASHA stop, or the whole sweep stopping): only the driver
+    knows which, so it sets that status."""
+    import tracking
 
-    from pipeline.tracking import git_commit
-
-    client = MlflowClient(setup.tracking_uri)
-    existing = find_child_run(client, setup.experiment_id, setup.parent_run_id, trial_id)
+    existing = find_child_run(setup, trial_id)
     if existing is not None:
-        run_id = existing.info.run_id
-        client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "resumed", "true")
-        if resume_from is not None:
-            restarts = int(existing.data.tags.get("restarts", "0")) + 1
-            client.set_tag(run_id, "restarts", str(restarts))
-            client.set_tag(run_id, "restarted_from_epoch", str(resume_from.epochs_done))
+        run = tracking.Run.reopen(existing.info.run_id, setup.tracking_uri)
+        # restarted after its worker died: from its last checkpoint, or from scratch if it had none yet
+        run.set_tags({"resumed": "true", "restarts": int(existing.data.tags.get("restarts", "0")) + 1,
+                      "restarted_from_epoch": resume_from.epochs_done if resume_from is not None else 0})
     else:
-        commit = git_commit()
-        tags = {
-            "mlflow.runName": f"{setup.task}-{trial_id}",
-            TAG_PARENT: setup.parent_run_id,
-            TAG_KIND: "sweep-trial",
-            TAG_SWEEP: setup.sweep_name,
-            "space": setup.space_name,
-            TAG_TASK: setup.task,
-            TAG_TRIAL: trial_id,
-            "trial_name": trial_name,
+        run = tracking.Run.create(setup.experiment_id, f"{setup.task}-{trial_id}", {
+            TAG_KIND: "sweep-trial", TAG_SWEEP: setup.sweep_name, "space": setup.space_name, TAG_TASK: setup.task,
+            TAG_TRIAL: trial_id, "trial_name": trial_name,
             "incumbent": str(incumbent).lower(),  # the task's current configuration, never stopped early
-            **({"git_commit": commit} if commit else {}),
-            **setup.tags,
-        }
-        run_id = client.create_run(setup.experiment_id, tags=tags).info.run_id
-    run = ChildRun(client, run_id)
-    try:
+            **setup.tags}, parent=setup.parent_run_id, uri=setup.tracking_uri)
+    with tracking.recorded(run, leave_open=(SystemExit,)):
         yield run
-    except SystemExit:
-        # Tune stops a trial by raising SystemExit in tune.report: an ASHA stop or the whole sweep stopping.
-        # Only the driver knows which, so it sets the status (FINISHED + stopped_early, or KILLED).
-        raise
-    except KeyboardInterrupt:
-        run.finish("KILLED")
-        raise
-    except BaseException as err:
-        run.finish("FAILED", error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
-        raise
-    else:
-        run.finish("FINISHED")
 
 
 def plain(values: Mapping[str, Any]) -> dict[str, Any]:

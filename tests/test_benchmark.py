@@ -101,7 +101,7 @@ def test_checkpointing_gives_the_plain_gradients(checkpointing, backbone_dtype, 
 
 
 def test_unknown_checkpointing_mode_is_an_error():
-    with pytest.raises(ValueError, match="grad_checkpointing must be one of False, True, 'mlp'"):
+    with pytest.raises(ValueError, match="model.grad_checkpointing: expected false, true or \"mlp\", got 'all'"):
         dtl.create_model(MICRO, "dtl", 5, grad_checkpointing="all")
 
 

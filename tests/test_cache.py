@@ -16,7 +16,7 @@ from dtl import cache
 from dtl.cache import PrefixCacheError, compute_frozen_features, prepare_prefix_cache
 from dtl.config import ConfigError, ExperimentConfig
 from dtl.engine import TrainConfig, train_and_evaluate
-from dtl.models import DTLModel
+from dtl.methods import DTLModel
 
 MICRO = "vit_micro_patch4_32"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,7 +167,7 @@ def test_drop_path_only_after_the_prefix_is_allowed():
     assert cache.cache_refusal(model) is None
 
 
-@pytest.mark.parametrize("method", ["lora", "full", "adapter"])
+@pytest.mark.parametrize("method", ["lora", "full", "adaptformer"])
 def test_methods_without_a_frozen_part_are_refused(method):
     model = dtl.create_model(MICRO, method, num_classes=5)
     with pytest.raises(PrefixCacheError, match=f"needs a model with a frozen part.*not '{method}'"):

@@ -95,12 +95,13 @@ def test_a_sweep_of_two_tasks_survives_a_lost_worker_node(tmp_path, data_root):
 
     with LocalCluster(workers=3, cpus_per_worker=1) as cluster:
         client = MlflowClient(cluster.tracking_uri)
-        command = sweep_command(tmp_path, data_root, epochs=8, image_size=32, space=SPACE, address=cluster.address)
+        command = sweep_command(tmp_path, data_root, epochs=8, image_size=32, space=SPACE, address=cluster.address,
+                                extra=("--checkpoint-every", "0"))  # a checkpoint after every epoch
         process = start(command, tmp_path, cluster.tracking_uri)
 
-        def busy() -> bool:  # three trials running, one of them with epochs reported
+        def busy() -> bool:  # three trials running, each with two epochs recorded (so one checkpoint at least)
             running = [r for r in children(client) if r.info.status == "RUNNING"]
-            return len(running) == 3 and any(client.get_metric_history(r.info.run_id, "train_loss")
+            return len(running) == 3 and all(len(client.get_metric_history(r.info.run_id, "train_loss")) >= 2
                                              for r in running)
 
         deadline = time.monotonic() + 300

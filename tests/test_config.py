@@ -25,7 +25,7 @@ def test_defaults_validate_and_overrides_merge_per_task():
     ({"model": {"method": "prompt"}}, "model.method: expected one of dtl, dtl_plus"),
     ({"model": {"rank": 0}}, "model.rank: expected null or an integer >= 1"),
     ({"model": {"drop_path": 1.5}}, "model.drop_path: expected a number in \\[0, 1\\)"),
-    ({"training": {"lr": -1}}, "training.lr: expected a number >= 0"),
+    ({"training": {"lr": -1}}, "training.lr: expected a number > 0"),
     ({"data": {"source": "imagenet"}}, "data.source: expected one of synthetic, vtab1k"),
     ({"data": {"tasks": []}}, "data.tasks: expected a non-empty list"),
     ({"evaluation": {"protocol": "test"}}, "evaluation.protocol: expected one of final, val"),
@@ -53,7 +53,7 @@ def test_model_options_pass_only_what_the_method_takes():
     config = ExperimentConfig.from_dict({"model": {"method": "lora", "rank": 8, "kernel_size": 3, "start_block": 4}})
     assert config.model.model_options() == {"rank": 8}
     config = ExperimentConfig.from_dict({"model": {"method": "dtl_plus", "kernel_size": 5}})
-    assert config.model.model_options() == {"beta": 100.0, "kernel_size": 5}
+    assert config.model.model_options() == {"kernel_size": 5}  # unset options: the method's defaults (beta 100)
 
 
 def test_paper_preset_matches_the_table_and_validates():
@@ -116,3 +116,75 @@ def test_run_task_end_to_end_on_a_synthetic_task(tmp_path):
     assert 0.0 <= summary["val/accuracy"] <= 1.0 and "test/accuracy" not in summary
     assert len(epochs) == 3 and epochs[-1]["train/loss"] < epochs[0]["train/loss"]
     assert summary["num_classes"] == run.model.head.out_features
+
+
+WRONG = {"list": [1, 2], "mapping": {"a": 1}, "text": "x", "number": 3.5, "flag": True}
+
+
+def wrong_values(field_type: str, name: str) -> list:
+    """Values of the wrong type for a field (a flag or a number where text is wanted, text where a number is...)."""
+    if name == "checkpoint":  # true, false or a path
+        return [WRONG["list"], WRONG["number"]]
+    if "dict" in field_type:
+        return [WRONG["list"], WRONG["text"]]
+    if "list" in field_type:
+        return [WRONG["text"], WRONG["mapping"]]
+    if "bool" in field_type and "str" not in field_type:
+        return [WRONG["text"], WRONG["list"]]
+    if "str" in field_type:
+        return [WRONG["number"], WRONG["list"]]
+    return [WRONG["text"], WRONG["list"], WRONG["mapping"]]  # numbers, and method options
+
+
+def every_field():
+    from dataclasses import fields
+
+    from dtl.config import _SECTIONS
+
+    for section, section_class in _SECTIONS.items():
+        for field in fields(section_class):
+            if field.name == "prefix_cache_dir" or field.name == "grad_clip":  # None or a value: below
+                continue
+            for value in wrong_values(str(field.type), field.name):
+                yield section, field.name, value
+
+
+@pytest.mark.parametrize("section, name, value", list(every_field()))
+def test_every_field_rejects_a_wrong_type_in_one_line_naming_it(tmp_path, section, name, value):
+    path = tmp_path / "params.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({section: {name: value}}))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and f"{section}.{name}" in message, message
+
+
+@pytest.mark.parametrize("field, text, expected", [
+    ("lr", "1e-4", 1e-4), ("min_lr", "1E-8", 1e-8), ("weight_decay", "5e-2", 0.05), ("label_smoothing", "1e-1", 0.1)])
+def test_numbers_written_1e_4_are_numbers(tmp_path, field, text, expected):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"training:\n  {field}: {text}\noverrides:\n  digits: {{{field}: {text}}}\n")
+    config = load_config(path)
+    assert getattr(config.training, field) == expected  # YAML 1.1 reads 1e-4 as text
+    assert getattr(config.for_task("digits").training, field) == expected
+
+
+def test_backbone_dependent_settings_fail_before_training_with_the_key(tmp_path):
+    from dtl.experiment import check_run
+
+    config = ExperimentConfig.from_dict({"model": {"checkpoint": False, "start_block": 99}})
+    with pytest.raises(ConfigError, match="start_block must be in 0..11 for this backbone, got 99"):
+        check_run(config, "digits", 800, 10)
+    config = ExperimentConfig.from_dict({"model": {"checkpoint": False, "kernel_size": 9}})
+    with pytest.raises(ConfigError, match="kernel_size=9 is larger than the smallest token grid.*use at most 8"):
+        check_run(config, "digits", 800, 10)
+    config = ExperimentConfig.from_dict({"model": {"checkpoint": False}, "overrides": {"digits": {"batch_size": 900}}})
+    with pytest.raises(ConfigError, match="overrides.digits / training.batch_size: 900 is larger than the 800 images"):
+        check_run(config, "digits", 800, 10)
+    if not torch.cuda.is_available():
+        config = ExperimentConfig.from_dict({"model": {"checkpoint": False}, "training": {"device": "cuda"}})
+        with pytest.raises(ConfigError, match="training.device is 'cuda' but no CUDA device is available here"):
+            check_run(config, "digits", 800, 10)
+    check_run(ExperimentConfig.from_dict({"model": {"checkpoint": False}}), "digits", 800, 10)  # the default runs

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import dtl
-from dtl.models import METHODS, DTLModel
+from dtl.methods import DTLModel
 
 MICRO = "vit_micro_patch4_32"
 
@@ -62,7 +62,7 @@ def test_acceptance_parameter_count_dtl_plus_k3():
     assert dtl.trainable_parameters(model) == 120_676
 
 
-@pytest.mark.parametrize("method,expected", [("lora", 294_912), ("adapter", 156_768), ("linear", 0),
+@pytest.mark.parametrize("method,expected", [("lora", 294_912), ("adaptformer", 156_768), ("linear", 0),
                                              ("full", 85_798_656)])
 def test_baseline_parameter_counts(method, expected):
     # LoRA r=8 on qkv: 0.29M (paper table); AdaptFormer bottleneck 8: 0.16M; full: ViT-B/16 without head.
@@ -220,11 +220,11 @@ def test_suffix_drop_path_scope_changes_nothing_in_blocks_up_to_m(backbone, star
         dtl.create_model(MICRO, "dtl", num_classes=3, drop_path_scope="prefix")
 
 
-def test_lora_and_adapter_start_equal_to_the_backbone_and_train_only_their_parameters():
+def test_lora_and_adaptformer_start_equal_to_the_backbone_and_train_only_their_parameters():
     images = torch.randn(2, 3, 32, 32)
     torch.manual_seed(0)  # the same seed gives the same random backbone
     linear = dtl.create_model(MICRO, "linear", num_classes=3).eval()
-    for method in ("lora", "adapter"):
+    for method in ("lora", "adaptformer"):
         torch.manual_seed(0)
         model = dtl.create_model(MICRO, method, num_classes=3).eval()
         model.head.load_state_dict(linear.head.state_dict())
@@ -248,7 +248,7 @@ def test_bad_options_raise_clear_errors():
         dtl.create_model("swin_tiny_patch4_window7_224", "dtl", num_classes=3, start_block=6, extract_start=0)
     with pytest.raises(ValueError, match="ViT backbones only"):
         dtl.create_model("swin_tiny_patch4_window7_224", "lora", num_classes=3)
-    assert set(METHODS) == {"dtl", "dtl_plus", "linear", "full", "lora", "adapter"}
+    assert {"dtl", "dtl_plus", "linear", "full", "lora", "adaptformer"} <= set(dtl.available_methods())
 
 
 def test_import_dtl_pulls_in_no_orchestration_library():

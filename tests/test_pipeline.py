@@ -13,8 +13,10 @@ import pytest
 import yaml
 
 from dtl.config import ConfigError
+from dtl.config import load_config as load_params
+from dtl.config import read_best, write_best
 from pipeline import params as pipeline_params
-from pipeline.params import check_dvc_entries, load_params, load_pipeline_settings, read_best, write_best
+from pipeline.params import check_dvc_entries, load_pipeline_settings
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -38,10 +40,10 @@ def params_file(tmp_path: Path, edit=None, name: str = "params.yaml") -> Path:
 def test_committed_params_and_best_load_and_cover_every_task():
     from dtl.data import SYNTHETIC_TASKS, VTAB_TASKS
 
-    config = load_params()
+    config = load_params(pipeline_params.DEFAULT_PARAMS, pipeline_params.DEFAULT_BEST)
     assert config.data.source == "synthetic" and config.model.checkpoint is True
     check_dvc_entries()  # every task of data.tasks has both templated params entries
-    best = read_best()
+    best = read_best(pipeline_params.DEFAULT_BEST)
     assert set(VTAB_TASKS) | set(SYNTHETIC_TASKS) <= set(best)
     assert load_pipeline_settings().mlflow_experiment
 
@@ -80,6 +82,7 @@ def test_params_errors_name_the_key_and_what_is_allowed(tmp_path, edit, expected
     path = params_file(tmp_path, edit)
     with pytest.raises(ConfigError) as err:
         load_params(path, tmp_path / "no-best.yaml")
+        load_pipeline_settings(path)  # the pipeline's own section
     message = str(err.value)
     assert str(path) in message
     for fragment in expected:
@@ -188,8 +191,8 @@ def test_report_group_means_match_hand_computed_values(tmp_path, monkeypatch):
     assert metrics["test"]["group_mean"] == pytest.approx(0.8166666) and metrics["test"]["Natural"] == pytest.approx(0.80)
     assert all(isinstance(v, (int, float)) for v in metrics["test"].values())  # DVC metrics: numbers only
     assert (outputs / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = json.loads((outputs / "report_tasks.json").read_text())
-    assert [r["task"] for r in rows] == list(table) and rows[0]["test_accuracy"] == 0.70
+    rows = json.loads((outputs.parent / "plots" / "tasks.json").read_text())  # git-tracked, next to outputs/
+    assert [r["task"] for r in rows] == list(table) and rows[0]["test_acc"] == 0.70
 
     import mlflow
 
@@ -257,6 +260,91 @@ def test_prepare_on_a_broken_vtab_folder_lists_every_problem_and_keeps_old_outpu
     assert "prepare failed" in err
     assert "eurosat/test.txt" in err and "images/a.jpg does not exist" in err and "dtd/train800.txt" in err
     assert (outputs / "prepare" / "manifest.json").read_text() == '{"old": true}'
+
+
+def vtab_task(root: Path, task: str = "my_task", modes=("RGB",), name: str = "img {i}.png", crlf: bool = False,
+              num_classes: int = 3) -> Path:
+    """A small VTAB-format task folder: images in several PIL modes, paths with a space, optional CRLF lines."""
+    import numpy as np
+    from PIL import Image
+
+    folder = root / task
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(8):
+        mode = modes[i % len(modes)]
+        image = Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).convert(mode)
+        path = folder / "images" / name.format(i=i)
+        image.save(path.with_suffix(".jpg") if mode == "CMYK" else path)
+        lines.append(f"images/{(path.with_suffix('.jpg') if mode == 'CMYK' else path).name} {i % num_classes}")
+    end = "\r\n" if crlf else "\n"
+    for split, chosen in (("train800", lines[:4]), ("val200", lines[4:6]), ("train800val200", lines[:6]),
+                          ("test", lines[6:])):
+        (folder / f"{split}.txt").write_text(end.join(chosen) + end, newline="")
+    return folder
+
+
+def prepare_vtab(tmp_path: Path, root: Path, task: str = "my_task", **data) -> tuple[int, str]:
+    from pipeline import prepare
+
+    path = params_file(tmp_path, lambda p: (p["data"].update(source="vtab1k", root=str(root), tasks=[task], **data),
+                                            p["training"].update(batch_size=2),
+                                            p.update(overrides={task: {}})))
+    best = write_yaml(tmp_path / "best.yaml", {task: {}})
+    try:
+        prepare.main(["--params", str(path), "--best", str(best), "--outputs", str(tmp_path / "outputs")])
+    except SystemExit as exit_info:
+        return exit_info.code, ""
+    return 0, ""
+
+
+def test_prepare_accepts_cmyk_rgba_palette_and_grey_images_paths_with_spaces_and_crlf_lists(tmp_path, monkeypatch):
+    monkeypatch.setenv("DTL_CACHE_DIR", str(tmp_path / "cache" / "prefix"))
+    root = tmp_path / "vtab"
+    vtab_task(root, modes=("CMYK", "RGBA", "P", "L", "RGB"), crlf=True)
+    code, _ = prepare_vtab(tmp_path, root, num_classes={"my_task": 3})
+    assert code == 0
+    record = json.loads((tmp_path / "outputs" / "prepare" / "my_task.json").read_text())
+    assert record["images"] == {"train800": 4, "val200": 2, "train800val200": 6, "test": 2}
+    checked = list((tmp_path / "cache" / "checked_images").glob("*.json"))
+    assert len(checked) == 1 and len(json.loads(checked[0].read_text())) == 8  # each image decoded once
+
+
+@pytest.mark.parametrize("defect, expected", [
+    ("missing list", "my_task/test.txt: list file does not exist"),
+    ("no label", "my_task/train800.txt:2: expected 'relative/path/to/image <integer label>'"),
+    ("label out of range", "my_task/train800.txt:1: label 7 is outside [0, 3)"),
+    ("missing image", "does not exist"),
+    ("truncated jpeg", "cannot read image"),
+    ("not an image", "cannot read image"),
+    ("no class count", "data.num_classes: {my_task: <classes>}"),
+])
+def test_prepare_names_each_defect_of_a_vtab_folder_without_a_traceback(tmp_path, capsys, monkeypatch, defect,
+                                                                        expected):
+    monkeypatch.setenv("DTL_CACHE_DIR", str(tmp_path / "cache" / "prefix"))
+    root = tmp_path / "vtab"
+    folder = vtab_task(root, modes=("RGB",), name="img{i}.jpg")
+    data = {} if defect == "no class count" else {"num_classes": {"my_task": 3}}
+    train = folder / "train800.txt"
+    if defect == "missing list":
+        (folder / "test.txt").unlink()
+    elif defect == "no label":
+        train.write_text(train.read_text().replace("images/img1.jpg 1", "images/img1.jpg"))
+    elif defect == "label out of range":
+        train.write_text(train.read_text().replace("images/img0.jpg 0", "images/img0.jpg 7"))
+    elif defect == "missing image":
+        (folder / "images" / "img2.jpg").unlink()
+    elif defect == "truncated jpeg":
+        data_bytes = (folder / "images" / "img3.jpg").read_bytes()
+        (folder / "images" / "img3.jpg").write_bytes(data_bytes[: len(data_bytes) // 2])
+    elif defect == "not an image":
+        (folder / "images" / "img3.jpg").write_text("this is not a JPEG")
+    code, _ = prepare_vtab(tmp_path, root, **data)
+    err = capsys.readouterr().err
+    assert code == 1 and "prepare failed" in err and expected in err and "Traceback" not in err, err
+    if defect in ("truncated jpeg", "not an image"):
+        assert "my_task/train800.txt:4: cannot read image" in err  # the list file and line that name it
 
 
 def test_prepare_never_overwrites_a_folder_the_generator_did_not_write(tmp_path, capsys):
@@ -335,7 +423,7 @@ def test_prepare_train_evaluate_report_on_a_tiny_task(tiny_pipeline):
     assert (train_dir / "seed42.safetensors").stat().st_size < 100_000  # kilobytes, not the backbone
     config = json.loads((train_dir / "config.json").read_text())
     assert config["training"]["lr"] == 0.01 and config["model"]["kernel_size"] == 5  # override + sweep winner
-    history = (outputs / "history" / "digits.tsv").read_text().splitlines()
+    history = (outputs.parent / "plots" / "curves" / "digits.tsv").read_text().splitlines()
     assert history[0].split("\t") == ["epoch", "lr", "train_loss", "train_accuracy"] and len(history) == 3
     summary = json.loads((train_dir / "summary.json").read_text())
     trained_accuracy = summary["per_seed"][0]["test/accuracy"]
@@ -352,21 +440,27 @@ def test_prepare_train_evaluate_report_on_a_tiny_task(tiny_pipeline):
 
     runs = mlflow.search_runs(experiment_names=["pipeline-test"], output_format="list")
     by_stage = {r.data.tags["dvc_stage"]: r for r in runs}
-    assert set(by_stage) == {"train@digits", "report"}  # evaluate adds to the task's run
+    assert set(by_stage) == {"train@digits", "evaluate@digits", "report"}  # one run per stage, its own duration
     run = by_stage["train@digits"]
     assert run.info.status == "FINISHED" and run.info.run_id == summary["mlflow"]["run_id"]
+    evaluated = by_stage["evaluate@digits"]
+    assert evaluated.data.tags["mlflow.parentRunId"] == run.info.run_id and evaluated.info.status == "FINISHED"
+    assert evaluated.info.start_time >= run.info.end_time  # the train run does not stay open until evaluation
+    assert evaluated.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     tags = run.data.tags
-    assert (tags["task"], tags["data_source"], tags["method"], tags["dvc_stage_evaluate"]) == \
-           ("digits", "vtab1k", "dtl_plus", "evaluate@digits")
+    assert (tags["task"], tags["data_source"], tags["method"]) == ("digits", "vtab1k", "dtl_plus")
     assert "git_commit" in tags and tags["report_run_id"] == by_stage["report"].info.run_id
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}  # the UI's Dataset column
+    assert set(inputs) == {"digits/train800val200"} and inputs["digits/train800val200"].tags[0].value == "train"
+    assert {d.dataset.name for d in evaluated.inputs.dataset_inputs} == {"digits/test"}
     assert run.data.params["training.lr"] == "0.01" and run.data.params["model.kernel_size"] == "5"
     assert run.data.metrics["eval_test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     client = mlflow.tracking.MlflowClient()
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0, 1]
-    artifacts = {a.path for folder in ("train", "evaluate", "report")
-                 for a in client.list_artifacts(run.info.run_id, folder)}
-    assert {"train/seed42.safetensors", "train/summary.json", "evaluate/digits.json", "evaluate/digits.details.json",
-            "report/report.md"} <= artifacts
+    artifacts = {a.path for folder in ("train", "report") for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"train/seed42.safetensors", "train/summary.json", "report/report.md"} <= artifacts
+    assert {a.path for a in client.list_artifacts(evaluated.info.run_id, "evaluate")} == {
+        "evaluate/digits.json", "evaluate/digits.details.json"}
 
 
 def test_two_seeds_and_the_val_protocol(tiny_pipeline):
@@ -399,7 +493,8 @@ def test_two_seeds_and_the_val_protocol(tiny_pipeline):
     assert "test/accuracy" not in summary["per_seed"][0]  # the test split is not looked at while training
     runs = mlflow.search_runs(experiment_names=["pipeline-test"], output_format="list")
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                and r.data.tags["dvc_stage"] == "train@digits"]  # the seeds (the evaluate run is a child too)
     assert sorted(r.data.tags["seed"] for r in children) == ["1", "2"]
     assert all(r.info.status == "FINISHED" and "train_loss" in r.data.metrics for r in children)
 
@@ -416,39 +511,169 @@ def test_train_of_a_task_outside_data_tasks_fails_clearly(tiny_pipeline, capsys)
 # ------------------------------------------------------------------------------------------ dvc repro
 
 
-@pytest.mark.slow
-def test_dvc_repro_end_to_end_then_noop(tmp_path):
-    """A copy of the repository with a tiny params.yaml: `dvc repro` runs every stage, then does nothing."""
-    work = tmp_path / "repo"
-    work.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", "pyproject.toml"):
-        shutil.copy(REPO / name, work / name)
-    for folder in ("dtl", "pipeline", "sweeps"):
-        shutil.copytree(REPO / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    raw = copy.deepcopy(COMMITTED)
-    raw["data"].update(tasks=["digits", "patterns"], num_test=64)
-    raw["training"].update(epochs=1, warmup_epochs=0, prefix_cache_dir=str(tmp_path / "prefix-cache"))
-    raw["model"]["checkpoint"] = (REPO / "dtl/weights/vit_micro_patch4_32.safetensors").is_file()
-    raw["overrides"] = {"digits": {}, "patterns": {}}
-    write_yaml(work / "params.yaml", raw)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DTL_PYTHON": sys.executable,
-           "DTL_CACHE_DIR": str(tmp_path / "prefix-cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
-    dvc = [str(Path(sys.executable).parent / "dvc")]
+class RepoCopy:
+    """A copy of the repository with a tiny params.yaml, its own DVC (and git, if asked) and MLflow store."""
 
-    def run(*args: str) -> str:
-        out = subprocess.run(dvc + list(args), cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    def __init__(self, tmp_path: Path, *, tasks=("digits", "patterns"), epochs: int = 1, git: bool = False):
+        self.tmp = tmp_path
+        self.work = tmp_path / "repo"
+        self.work.mkdir()
+        for name in ("dvc.yaml", ".dvcignore", "pyproject.toml", ".gitignore"):
+            shutil.copy(REPO / name, self.work / name)
+        for folder in ("dtl", "pipeline", "sweeps", "tracking"):
+            shutil.copytree(REPO / folder, self.work / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        raw = copy.deepcopy(COMMITTED)
+        raw["data"].update(tasks=list(tasks), num_test=64)
+        raw["training"].update(epochs=epochs, warmup_epochs=0, prefix_cache_dir=str(tmp_path / "prefix-cache"))
+        raw["model"]["checkpoint"] = (REPO / "dtl/weights/vit_micro_patch4_32.safetensors").is_file()
+        raw["overrides"] = {task: {} for task in tasks}
+        write_yaml(self.work / "params.yaml", raw)
+        write_yaml(self.work / "sweeps" / "best.yaml", {task: {} for task in tasks})
+        self.env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DTL_PYTHON": sys.executable,
+                    "DTL_CACHE_DIR": str(tmp_path / "prefix-cache"),
+                    "MLFLOW_TRACKING_URI": f"sqlite:///{self.work}/mlflow.db",
+                    "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                    "GIT_COMMITTER_EMAIL": "t@t"}
+        self.dvc_path = str(Path(sys.executable).parent / "dvc")
+        if not (self.work / "dtl/weights/vit_micro_patch4_32.safetensors").is_file():
+            (self.work / "dtl/weights").mkdir(exist_ok=True)
+            (self.work / "dtl/weights/vit_micro_patch4_32.safetensors").write_bytes(b"placeholder: random-init run")
+        if git:
+            for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
+                subprocess.run(["git", *args], cwd=self.work, env=self.env, check=True, capture_output=True)
+            self.dvc("init", "-q")
+            subprocess.run(["git", "commit", "-qam", "dvc init"], cwd=self.work, env=self.env, check=True,
+                           capture_output=True)
+        else:
+            self.dvc("init", "--no-scm")
+
+    def dvc(self, *args: str, timeout: float = 900) -> str:
+        out = subprocess.run([self.dvc_path, *args], cwd=self.work, env=self.env, capture_output=True, text=True,
+                             timeout=timeout)
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout
 
-    run("init", "--no-scm")
-    if not (work / "dtl/weights/vit_micro_patch4_32.safetensors").is_file():
-        (work / "dtl/weights").mkdir(exist_ok=True)
-        (work / "dtl/weights/vit_micro_patch4_32.safetensors").write_bytes(b"placeholder: random-init run")
-    run("repro")
-    shown = json.loads(run("metrics", "show", "--json"))
+    def runs(self) -> list:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.env["MLFLOW_TRACKING_URI"])
+        experiment = client.get_experiment_by_name("dtl-pipeline")
+        return client.search_runs([experiment.experiment_id], max_results=1000) if experiment else []
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end_then_noop(tmp_path):
+    """A copy of the repository with a tiny params.yaml: `dvc repro` runs every stage, then does nothing."""
+    repo = RepoCopy(tmp_path)
+    repo.dvc("repro")
+    shown = json.loads(repo.dvc("metrics", "show", "--json"))
     text = json.dumps(shown)
-    assert "outputs/evaluate/digits.json" in text and "outputs/evaluate/patterns.json" in text
-    assert "test_accuracy" in text
-    second = run("repro")
+    assert "metrics/digits.json" in text and "metrics/patterns.json" in text and "metrics/summary.json" in text
+    assert "test_acc" in text
+    second = repo.dvc("repro")
     assert "didn't change" in second or "up to date" in second
     assert not any(f"Running stage '{s}" in second for s in ("prepare", "train", "evaluate", "report"))
+    assert max(len(line) for line in repo.dvc("metrics", "show").splitlines()) <= 120  # fits a terminal
+    check_plots_render_offline(repo)
+
+
+def check_plots_render_offline(repo: RepoCopy) -> None:
+    """`dvc plots show` with the shipped template: a page that loads nothing from the network, whose inline
+    script defines vegaEmbed (run in node when there is one), and whose every chart renders with no network."""
+    import re
+    import shutil as sh
+
+    import vl_convert
+
+    from pipeline import plots_page
+
+    plots_page.install(repo.work)
+    repo.dvc("plots", "show")
+    html = (repo.work / "dvc_plots" / "index.html").read_text()
+    assert not re.search(r"<script[^>]+src=", html) and "cdn.jsdelivr" not in html  # nothing fetched
+    specs = [json.loads(s) for s in re.findall(r"var spec = (\{.*?\});\s*vegaEmbed", html, re.S)]
+    assert len(specs) >= 5  # the curves of both tasks and the report's per-task plots
+    for spec in specs:
+        svg = vl_convert.vegalite_to_svg(spec)
+        assert svg.startswith("<svg") and ("<path" in svg or "<text" in svg)
+    if sh.which("node"):
+        bundle = re.search(r'<script type="text/javascript">\n(.*?)\n    </script>', html, re.S).group(1)
+        (repo.tmp / "bundle.js").write_text(bundle)
+        # a browser's globals, no DOM: the bundle must load and define vegaEmbed without fetching anything
+        probe = ("const vm = require('vm'); const ctx = {console, setTimeout, clearTimeout, setInterval, "
+                 "clearInterval, structuredClone, URL, TextEncoder, TextDecoder}; ctx.window = ctx; ctx.self = ctx; "
+                 "vm.createContext(ctx); vm.runInContext(require('fs').readFileSync(process.argv[1], 'utf8'), ctx); "
+                 "console.log(typeof ctx.vegaEmbed);")
+        out = subprocess.run(["node", "-e", probe, str(repo.tmp / "bundle.js")], capture_output=True, text=True)
+        assert out.stdout.strip() == "function", out.stderr[-500:]
+
+
+@pytest.mark.slow
+def test_sigterm_to_dvc_alone_stops_its_stage_and_leaves_nothing_behind(tmp_path):
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    repo = RepoCopy(tmp_path, tasks=("digits",), epochs=40)
+    raw = yaml.safe_load((repo.work / "params.yaml").read_text())
+    raw["training"]["prefix_cache"] = "off"  # a slow train stage: the whole backbone every epoch
+    write_yaml(repo.work / "params.yaml", raw)
+    log = open(tmp_path / "repro.log", "w")
+    dvc = subprocess.Popen([repo.dvc_path, "repro"], cwd=repo.work, env=repo.env, stdout=log,
+                           stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stages() -> list:
+        return [p for p in psutil.process_iter(["cmdline"])
+                if "pipeline.train" in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid()]
+
+    deadline = time.monotonic() + 300
+    while not (stages() and "epoch 2/40" in (tmp_path / "repro.log").read_text()):
+        assert dvc.poll() is None and time.monotonic() < deadline, (tmp_path / "repro.log").read_text()
+        time.sleep(1)
+    os.kill(dvc.pid, signal.SIGTERM)  # DVC alone, as a user or a job scheduler sends it
+    dvc.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while stages() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not stages(), "the train stage outlived dvc repro"
+    assert not list((repo.work / "outputs" / "train").glob(".digits.*.tmp"))
+    assert [r.info.status for r in repo.runs()] == ["KILLED"]
+
+    raw["training"]["epochs"] = 2
+    write_yaml(repo.work / "params.yaml", raw)
+    repo.dvc("repro")
+    runs = repo.runs()
+    finished = sorted(r.data.tags["dvc_stage"] for r in runs if r.info.status == "FINISHED")
+    assert finished == ["evaluate@digits", "report", "train@digits"]  # one per stage
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert not list((repo.work / "outputs" / "train").glob(".digits.*.tmp"))
+
+
+@pytest.mark.slow
+def test_experiments_compare_and_the_default_comes_back_from_the_cache(tmp_path):
+    import time
+
+    repo = RepoCopy(tmp_path, epochs=2, git=True)
+    repo.dvc("exp", "run", "-n", "default")
+    repo.dvc("exp", "run", "-n", "linear", "-S", "model.method=linear")
+    shown = json.loads(repo.dvc("exp", "show", "--json"))
+    accuracy = {}
+    for entry in shown:
+        for experiment in entry.get("experiments") or []:
+            for rev in experiment["revs"]:
+                metrics = rev["data"]["metrics"]
+                accuracy[rev["name"]] = {path: data["data"]["test_acc"] for path, data in metrics.items()}
+    assert set(accuracy) >= {"default", "linear"}
+    for name in ("default", "linear"):
+        assert {"metrics/digits.json", "metrics/patterns.json", "metrics/summary.json"} <= set(accuracy[name])
+    started = time.perf_counter()
+    repo.dvc("exp", "apply", "default")
+    assert time.perf_counter() - started < 60
+    assert yaml.safe_load((repo.work / "params.yaml").read_text())["model"]["method"] == "dtl_plus"
+    status = repo.dvc("status")
+    assert "up to date" in status or "changed" not in status, status
+    assert json.loads((repo.work / "metrics" / "digits.json").read_text())["test_acc"] == \
+        accuracy["default"]["metrics/digits.json"]
+    assert max(len(line) for line in repo.dvc("metrics", "show").splitlines()) <= 120

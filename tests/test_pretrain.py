@@ -1,4 +1,4 @@
-"""Smoke tests of the embedded backbone's pretraining (pipeline/pretrain.py) and of the scene renderer."""
+"""Smoke tests of the embedded backbone's pretraining (tools/pretrain_embedded.py) and of the scene renderer."""
 from __future__ import annotations
 
 import importlib.util
@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def pretrain() -> ModuleType:
     """The script as a module (``pipeline`` need not be a package)."""
-    spec = importlib.util.spec_from_file_location("pretrain_script", REPO_ROOT / "pipeline" / "pretrain.py")
+    spec = importlib.util.spec_from_file_location("pretrain_script", REPO_ROOT / "tools" / "pretrain_embedded.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

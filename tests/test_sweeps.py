@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -48,7 +49,7 @@ FAILING_SPACE = {
     "scheduler": {"grace_period": 1, "reduction_factor": 2},
     "params": {
         "method": {"type": "categorical", "choices": ["dtl_plus", "dtl"]},
-        "kernel_size": {"type": "int", "low": 3, "high": 5, "when": {"method": "dtl_plus"}},
+        "kernel_size": {"type": "int", "low": 3, "high": 4, "when": {"method": "dtl_plus"}},  # 16 px: a 4 x 4 grid
         "rank": {"type": "int", "low": 1, "high": 16, "log": True},
         "lr": {"type": "categorical", "choices": [1.0e6, 0.003]},
     },
@@ -70,8 +71,8 @@ def write_yaml(path: Path, data) -> Path:
 
 
 def test_shipped_spaces_load_with_the_design_ranges():
-    assert {"dtl", "dtl_plus", "lora", "adapter"} <= set(available_spaces())
-    for name in ("dtl", "dtl_plus", "lora", "adapter"):
+    assert {"dtl", "dtl_plus", "lora", "adaptformer"} <= set(available_spaces())
+    for name in ("dtl", "dtl_plus", "lora", "adaptformer"):
         space = load_space(name)
         params = {p.name: p for p in space.resolve(12).params}
         assert (params["rank"].low, params["rank"].high) == (1, 16)
@@ -167,7 +168,8 @@ def test_the_current_configuration_is_the_first_point_when_it_lies_in_the_space(
 
     params = {**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "root": "/abs/data"}}
     space = load_space("dtl_plus").resolve(12)
-    paper = {"extract_start": 0, "start_block": 6, "rank": 2, "kernel_size": 3}
+    # a backbone family whose paper settings are ViT's
+    paper = SimpleNamespace(paper_defaults={"extract_start": 0, "start_block": 6, "rank": 2, "kernel_size": 3})
     base = ExperimentConfig.from_dict({**params, "overrides": {TASK: {"lr": 0.002, "kernel_size": 5}}})
     point, why_not = space.start_point(current_settings(base, TASK, space, paper))
     # null rank/start block take the paper's values; overrides win; only the space's parameters are kept
@@ -244,7 +246,7 @@ def test_a_space_without_training_uses_the_pipelines_schedule(tmp_path):
     from dtl.config import ExperimentConfig
     from sweeps.driver import plan_task
 
-    params = {**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "root": "/abs/data"},
+    params = {**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "root": "/abs/data", "image_size": None},
               "training": {**TINY_PARAMS["training"], "epochs": 20, "warmup_epochs": 2},
               "overrides": {TASK: {"epochs": 16}}}
     base = ExperimentConfig.from_dict(params)
@@ -259,10 +261,10 @@ def test_a_space_without_training_uses_the_pipelines_schedule(tmp_path):
 
 
 def test_the_shipped_spaces_work_unchanged_with_the_paper_schedule():
-    from pipeline.params import load_params
+    from dtl.config import load_config
     from sweeps.driver import plan_task
 
-    config = load_params(REPO / "params" / "vit_b16_vtab1k.yaml", None)
+    config = load_config(REPO / "params" / "vit_b16_vtab1k.yaml")
     plan = plan_task(config, "dsprites_ori", load_space("dtl_plus"))
     assert (plan.epochs, plan.grace_epochs, config.training.warmup_epochs) == (110, 28, 10)
     assert plan.start == {"method": "dtl_plus", "kernel_size": 5, "rank": 2, "start_block": 6, "lr": 0.0008,
@@ -376,8 +378,6 @@ def test_one_searcher_per_task_behind_one_tune_searcher():
 
 
 def test_asha_compares_trials_within_a_task_and_never_stops_the_incumbent():
-    from types import SimpleNamespace
-
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     from sweeps.search import TaskASHA
@@ -585,10 +585,10 @@ def test_cli_errors_come_before_any_work(sweep_factory, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "grace_period (2: epoch 2 of 4) must exceed the trials' warmup_epochs (2)" in err
     assert "Traceback" not in err
-    from pipeline.params import load_params
+    from dtl.config import load_config
     from sweeps.driver import plan_task
 
-    assert plan_task(load_params(sweep.params), TASK, load_space(warming), "fifo").epochs == 4
+    assert plan_task(load_config(sweep.params), TASK, load_space(warming), "fifo").epochs == 4
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -689,3 +689,58 @@ def test_address_joins_a_ray_start_cluster(sweep_factory):
         Sweep.kill_group(head, signal.SIGTERM)
         time.sleep(3)
         Sweep.kill_group(head, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda s: s.update(method=["dtl"]), "method: expected one of"),
+    (lambda s: s.update(num_samples="ten"), "num_samples: expected an integer >= 1"),
+    (lambda s: s.update(description=3), "description: expected text"),
+    (lambda s: s.update(training=[1]), "training: expected a mapping"),
+    (lambda s: s.update(training={"lr": "fast"}), "training.lr: expected a number > 0"),
+    (lambda s: s.update(scheduler=[2]), "scheduler: expected a mapping"),
+    (lambda s: s["scheduler"].update(reduction_factor="3"), "scheduler.reduction_factor: expected an integer >= 2"),
+    (lambda s: s.update(params=[1]), "params: expected a non-empty mapping"),
+    (lambda s: s["params"].update(rank=[1, 16]), "params.rank: expected a mapping"),
+    (lambda s: s["params"]["rank"].update(type=3), "params.rank.type: expected one of int, float, categorical"),
+    (lambda s: s["params"]["rank"].update(log="yes"), "params.rank.log: expected true or false"),
+    (lambda s: s["params"]["rank"].update(low=[1]), "params.rank.low: expected an integer"),
+    (lambda s: s["params"]["method"].update(choices="dtl"), "params.method.choices: expected a non-empty list"),
+    (lambda s: s["params"]["method"].update(choices=[{"a": 1}]), "params.method.choices: expected plain values"),
+    (lambda s: s["params"]["kernel_size"].update(when=["dtl_plus"]), "params.kernel_size.when: expected a mapping"),
+])
+def test_every_space_field_rejects_a_wrong_type_in_one_line(tmp_path, edit, expected):
+    raw = yaml.safe_load((REPO / "sweeps/spaces/dtl_plus.yaml").read_text())
+    edit(raw)
+    path = write_yaml(tmp_path / "bad.yaml", raw)
+    with pytest.raises(SpaceError) as err:
+        load_space(path)
+    assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_space_written_1e_4_reads_numbers(tmp_path):
+    raw = (REPO / "sweeps/spaces/dtl_plus.yaml").read_text().replace("low: 1.0e-4", "low: 1e-4")
+    path = tmp_path / "space.yaml"
+    path.write_text(raw)
+    lr = next(p for p in load_space(path).params if p.name == "lr")
+    assert lr.low == 1e-4 and isinstance(lr.low, float)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda s: s["params"]["start_block"].update(high=40),
+     "params.start_block.high: 40 cannot be trained with vit_micro_patch4_32: start_block must be in 0..11"),
+    (lambda s: s["params"]["weight_decay"].update(low=-1.0),
+     "params.weight_decay.low: -1.0 cannot be trained with vit_micro_patch4_32: expected a number >= 0"),
+    (lambda s: s["params"]["kernel_size"].update(high=9), "params.kernel_size.high: 9 cannot be trained"),
+])
+def test_a_space_is_checked_against_the_backbone_before_any_trial(tmp_path, edit, expected):
+    from dtl.config import ExperimentConfig
+    from sweeps.driver import plan_task
+    from sweeps.state import SweepError
+
+    raw = yaml.safe_load((REPO / "sweeps/spaces/dtl_plus.yaml").read_text())
+    edit(raw)
+    space = load_space(write_yaml(tmp_path / "bad.yaml", raw))
+    base = ExperimentConfig.from_dict({**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "root": "/abs/data",
+                                                                "image_size": None}})
+    with pytest.raises(SweepError, match=re.escape(expected)):
+        plan_task(base, TASK, space)

@@ -1,7 +1,7 @@
 """Vectorised numpy renderer of small synthetic scenes (shapes on textured backgrounds).
 
 One renderer serves two consumers: the pretraining source task of the embedded backbone
-(``pipeline/pretrain.py``, which needs thousands of labelled images per second on a CPU core) and the
+(``tools/pretrain_embedded.py``, which needs thousands of labelled images per second on a CPU core) and the
 VTAB-like synthetic tasks (``dtl.data.synthetic``, which fix some scene factors and vary the rest). Every scene
 factor can therefore be given explicitly (an array) or left to the random generator (``None``), and the renderer
 returns every factor plus per-pixel label maps, so dense per-patch heads can be trained on the same images.

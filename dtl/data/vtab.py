@@ -12,7 +12,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from PIL import Image
@@ -78,8 +78,9 @@ def resolve_num_classes(task_dir: Path, task: str, num_classes: int | None = Non
         return value
     if task in VTAB_TASKS:
         return VTAB_TASKS[task]
-    raise DataError(f"cannot tell how many classes task {task!r} has: it is not a VTAB-1K task "
-                    f"({', '.join(VTAB_TASKS)}), {meta} does not exist, and num_classes was not given")
+    raise DataError(f"cannot tell how many classes task {task!r} has: it is not one of the 19 VTAB-1K tasks. Give "
+                    f"the count in params.yaml (data.num_classes: {{{task}: <classes>}}) or in {meta} "
+                    '({"num_classes": <classes>})')
 
 
 # A problem found in a file: (the file, the full message naming it and the line).
@@ -195,14 +196,15 @@ class VTabDataset(Dataset):
                 f"num_classes={self.num_classes}, img_size={self.img_size})")
 
 
-def _check_task(root: Path, task: str, problems: list[Problem]) -> dict[str, int] | None:
+def _check_task(root: Path, task: str, problems: list[Problem], num_classes: int | None = None,
+                images: dict[Path, str] | None = None) -> dict[str, int] | None:
     """Validate one task folder, appending every problem found; returns its manifest entry."""
     task_dir = root / task
     if not task_dir.is_dir():
         problems.append((task_dir, f"{task_dir}: task folder does not exist"))
         return None
     try:
-        num_classes = resolve_num_classes(task_dir, task)
+        num_classes = resolve_num_classes(task_dir, task, num_classes)
     except DataError as err:
         problems.append((task_dir, str(err)))
         return None
@@ -216,8 +218,11 @@ def _check_task(root: Path, task: str, problems: list[Problem]) -> dict[str, int
             continue
         samples, numbers, file_problems = _parse_list(path, num_classes)
         problems.extend(file_problems)
-        problems.extend((path, f"{path}:{number}: image {image} does not exist")
-                        for (image, _), number in zip(samples, numbers) if not image.is_file())
+        for (image, _), number in zip(samples, numbers):
+            if not image.is_file():
+                problems.append((path, f"{path}:{number}: image {image} does not exist"))
+            elif images is not None:
+                images.setdefault(image, f"{path}:{number}")
         if not samples and not file_problems:
             problems.append((path, f"{path}: the list file is empty"))
         entry[split] = len(samples)
@@ -234,13 +239,16 @@ def _check_task(root: Path, task: str, problems: list[Problem]) -> dict[str, int
     return entry
 
 
-def check_vtab_root(root: str | os.PathLike[str], tasks: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
+def check_vtab_root(root: str | os.PathLike[str], tasks: Iterable[str] | None = None, *,
+                    num_classes: Mapping[str, int] | None = None, verify_images: bool = False,
+                    verified: str | os.PathLike[str] | None = None, progress: bool = False) -> dict[str, dict[str, int]]:
     """Validate a VTAB-1K root and return ``{task: {split: count, "num_classes": K, "classes_seen": n}}``.
 
     Checks every task folder and list file: existence, line format, label range, that every referenced image
-    exists, and that train800val200 is train800 + val200. All problems are collected and raised as ONE
-    :class:`DataError`, so a user fixes a broken root in one pass. ``tasks=None`` checks every sub-folder of
-    ``root`` that holds a list file.
+    exists, and that train800val200 is train800 + val200; with ``verify_images`` also that every image decodes
+    (:func:`unreadable_images`; ``verified`` remembers the files that did). All problems are collected and raised
+    as ONE :class:`DataError`, so a user fixes a broken root in one pass. ``tasks=None`` checks every sub-folder of
+    ``root`` that holds a list file; ``num_classes`` gives the class counts of tasks that are not VTAB-1K tasks.
     """
     root = Path(root)
     if not root.is_dir():
@@ -253,7 +261,60 @@ def check_vtab_root(root: str | os.PathLike[str], tasks: Iterable[str] | None = 
     else:
         names = list(tasks)
     problems: list[Problem] = []
-    manifest = {task: entry for task in names if (entry := _check_task(root, task, problems)) is not None}
+    images: dict[Path, str] = {}  # every image that exists -> where it is first listed
+    manifest = {task: entry for task in names
+                if (entry := _check_task(root, task, problems, (num_classes or {}).get(task), images)) is not None}
+    if verify_images:
+        problems += unreadable_images(images, verified, progress)
     if problems:
         raise DataError(_summarise(problems, f"{root}: {len(problems)} problem(s) found"))
     return manifest
+
+
+def _decode(path: Path) -> str | None:
+    """None if ``path`` decodes to an RGB image (as training reads it), else why not."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def unreadable_images(images: Mapping[Path, str], verified: str | os.PathLike[str] | None = None,
+                      progress: bool = False) -> list[Problem]:
+    """Decode every image once, in parallel, and return a problem (naming the list file and line) for each one
+    that does not decode: a truncated JPEG, a text file named ``.jpg``... ``verified`` is a JSON file remembering
+    the images that decoded, by size and modification time, so a later check reads only new or changed files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    known: dict[str, list[int]] = {}
+    if verified is not None and Path(verified).is_file():
+        try:
+            known = json.loads(Path(verified).read_text())
+        except (OSError, ValueError):
+            known = {}
+    stamps = {}
+    for path in images:
+        stat = path.stat()
+        stamps[path] = [stat.st_size, stat.st_mtime_ns]
+    todo = [path for path in images if known.get(str(path.resolve())) != stamps[path]]
+    problems: list[Problem] = []
+    workers = min(32, 2 * (os.cpu_count() or 1))  # decoding releases the GIL for most of its work
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(_decode, todo)
+        for path, error in tqdm(zip(todo, results), total=len(todo), desc="checking images", unit="image",
+                                disable=not progress or not todo, mininterval=2):
+            if error is None:
+                known[str(path.resolve())] = stamps[path]
+            else:
+                where = images[path]
+                problems.append((Path(where.rsplit(":", 1)[0]), f"{where}: cannot read image {path} ({error})"))
+    if verified is not None and todo:
+        from ..io import write_json
+
+        write_json(verified, known, indent=0)
+    return problems

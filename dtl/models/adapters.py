@@ -25,6 +25,8 @@ class StageInfo:
 class BackboneAdapter(nn.Module):
     """A frozen backbone seen as: embed -> [enter_stage -> blocks]* -> pool."""
 
+    #: how messages name the family
+    family: str = ""
     #: defaults of the paper for this family: first block with a side map, start block M, rank, DTL+ kernel
     paper_defaults: dict = {}
 
@@ -60,6 +62,10 @@ class BackboneAdapter(nn.Module):
         return x
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def grid_size(self, stage: int) -> tuple[int, int]:
+        """(H, W) of the token grid in ``stage`` (what DTL+'s convolution runs over)."""
         raise NotImplementedError
 
     def to_grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -83,7 +83,14 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     try:
         state_dict = timm.models.load_state_dict(str(path))
     except Exception as err:
-        raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
+        # torch's own message for a file it will not unpickle suggests weights_only=False, i.e. running whatever
+        # code the file holds: never pass that on. Keep the first line of any other error.
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err) or "pickle" in type(err).__name__.lower():
+            reason = "it holds no plain tensors torch can load safely (another format, a truncated download, or " \
+                     "a pickle with code in it)"
+        raise CheckpointError(f"could not read checkpoint {path}: {reason}; expected a state dict saved with "
+                              "torch.save, a .safetensors file or the original .npz") from None
     # The model family's own converter maps foreign layouts (e.g. the official Swin code) to timm's.
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:

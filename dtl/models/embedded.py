@@ -3,7 +3,7 @@
 Nothing can be downloaded at run time on the machines this project targets, so the toolkit ships its own
 small backbone. ``vit_micro_patch4_32`` keeps ViT-B/16's structure (12 blocks, so the paper's start block
 M = 6 carries over) at 32 px with 4 px patches (an 8 x 8 token grid) and width 96. Its pretrained weights
-live next to this file in ``dtl/weights/`` and are produced by ``pipeline/pretrain.py`` (the record of that
+live next to this file in ``dtl/weights/`` and are produced by ``tools/pretrain_embedded.py`` (the record of that
 run is ``dtl/weights/vit_micro_patch4_32.json``).
 
 The model is registered with timm, so ``timm.create_model('vit_micro_patch4_32', pretrained=True)`` and

@@ -15,7 +15,7 @@ from .adapters import BackboneAdapter, StageInfo
 
 class SwinAdapter(BackboneAdapter):
     """Stages of blocks on channels-last (B, H, W, C) token grids; no cls token."""
-
+    family = "Swin"
     paper_defaults = dict(extract_start=4, start_block=14, rank=4, kernel_size=5)
 
     def __init__(self, backbone: SwinTransformer):
@@ -46,6 +46,9 @@ class SwinAdapter(BackboneAdapter):
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         # Swin's head: final norm on every token, then the token mean.
         return self.backbone.norm(x).mean(dim=(1, 2))
+
+    def grid_size(self, stage: int) -> tuple[int, int]:
+        return tuple(self._blocks[self._stages[stage].first_block].input_resolution)
 
     def to_grid(self, x: torch.Tensor):
         return x.permute(0, 3, 1, 2), None

@@ -9,7 +9,7 @@ from .adapters import BackboneAdapter, StageInfo
 
 class VitAdapter(BackboneAdapter):
     """One stage of N blocks on (B, T, C) tokens; prefix tokens (cls, registers) come first."""
-
+    family = "ViT"
     paper_defaults = dict(extract_start=0, start_block=6, rank=2, kernel_size=3)
 
     def __init__(self, backbone: VisionTransformer):
@@ -18,7 +18,7 @@ class VitAdapter(BackboneAdapter):
         super().__init__(backbone)
         self._stages = [StageInfo(0, len(backbone.blocks) - 1, backbone.embed_dim)]
         self.num_prefix_tokens = backbone.num_prefix_tokens
-        self.grid_size = tuple(backbone.patch_embed.grid_size)
+        self.grid_size_ = tuple(backbone.patch_embed.grid_size)
 
     @property
     def blocks(self):
@@ -39,10 +39,13 @@ class VitAdapter(BackboneAdapter):
         # DTL's head: mean of the patch tokens, THEN the pretrained final norm (not timm's fc_norm).
         return self.backbone.norm(x[:, self.num_prefix_tokens:].mean(dim=1))
 
+    def grid_size(self, stage: int) -> tuple[int, int]:
+        return self.grid_size_
+
     def to_grid(self, x: torch.Tensor):
         prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
         B, _, C = patches.shape
-        grid = patches.transpose(1, 2).reshape(B, C, *self.grid_size)
+        grid = patches.transpose(1, 2).reshape(B, C, *self.grid_size_)
         return grid, prefix
 
     def from_grid(self, grid: torch.Tensor, extra, like: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""DTL and DTL+: a frozen backbone plus the Compact Side Network, for any :class:`BackboneAdapter`.
+"""DTL and DTL+ (Fu, Zhu, Wu, AAAI 2024): a frozen backbone plus the Compact Side Network, for any backbone family.
+
+Registered as ``dtl`` and ``dtl_plus`` (DTL+ adds the depthwise convolution ``g``); docs/design.md gives the math.
 
 The forward pass is split in two so the frozen prefix can be cached (see ``dtl.cache``):
 
@@ -23,6 +25,7 @@ low precision and runs it as such (no autocast copies of its weights); the CSN a
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -32,8 +35,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .adapters import BackboneAdapter, CachedInputs, block_input_name
-from .side_network import DepthwiseGridConv, LowRankMap, SharpSwish
+from ..models.adapters import BackboneAdapter, CachedInputs, block_input_name
+from ..models.side_network import DepthwiseGridConv, LowRankMap, SharpSwish
+from .registry import Method, MethodOptions, is_int, register_method
 
 
 CHECKPOINTING = (False, True, "mlp")
@@ -78,6 +82,7 @@ class DTLModel(nn.Module):
                 f"use extract_start >= {first_useful}"
             )
         self.adapter = adapter
+        self.method = "dtl" if kernel_size is None else "dtl_plus"
         self.start_block = start_block
         self.extract_start = extract_start
         self.rank = rank
@@ -95,6 +100,10 @@ class DTLModel(nn.Module):
         self.side_activation = SharpSwish(beta)
         self.side_convs = nn.ModuleDict()
         if kernel_size is not None:
+            smallest = min(min(adapter.grid_size(stage)) for stage in range(start_stage, len(adapter.stages)))
+            if kernel_size > smallest:
+                raise ValueError(f"kernel_size={kernel_size} is larger than the smallest token grid it runs over "
+                                 f"({smallest} x {smallest} tokens); use at most {smallest} (the paper: 3, 4 or 5)")
             for stage in range(start_stage, len(adapter.stages)):
                 self.side_convs[str(stage)] = DepthwiseGridConv(adapter.stages[stage].dim, kernel_size)
         self.head = nn.Linear(adapter.num_features, num_classes)
@@ -294,3 +303,53 @@ class _RecomputedMlp(torch.autograd.Function):
         grad_hidden = torch.matmul(grad.to(hidden.dtype), mlp.fc2.weight.to(hidden.dtype))
         torch.autograd.backward(hidden, grad_hidden)
         return inputs.grad, None
+
+
+# --- the registry -------------------------------------------------------------------------------------------------
+@dataclass
+class DTLOptions(MethodOptions):
+    rank: int | None = None  # CSN rank r; None: the family's paper default (ViT 2, Swin 4)
+    start_block: int | None = None  # M, the first block whose output gets the side output; None: ViT 6, Swin 14
+    extract_start: int | None = None  # first block with a side map; None: ViT 0, Swin 4
+    beta: float | None = None  # sharpness of the Swish; None: 100
+    grad_checkpointing: bool | str | None = None  # True: recompute blocks after M (least memory); "mlp"; False
+
+    checks = {
+        "rank": (is_int(1), "an integer >= 1"),
+        "start_block": (is_int(0), "an integer >= 0"),
+        "extract_start": (is_int(0), "an integer >= 0"),
+        "beta": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
+        "grad_checkpointing": (lambda v: isinstance(v, bool) or v == "mlp", 'false, true or "mlp"'),
+    }
+
+    def defaults(self, adapter) -> dict:
+        paper = adapter.paper_defaults
+        return {"rank": paper["rank"], "start_block": paper["start_block"], "extract_start": paper["extract_start"],
+                "beta": 100.0, "grad_checkpointing": False}
+
+
+@dataclass
+class DTLPlusOptions(DTLOptions):
+    kernel_size: int | None = None  # the depthwise conv's kernel; None: ViT 3, Swin 5
+
+    checks = {**DTLOptions.checks, "kernel_size": (is_int(1), "an integer >= 1")}
+
+    def defaults(self, adapter) -> dict:
+        return {**super().defaults(adapter), "kernel_size": adapter.paper_defaults["kernel_size"]}
+
+
+def _build(adapter, num_classes: int, options: DTLOptions, backbone_dtype) -> DTLModel:
+    settings = options.resolved(adapter)
+    return DTLModel(adapter, num_classes, kernel_size=settings.pop("kernel_size", None), backbone_dtype=backbone_dtype,
+                    **settings)
+
+
+_SEARCHABLE = ("rank", "start_block", "extract_start", "beta")
+register_method(Method(
+    name="dtl", description="DTL: the Compact Side Network on a frozen backbone", options=DTLOptions, build=_build,
+    prefix_cache=True, low_precision_backbone=True, searchable=_SEARCHABLE))
+register_method(Method(
+    name="dtl_plus", description="DTL+: DTL with a depthwise convolution on the side output", options=DTLPlusOptions,
+    build=_build, prefix_cache=True, low_precision_backbone=True, searchable=(*_SEARCHABLE, "kernel_size"),
+    benchmark_variants={"dtl_plus_mlp": {"grad_checkpointing": "mlp"}, "dtl_plus_ckpt": {"grad_checkpointing": True},
+                        "dtl_plus_cached": {"cached": True}}))

@@ -5,26 +5,26 @@ scenes from ``dtl.data.scenes``. The source task asks for everything a scene is 
 global heads on the pooled patch tokens (shape, count, colour, 3x3 position, background, size, orientation of the
 largest object) and dense per-patch heads (shape and colour of the object under each patch); the dense heads
 were the largest gain measured. The result is written as fp16 safetensors (backbone only, timm key names) to
-``dtl/weights/vit_micro_patch4_32.safetensors`` with a JSON record of the run next to it.
+``outputs/pretrain/vit_micro_patch4_32.safetensors`` (``--out``) with a JSON record of the run next to it; the
+script then says how to install it as the shipped backbone (``dtl/weights/``), which it never overwrites unless
+``--out`` names it.
 
 ``--eval-only`` runs the transfer check: a logistic-regression probe on frozen features of four synthetic
 VTAB-like tasks, pretrained vs random init. A checkpoint that does not beat random init is not worth shipping.
 
 Typical use (one thread, so the other core stays free; about 93 img/s = 0.73 steps/s on an idle core)::
 
-    python pipeline/pretrain.py --steps 1800 --threads 1 --time-budget-min 50
-    python pipeline/pretrain.py --eval-only
+    python tools/pretrain_embedded.py --steps 1800 --threads 1 --time-budget-min 50
+    python tools/pretrain_embedded.py --eval-only
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
-import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,10 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: make the ``
 from dtl.data.scenes import (  # noqa: E402
     BACKGROUNDS, DEFAULT_RADIUS_RANGE, PALETTE, SHAPES, orientation_bins, render_scenes,
 )
+from dtl.io import atomic_path, write_text  # noqa: E402
 from dtl.models.embedded import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS  # noqa: E402  (registers the model)
+
+DEFAULT_OUT = REPO_ROOT / "outputs" / "pretrain" / f"{EMBEDDED_BACKBONE}.safetensors"
 
 MAX_OBJECTS = 4
 SIZE_BINS = 4
@@ -199,28 +202,15 @@ def evaluate_source(model: PretrainModel, seed: int, num_images: int = 4096,
     return {name: round(value, 4) for name, value in sums.items()}
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder and rename, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the result is meant to be shared and committed
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_backbone(backbone: nn.Module, path: Path) -> None:
     """The backbone's state dict (timm keys, no head) as fp16 safetensors: half the size, same features."""
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in backbone.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "model": EMBEDDED_BACKBONE}))
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "model": EMBEDDED_BACKBONE})
 
 
 def save_json(record: dict[str, Any], path: Path) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+    write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def load_backbone(weights: Path | None, num_classes: int = 0, seed: int = 0) -> nn.Module:
@@ -303,10 +293,9 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         bar.set_postfix(refresh=False, loss=f"{loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                         **{k: f"{v:.2f}" for k, v in running.items()})
         if (step + 1) % args.checkpoint_every == 0:
-            args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(args.checkpoint, lambda tmp: torch.save(
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
-                 "elapsed_s": time.perf_counter() - t0}, tmp))
+            with atomic_path(args.checkpoint) as tmp:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
+                            "elapsed_s": time.perf_counter() - t0}, tmp)
             save_backbone(model.backbone, args.out)
             tqdm.write(f"step {step + 1}: loss {loss:.3f} " + " ".join(f"{k} {v:.3f}" for k, v in running.items())
                        + f" | {(step + 1 - start) * args.batch_size / (time.perf_counter() - t0 - elapsed_before):.0f}"
@@ -416,8 +405,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (2e-3 was worse)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the scene stream")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (leave cores to others)")
-    parser.add_argument("--out", type=Path, default=EMBEDDED_WEIGHTS,
-                        help="backbone weights (fp16 safetensors); the JSON record is written next to it")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="backbone weights (fp16 safetensors); the JSON record is written next to it. The "
+                             "shipped backbone is never overwritten unless this names it")
     parser.add_argument("--time-budget-min", type=float, default=None,
                         help="wall-clock budget: the schedule speeds up so it still decays to 0 within it")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CKPT,
@@ -433,7 +423,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip training; probe the weights in --out vs random init and add the table "
                              "to the JSON record")
     args = parser.parse_args(argv)
-    args.command = shlex.join(["python", "pipeline/pretrain.py", *(sys.argv[1:] if argv is None else argv)])
+    args.command = shlex.join(["python", "tools/pretrain_embedded.py", *(sys.argv[1:] if argv is None else argv)])
     return args
 
 
@@ -455,6 +445,11 @@ def main(argv: list[str] | None = None) -> None:
     record = pretrain(args)
     print(json.dumps({k: record[k] for k in ("steps_done", "images_seen", "wall_time_s", "images_per_s",
                                              "source_accuracy_heldout")}, indent=2))
+    if args.out.resolve() != EMBEDDED_WEIGHTS.resolve():
+        print(f"\nwrote {args.out} and {record_path(args.out)}. Check the transfer first:\n"
+              f"  python tools/pretrain_embedded.py --eval-only --out {args.out}\n"
+              f"then install it as the embedded backbone (every DVC train stage then re-runs):\n"
+              f"  cp {args.out} {EMBEDDED_WEIGHTS}\n  cp {record_path(args.out)} {record_path(EMBEDDED_WEIGHTS)}")
 
 
 if __name__ == "__main__":

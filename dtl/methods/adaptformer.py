@@ -1,0 +1,72 @@
+"""AdaptFormer (Chen et al., 2022): a bottleneck adapter in parallel with every MLP of a ViT.
+
+``x + MLP(LN(x)) + s * up(relu(down(x)))`` with the up-projection zero-initialised (the model starts equal to the
+backbone) and ``s = 0.1``. Registered as ``adaptformer``; the older name ``adapter`` still works, with a
+deprecation warning (the word names the backbone-family adapters of ``dtl.models`` too).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from ..models.vit import VitAdapter
+from .base import HeadModel
+from .registry import Method, MethodOptions, is_int, register_method
+
+DEFAULT_BOTTLENECK = 8
+
+
+@dataclass
+class AdaptFormerOptions(MethodOptions):
+    rank: int | None = None  # the bottleneck width; None: 8
+
+    checks = {"rank": (is_int(1), "an integer >= 1")}
+
+    def defaults(self, adapter) -> dict:
+        return {"rank": DEFAULT_BOTTLENECK}
+
+
+class ParallelAdapterBlock(nn.Module):
+    """A timm ViT block with AdaptFormer's adapter beside its MLP: x + MLP(LN(x)) + s * up(relu(down(x)))."""
+
+    def __init__(self, block: Block, bottleneck: int, scale: float = 0.1):
+        super().__init__()
+        dim = block.norm1.normalized_shape[0]
+        self.block = block
+        self.adapter_down = nn.Linear(dim, bottleneck)
+        self.adapter_up = nn.Linear(bottleneck, dim)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        x = x + b.drop_path1(b.ls1(b.attn(b.norm1(x))))
+        adapted = self.adapter_up(torch.relu(self.adapter_down(x))) * self.scale
+        return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x)))) + adapted
+
+
+class AdaptFormerModel(HeadModel):
+    method = "adaptformer"
+
+    def __init__(self, adapter, num_classes: int, rank: int):
+        self.bottleneck = rank
+        super().__init__(adapter, num_classes)
+
+    def _prepare(self) -> None:
+        blocks = self.adapter.blocks
+        for index, block in enumerate(blocks):
+            if not isinstance(block, Block):
+                raise ValueError("method 'adaptformer' is implemented for ViT backbones only")
+            blocks[index] = ParallelAdapterBlock(block, self.bottleneck)
+
+
+register_method(Method(
+    name="adaptformer", description="AdaptFormer: a bottleneck adapter beside every MLP", options=AdaptFormerOptions,
+    build=lambda adapter, num_classes, options, dtype: AdaptFormerModel(adapter, num_classes,
+                                                                        **options.resolved(adapter)),
+    families=(VitAdapter,), searchable=("rank",)),
+    aliases={"adapter": "the AdaptFormer method was renamed; 'adapter' also names the backbone-family adapters"})

@@ -1,0 +1,54 @@
+"""What every method's model shares: the backbone (behind its family adapter), DTL's pooling and a linear head.
+
+The head is ``model.head`` for every method, so trainable counts can be quoted without it (as the paper does),
+and the pooling is the same for all (for ViT: the mean of the patch tokens, then the backbone's pretrained final
+norm), so methods differ only in what they train. Subclasses set what trains (``_prepare``) and, if the forward
+pass differs, ``features``.
+
+The prefix cache (``dtl.cache``) asks a model four things: ``cache_layout`` (None: it cannot use the cache),
+``frozen_blocks`` (the blocks no gradient flows through: what the ``suffix`` drop-path scope leaves
+deterministic), ``compute_frozen(images)`` (what the cache stores) and ``cached_names()`` (what the model reads).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.adapters import BackboneAdapter, CachedInputs
+
+
+class HeadModel(nn.Module):
+    """A backbone with a fresh linear head; nothing of the backbone trains unless a subclass says so."""
+
+    method: str = ""
+    cache_layout: str | None = None
+
+    def __init__(self, adapter: BackboneAdapter, num_classes: int):
+        super().__init__()
+        self.adapter = adapter
+        adapter.requires_grad_(False)
+        self._prepare()
+        self.head = nn.Linear(adapter.num_features, num_classes)
+
+    def _prepare(self) -> None:
+        """Change or unfreeze parts of ``self.adapter`` (called before the head exists)."""
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.adapter.forward_features(images)
+
+    def forward(self, inputs: torch.Tensor | CachedInputs) -> torch.Tensor:
+        if isinstance(inputs, CachedInputs):
+            return self.head(inputs["pooled"])
+        return self.head(self.features(inputs))
+
+    @property
+    def frozen_blocks(self) -> range:
+        """Blocks that no gradient flows through (none: the method trains through every block)."""
+        return range(0)
+
+    @torch.no_grad()
+    def compute_frozen(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pooled": self.adapter.forward_features(images)}
+
+    def cached_names(self) -> list[str]:
+        return ["pooled"]

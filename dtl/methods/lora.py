@@ -1,0 +1,65 @@
+"""LoRA (Hu et al., 2022): a low-rank update beside every attention ``qkv`` projection of a ViT.
+
+``qkv(x) + (alpha / r) x A B`` with ``A`` Kaiming-uniform and ``B`` zero, so the model starts equal to the
+backbone. LoRA is *entangled* with the backbone: its gradients flow through every block, the memory cost DTL avoids.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from ..models.vit import VitAdapter
+from .base import HeadModel
+from .registry import Method, MethodOptions, is_int, register_method
+
+DEFAULT_RANK = 8  # the usual comparison setting
+
+
+@dataclass
+class LoRAOptions(MethodOptions):
+    rank: int | None = None  # None: 8
+
+    checks = {"rank": (is_int(1), "an integer >= 1")}
+
+    def defaults(self, adapter) -> dict:
+        return {"rank": DEFAULT_RANK}
+
+
+class LoRALinear(nn.Module):
+    """base(x) + (alpha / r) * x A B with A Kaiming-uniform and B zero (the LoRA paper's init)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
+        super().__init__()
+        self.base = base
+        self.lora_down = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.scale = (alpha if alpha is not None else rank) / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_up(self.lora_down(x)) * self.scale
+
+
+class LoRAModel(HeadModel):
+    method = "lora"
+
+    def __init__(self, adapter, num_classes: int, rank: int):
+        self.rank = rank
+        super().__init__(adapter, num_classes)
+
+    def _prepare(self) -> None:
+        for block in self.adapter.blocks:
+            if not isinstance(block, Block):
+                raise ValueError("method 'lora' is implemented for ViT backbones only")
+            block.attn.qkv = LoRALinear(block.attn.qkv, self.rank)
+
+
+register_method(Method(
+    name="lora", description="LoRA: a low-rank update of every attention qkv projection", options=LoRAOptions,
+    build=lambda adapter, num_classes, options, dtype: LoRAModel(adapter, num_classes, **options.resolved(adapter)),
+    families=(VitAdapter,), searchable=("rank",)))

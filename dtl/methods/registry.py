@@ -1,0 +1,158 @@
+"""The method registry: one :class:`Method` per PETL method, registered by the module that implements it.
+
+A method says what it needs and what it can do, so that nothing else in the toolkit has to know it by name:
+
+* ``options``: a dataclass of the method's own settings (``rank``, ``start_block``...), every field defaulting to
+  ``None`` = "the method's default for this backbone" (:meth:`MethodOptions.resolved`), validated on creation
+  with errors that name ``model.<field>``;
+* ``build(adapter, num_classes, options, backbone_dtype)``: the model, with ``model.head`` its classifier;
+* capabilities: ``prefix_cache`` (trains from the frozen-part cache of ``dtl.cache``), ``low_precision_backbone``
+  (can store the frozen backbone in bf16/fp16), ``families`` (backbone families it supports; empty: any),
+  ``searchable`` (options a sweep may search), ``benchmark_variants`` (extra rows of ``dtl.benchmark``).
+
+``dtl.create_model``, the experiment schema (``dtl.config``: the model options and the per-task override keys),
+the benchmark rows and the sweeps' method checks are all derived from here. A new method is one module of
+``dtl/methods/`` that calls :func:`register_method` (``full.py`` is the smallest).
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class OptionError(ValueError):
+    """A method option has a wrong value; the message names ``model.<option>``."""
+
+
+@dataclass
+class MethodOptions:
+    """Base of every method's options dataclass: fields default to None (the method's default for the backbone)."""
+
+    # option -> (check, what is allowed), evaluated on every non-None value
+    checks: ClassVar[Mapping[str, tuple[Callable[[Any], bool], str]]] = {}
+
+    def __post_init__(self) -> None:
+        for name, (ok, expected) in self.checks.items():
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise OptionError(f"model.{name}: expected {expected}, got {value!r}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def defaults(self, adapter) -> dict[str, Any]:
+        """The values of unset (None) options for this backbone; override in methods with family defaults."""
+        return {}
+
+    def resolved(self, adapter) -> dict[str, Any]:
+        """Every option with a value: the ones set, the method's defaults for ``adapter`` for the others."""
+        defaults = self.defaults(adapter)
+        values = {name: getattr(self, name) for name in self.names()}
+        return {name: defaults.get(name) if value is None else value for name, value in values.items()}
+
+
+def is_int(low: int) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered method (see the module docstring)."""
+
+    name: str
+    description: str
+    options: type[MethodOptions]
+    build: Callable[..., nn.Module]  # (adapter, num_classes, options, backbone_dtype) -> model
+    prefix_cache: bool = False
+    low_precision_backbone: bool = False
+    families: tuple[type, ...] = ()  # backbone adapter classes it supports; empty: every family
+    searchable: tuple[str, ...] = ()
+    benchmark_variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # row -> options (+cached)
+
+    def make_options(self, values: Mapping[str, Any]) -> MethodOptions:
+        unknown = sorted(set(values) - set(self.options.names()))
+        if unknown:
+            allowed = ", ".join(self.options.names()) or "none"
+            raise TypeError(f"method {self.name!r} does not take option(s) {', '.join(unknown)} "
+                            f"(method options: {allowed})")
+        return self.options(**values)
+
+
+_METHODS: dict[str, Method] = {}
+_ALIASES: dict[str, tuple[str, str]] = {}  # old name -> (new name, deprecation note)
+
+
+def register_method(method: Method, aliases: Mapping[str, str] | None = None) -> Method:
+    """Make ``method`` available by name (and ``aliases``: old name -> deprecation note)."""
+    if method.name in _METHODS or method.name in _ALIASES:
+        raise ValueError(f"a method named {method.name!r} is registered already")
+    defaults = [f.name for f in fields(method.options) if f.default is not None or f.default_factory is not MISSING]
+    if defaults:
+        raise TypeError(f"{method.options.__name__}: options must default to None (the method's default), "
+                        f"not {', '.join(defaults)}")
+    _METHODS[method.name] = method
+    for alias, note in (aliases or {}).items():
+        _ALIASES[alias] = (method.name, note)
+    return method
+
+
+def available_methods() -> tuple[str, ...]:
+    """Registered method names, in registration order (aliases excluded)."""
+    return tuple(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    """The method registered as ``name``; a deprecated alias works with a warning."""
+    if name in _ALIASES:
+        new, note = _ALIASES[name]
+        warnings.warn(f"method {name!r} is deprecated: use {new!r} ({note})", DeprecationWarning, stacklevel=3)
+        name = new
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}: expected one of {', '.join(_METHODS)}") from None
+
+
+def canonical_name(name: str) -> str:
+    """``name`` with a deprecated alias replaced by its method's name (no warning)."""
+    return _ALIASES.get(name, (name, ""))[0]
+
+
+def all_option_names() -> tuple[str, ...]:
+    """Every option of every method, in registration order (the flat ``model.*`` keys besides the common ones)."""
+    names: dict[str, None] = {}
+    for method in _METHODS.values():
+        names.update(dict.fromkeys(method.options.names()))
+    return tuple(names)
+
+
+def float_option_names() -> set[str]:
+    """Options some method declares as numbers with a fraction (``beta``): where ``1e-4``-style text means a number."""
+    return {f.name for method in _METHODS.values() for f in fields(method.options) if "float" in str(f.type)}
+
+
+def method_options() -> dict[str, tuple[str, ...]]:
+    """method name (aliases included) -> the options it takes."""
+    table = {name: method.options.names() for name, method in _METHODS.items()}
+    table.update({alias: table[new] for alias, (new, _) in _ALIASES.items()})
+    return table
+
+
+def resolve_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """``None``/``'fp32'``/``'bf16'``/``'fp16'`` (or a torch dtype) -> the dtype, None meaning fp32."""
+    if value is None or isinstance(value, torch.dtype):
+        if value not in (None, *BACKBONE_DTYPES.values()):
+            raise ValueError(f"backbone_dtype must be one of {', '.join(BACKBONE_DTYPES)}, got {value}")
+        return value
+    if value not in BACKBONE_DTYPES:
+        raise ValueError(f"backbone_dtype must be one of {', '.join(BACKBONE_DTYPES)}, got {value!r}")
+    return BACKBONE_DTYPES[value]
+
+
+BACKBONE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,0 +1,63 @@
+"""SSF (Lian et al., 2022): a learned scale and shift after every linear layer, normalisation and the patch
+projection of the backbone (about 0.21M on ViT-B/16, the published count).
+
+``y = module(x) * gamma + beta`` per output channel, with ``gamma ~ N(1, 0.02)`` and ``beta ~ N(0, 0.02)`` as in the
+authors' code. Works on any family: it wraps the ``nn.Linear``, ``nn.LayerNorm`` and ``nn.Conv2d`` modules it finds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import HeadModel
+from .registry import Method, MethodOptions, register_method
+
+WRAPPED = (nn.Linear, nn.LayerNorm, nn.Conv2d)
+
+
+@dataclass
+class SSFOptions(MethodOptions):
+    """No options."""
+
+
+class ScaleShift(nn.Module):
+    """A frozen module followed by a trainable per-channel scale and shift (channels last, or dim 1 for a conv)."""
+
+    def __init__(self, module: nn.Module, channels: int):
+        super().__init__()
+        self.module = module
+        self.ssf_scale = nn.Parameter(torch.empty(channels).normal_(1.0, 0.02))
+        self.ssf_shift = nn.Parameter(torch.empty(channels).normal_(0.0, 0.02))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.module(x)
+        if isinstance(self.module, nn.Conv2d):
+            return out * self.ssf_scale[:, None, None] + self.ssf_shift[:, None, None]
+        return out * self.ssf_scale + self.ssf_shift
+
+
+def _channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels
+    return module.normalized_shape[-1]
+
+
+class SSFModel(HeadModel):
+    method = "ssf"
+
+    def _prepare(self) -> None:
+        targets = [(name, module) for name, module in self.adapter.backbone.named_modules()
+                   if isinstance(module, WRAPPED)]
+        for name, module in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.adapter.backbone.get_submodule(parent_name) if parent_name else self.adapter.backbone
+            setattr(parent, child, ScaleShift(module, _channels(module)))
+
+
+register_method(Method(
+    name="ssf", description="SSF: a learned scale and shift after every linear layer and norm", options=SSFOptions,
+    build=lambda adapter, num_classes, options, dtype: SSFModel(adapter, num_classes)))

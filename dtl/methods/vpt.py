@@ -1,0 +1,67 @@
+"""VPT (Jia et al., 2022): learned prompt tokens inserted after the ViT's class token.
+
+``prompt_depth: deep`` (the default) gives every block its own ``prompt_length`` tokens, replacing the previous
+block's output at those positions; ``shallow`` prepends one set before the first block only. Trainable: ``L x d``
+(shallow) or ``N x L x d`` (deep) parameters plus the head: 92,160 for ViT-B/16 with 10 deep prompts. The head
+pools the patch tokens as every method here does; the prompt tokens are left out of the mean. Prompts start
+uniform in +-sqrt(6 / (3 p^2 + d)) for patch size p, as in the authors' code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.vit import VitAdapter
+from .base import HeadModel
+from .registry import Method, MethodOptions, is_int, register_method
+
+DEPTHS = ("deep", "shallow")
+
+
+@dataclass
+class VPTOptions(MethodOptions):
+    prompt_length: int | None = None  # None: 10
+    prompt_depth: str | None = None  # deep | shallow; None: deep
+
+    checks = {"prompt_length": (is_int(1), "an integer >= 1"),
+              "prompt_depth": (lambda value: value in DEPTHS, "deep or shallow")}
+
+    def defaults(self, adapter) -> dict:
+        return {"prompt_length": 10, "prompt_depth": "deep"}
+
+
+class VPTModel(HeadModel):
+    method = "vpt"
+
+    def __init__(self, adapter: VitAdapter, num_classes: int, prompt_length: int, prompt_depth: str):
+        self.prompt_length, self.deep = prompt_length, prompt_depth == "deep"
+        super().__init__(adapter, num_classes)
+
+    def _prepare(self) -> None:
+        vit = self.adapter.backbone
+        patch = vit.patch_embed.patch_size[0]
+        bound = math.sqrt(6.0 / (3 * patch * patch + vit.embed_dim))
+        layers = len(self.adapter.blocks) if self.deep else 1
+        self.prompts = nn.Parameter(torch.empty(layers, self.prompt_length, vit.embed_dim).uniform_(-bound, bound))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        adapter, length = self.adapter, self.prompt_length
+        first = adapter.num_prefix_tokens  # prompts go right after the class (and register) tokens
+        x = adapter.embed(images)
+        for block in range(len(adapter.blocks)):
+            if block == 0 or self.deep:
+                prompts = self.prompts[block if self.deep else 0].expand(x.shape[0], -1, -1).to(x.dtype)
+                rest = x[:, first + (length if block else 0):]
+                x = torch.cat([x[:, :first], prompts, rest], dim=1)
+            x = adapter.run_block(block, x)
+        return adapter.pool(torch.cat([x[:, :first], x[:, first + length:]], dim=1))
+
+
+register_method(Method(
+    name="vpt", description="VPT: learned prompt tokens (deep: at every block; shallow: at the first)",
+    options=VPTOptions,
+    build=lambda adapter, num_classes, options, dtype: VPTModel(adapter, num_classes, **options.resolved(adapter)),
+    families=(VitAdapter,), searchable=("prompt_length", "prompt_depth")))

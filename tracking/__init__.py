@@ -1,0 +1,251 @@
+"""The one MLflow recorder of the toolkit, shared by the DVC stages (``pipeline/``) and the sweeps (``sweeps/``).
+
+Every run is written through ``MlflowClient`` (never the fluent ``mlflow.start_run`` state), so the same code
+serves a DVC stage, a sweep driver with one parent run per task and many trial processes writing child runs at
+once. What a run gets, in one place: tags (the git commit always), params (flattened, batched, each key once),
+finite metrics (``train/loss`` logged as ``train_loss``), the engine's per-epoch curve, dataset inputs (the UI's
+Dataset column), artifacts, and a final status: FINISHED, KILLED on Ctrl-C / SIGTERM, FAILED with the error as
+the ``error`` tag.
+
+The store is ``MLFLOW_TRACKING_URI`` when set (e.g. a tracking server), else the SQLite file ``mlflow.db`` at
+the repository root, so ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` run from the root shows pipeline
+runs and sweep trials side by side. A new SQLite store must be created by one process before others write to it
+(creating it from several at once corrupts its schema): drivers call :func:`init_tracking` first. MLflow is
+imported lazily; the ``dtl`` library never needs it.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import socket
+import subprocess
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_STORE = REPO_ROOT / "mlflow.db"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_NAME = "mlflow.runName"
+TAG_PID, TAG_HOST = "pid", "host"  # of the process that writes the run: a dead one cannot close it
+_PARAM_BATCH = 100  # MLflow takes at most 100 params per call
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
+
+
+def client(uri: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri or tracking_uri())
+
+
+def init_tracking(experiment: str, uri: str | None = None) -> str:
+    """Create the store's schema and the experiment if needed (call once, before workers write); its id."""
+    mlflow_client = client(uri)
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found:
+        return found.experiment_id
+    # MLflow's default artifact root is ./mlruns under the *current* directory; keep artifacts next to a SQLite
+    # store instead, so a test's temporary store does not write into the repository.
+    return mlflow_client.create_experiment(experiment, artifact_location=default_artifact_location(experiment, uri))
+
+
+def default_artifact_location(experiment: str, uri: str | None = None) -> str | None:
+    """``<folder of the SQLite file>/mlruns/<experiment>`` for a local SQLite store; None (the server's choice,
+    e.g. its ``--default-artifact-root``) otherwise."""
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri[len("sqlite:///"):])
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (database.parent / "mlruns" / folder).resolve().as_uri()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"rank": 2}} -> {"model.rank": 2}: MLflow params are flat."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def finite_metrics(values: Mapping[str, Any], step: int = 0):
+    """MLflow metrics of the finite numbers in ``values`` (``a/b`` -> ``a_b``; None, NaN, text, flags skipped)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k.replace("/", "_"), float(v), now, step) for k, v in flatten(values).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def list_digest(path: str | Path) -> str:
+    """A short digest of a list file (what a dataset input is identified by)."""
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=8).hexdigest()
+
+
+class Run:
+    """One MLflow run, written with the client API (safe from many processes at once)."""
+
+    def __init__(self, run_id: str, uri: str | None = None):
+        self.run_id = run_id
+        self.uri = uri or tracking_uri()
+        self.client = client(self.uri)
+        self.closed = False
+
+    # --- opening ----------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, experiment_id: str, name: str, tags: Mapping[str, Any] | None = None,
+               params: Mapping[str, Any] | None = None, parent: "Run | str | None" = None,
+               uri: str | None = None) -> "Run":
+        commit = git_commit()
+        all_tags = {"git_commit": commit or "uncommitted", **{k: str(v) for k, v in (tags or {}).items()},
+                    TAG_NAME: name, TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname()}
+        if parent is not None:
+            all_tags[TAG_PARENT] = parent.run_id if isinstance(parent, Run) else parent
+        run_id = client(uri).create_run(experiment_id, tags=all_tags).info.run_id
+        run = cls(run_id, uri)
+        if params:
+            run.log_params(params)
+        return run
+
+    @classmethod
+    def reopen(cls, run_id: str, uri: str | None = None) -> "Run":
+        """Mark a run RUNNING again (a restarted trial continues its own run)."""
+        run = cls(run_id, uri)
+        run.client.update_run(run_id, status="RUNNING")
+        return run
+
+    @classmethod
+    def find(cls, experiment_id: str, uri: str | None = None, **tags: str):
+        """The newest run of ``experiment_id`` with these tags (``parent=`` matches the parent run id), or None."""
+        parent = tags.pop("parent", None)
+        conditions = [f"tags.`{TAG_PARENT}` = '{parent}'"] if parent else []
+        conditions += [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+        found = client(uri).search_runs([experiment_id], filter_string=" and ".join(conditions), max_results=1,
+                                        order_by=["attributes.start_time DESC"])
+        return found[0] if found else None
+
+    def exists(self) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(self.run_id)
+        except MlflowException:
+            return False
+        return True
+
+    @property
+    def info(self):
+        return self.client.get_run(self.run_id)
+
+    # --- writing ----------------------------------------------------------------------------------------------
+    def log_params(self, values: Mapping[str, Any]) -> None:
+        """Flattened params, each key once (a reopened run keeps what it logged before)."""
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, "null" if v is None else str(v)[:6000]) for k, v in flatten(values).items()
+               if k not in existing]
+        for start in range(0, len(new), _PARAM_BATCH):
+            self.client.log_batch(self.run_id, params=new[start:start + _PARAM_BATCH])
+
+    def log_metrics(self, values: Mapping[str, Any], step: int = 0) -> None:
+        metrics = finite_metrics(values, step)
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def epoch_logger(self):
+        """An engine callback logging each epoch's metrics at step = epoch."""
+
+        def log(epoch: int, metrics: dict) -> None:
+            self.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+
+        return log
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value)[:5000])
+
+    def log_dataset(self, name: str, list_file: str | Path, context: str) -> None:
+        """A dataset input (the UI's Dataset column): ``name`` (e.g. ``digits/train800``), the list file as its
+        source and digest, ``context`` train / validation / test."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=list_digest(list_file), source_type="local",
+                          source=str(Path(list_file).resolve()))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.is_file():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
+        if self.closed:
+            return
+        if error:
+            self.client.set_tag(self.run_id, "error", error[:5000])
+        self.client.set_terminated(self.run_id, status)
+        self.closed = True
+
+
+def close_orphaned_runs(experiment_id: str, uri: str | None = None, **tags: str) -> int:
+    """Close the RUNNING runs with these tags whose writing process on this host is gone (killed with SIGKILL,
+    its machine rebooted): KILLED, with a tag saying so. Returns how many."""
+    import psutil
+
+    conditions = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+    conditions += ["attributes.status = 'RUNNING'", f"tags.`{TAG_HOST}` = '{socket.gethostname()}'"]
+    found = client(uri).search_runs([experiment_id], filter_string=" and ".join(conditions), max_results=1000)
+    closed = 0
+    for run in found:
+        pid = int(run.data.tags.get(TAG_PID, "0") or 0)
+        if pid and psutil.pid_exists(pid) and pid != os.getpid():
+            continue  # still being written
+        Run(run.info.run_id, uri).finish("KILLED", error=f"its process (pid {pid}) died without closing the run")
+        closed += 1
+    return closed
+
+
+@contextmanager
+def recorded(run: Run, leave_open: tuple[type[BaseException], ...] = ()) -> Iterator[Run]:
+    """Close ``run`` with its outcome: FINISHED, KILLED on Ctrl-C, FAILED (with the error as a tag) on an
+    exception; exceptions in ``leave_open`` (a sweep trial's stop signal) leave the status to whoever caught them."""
+    try:
+        yield run
+    except leave_open:
+        raise
+    except KeyboardInterrupt:
+        run.finish("KILLED", error="interrupted (Ctrl-C or SIGTERM)")
+        raise
+    except BaseException as err:
+        run.finish("FAILED", error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
+        raise
+    else:
+        run.finish("FINISHED")
+
+
+__all__ = ["DEFAULT_STORE", "Run", "TAG_HOST", "TAG_NAME", "TAG_PARENT", "TAG_PID", "client", "close_orphaned_runs",
+           "default_artifact_location", "finite_metrics", "flatten", "git_commit", "init_tracking", "list_digest",
+           "recorded", "tracking_uri"]
