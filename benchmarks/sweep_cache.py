@@ -11,8 +11,10 @@ machine (``psutil.cpu_times``; run it on an otherwise idle machine), the CPU-sec
 
     python benchmarks/sweep_cache.py --out benchmarks/results/sweep_cache_cpu.json      # ~50 min on 2 cores
 
-Nothing of the repository is changed: the params file, the best-configuration file and every output are
-temporary copies.
+Both runs start from ``--best`` (default ``sweeps/best.yaml``). After a sweep has written winners there, the
+sweep they start would not be the default one: pass the committed file instead
+(``git show HEAD:sweeps/best.yaml > /tmp/best.yaml`` and ``--best /tmp/best.yaml``). Nothing of the repository
+is changed: the params file, the best-configuration file and every output are temporary copies.
 """
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--space", default="dtl_plus")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--best", type=Path, default=REPO / "sweeps" / "best.yaml",
+                        help="earlier winners the sweep starts from (default: sweeps/best.yaml; the default sweep "
+                             "starts from the committed file, whose entries are empty)")
     parser.add_argument("--num-samples", type=int, default=None, help="trials per task (default: the space's)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of auto, off")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
@@ -62,7 +67,7 @@ def run_once(mode: str, args: argparse.Namespace, workdir: Path) -> dict:
     params = folder / "params.yaml"
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     best = folder / "best.yaml"
-    best.write_text((REPO / "sweeps" / "best.yaml").read_text())
+    best.write_text(args.best.read_text())
     command = [sys.executable, str(REPO / "sweeps" / "run.py"), "--space", args.space, "--params", str(params),
                "--best-path", str(best), "--storage-path", str(folder / "results"), "--name", f"cache-{mode}"]
     if args.num_samples:
@@ -102,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not modes:
         print(f"error: --modes: expected some of {', '.join(MODES)}, got {args.modes!r}", file=sys.stderr)
         return 2
-    if not args.params.is_file():
-        print(f"error: --params: {args.params} not found", file=sys.stderr)
-        return 2
+    for flag, path in (("--params", args.params), ("--best", args.best)):
+        if not path.is_file():
+            print(f"error: {flag}: {path} not found", file=sys.stderr)
+            return 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sweep_cache_"))
     rows = [run_once(mode, args, workdir) for mode in modes]
     print(f"\n| prefix cache | wall s | machine CPU s | trials' training CPU s | trials (done / stopped early) |")

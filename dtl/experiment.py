@@ -99,17 +99,30 @@ def build_model(config: ExperimentConfig, num_classes: int, pretrained: bool | s
         raise ConfigError(f"model ({model.method} on {model.backbone}): {err}") from None
 
 
+_CHECKED_CHECKPOINTS: set[tuple[str, str]] = set()
+
+
 def check_run(config: ExperimentConfig, task: str, train_images: int, num_classes: int) -> None:
     """Fail before any training when ``task`` cannot run with its settings here: a model its backbone cannot take,
     a batch larger than its training split, a device or precision this machine lacks (the errors name the key)."""
     from .engine import SetupError, resolve_device, resolve_precision
 
+    from .models.backbone import CheckpointError
+
     resolved = config.for_task(task)
     where = f"overrides.{task} / " if config.overrides.get(task) else ""
+    checkpoint = resolved.model.checkpoint
+    # A local weights file is read once here (per backbone and file): a file that is not a checkpoint, or one
+    # of another model, fails now rather than in the middle of the pipeline.
+    local = isinstance(checkpoint, str) and (resolved.model.backbone, checkpoint) not in _CHECKED_CHECKPOINTS
     try:
-        build_model(resolved, num_classes, pretrained=False)
+        build_model(resolved, num_classes, pretrained=checkpoint if local else False)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
+    except CheckpointError as err:
+        raise ConfigError(f"{where}model.checkpoint: {err}") from None
+    if local:
+        _CHECKED_CHECKPOINTS.add((resolved.model.backbone, checkpoint))
     batch = resolved.training.batch_size
     if train_images < batch:
         raise ConfigError(f"{where}training.batch_size: {batch} is larger than the {train_images} images of "

@@ -188,3 +188,7 @@ def test_backbone_dependent_settings_fail_before_training_with_the_key(tmp_path)
         with pytest.raises(ConfigError, match="training.device is 'cuda' but no CUDA device is available here"):
             check_run(config, "digits", 800, 10)
     check_run(ExperimentConfig.from_dict({"model": {"checkpoint": False}}), "digits", 800, 10)  # the default runs
+    (tmp_path / "w.pth").write_text("not a checkpoint")  # a local weights file is read before any training
+    config = ExperimentConfig.from_dict({"model": {"checkpoint": str(tmp_path / "w.pth")}})
+    with pytest.raises(ConfigError, match=r"model.checkpoint: could not read checkpoint .*w\.pth"):
+        check_run(config, "digits", 800, 10)

@@ -12,7 +12,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from PIL import Image
@@ -196,6 +196,29 @@ class VTabDataset(Dataset):
                 f"num_classes={self.num_classes}, img_size={self.img_size})")
 
 
+def check_list(path: Path, num_classes: int, problems: list[Problem], images: dict[Path, str] | None = None,
+               locate: Callable[[Path], Path] | None = None) -> list[tuple[Path, int]] | None:
+    """Check one list file of a root, appending its problems: format and labels, that every listed image exists
+    (``locate`` maps a parsed path to where the image is, if not next to the list) and that the list is not
+    empty. Existing images are remembered in ``images`` (image -> ``file:line``) for decoding. Returns the parsed
+    samples, or None when the file does not exist."""
+    if not path.is_file():
+        problems.append((path, f"{path}: list file does not exist"))
+        return None
+    samples, numbers, file_problems = _parse_list(path, num_classes)
+    problems.extend(file_problems)
+    if locate is not None:
+        samples = [(locate(image), label) for image, label in samples]
+    for (image, _), number in zip(samples, numbers):
+        if not image.is_file():
+            problems.append((path, f"{path}:{number}: image {image} does not exist"))
+        elif images is not None:
+            images.setdefault(image, f"{path}:{number}")
+    if not samples and not file_problems:
+        problems.append((path, f"{path}: the list file is empty"))
+    return samples
+
+
 def _check_task(root: Path, task: str, problems: list[Problem], num_classes: int | None = None,
                 images: dict[Path, str] | None = None) -> dict[str, int] | None:
     """Validate one task folder, appending every problem found; returns its manifest entry."""
@@ -213,18 +236,9 @@ def _check_task(root: Path, task: str, problems: list[Problem], num_classes: int
     labels_seen: set[int] = set()
     for split in SPLITS:
         path = task_dir / f"{split}.txt"
-        if not path.is_file():
-            problems.append((path, f"{path}: list file does not exist"))
+        samples = check_list(path, num_classes, problems, images)
+        if samples is None:
             continue
-        samples, numbers, file_problems = _parse_list(path, num_classes)
-        problems.extend(file_problems)
-        for (image, _), number in zip(samples, numbers):
-            if not image.is_file():
-                problems.append((path, f"{path}:{number}: image {image} does not exist"))
-            elif images is not None:
-                images.setdefault(image, f"{path}:{number}")
-        if not samples and not file_problems:
-            problems.append((path, f"{path}: the list file is empty"))
         entry[split] = len(samples)
         lines[split] = Counter(samples)
         labels_seen.update(label for _, label in samples)
