@@ -115,8 +115,9 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
     os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
     context = tune.get_context()
     trial_id = context.get_trial_id()
+    existing = find_child_run(setup, trial_id)  # its MLflow run, if an earlier attempt opened one
     # A trial that finished before the sweep stopped is not trained again, whatever checkpoint Tune kept of it.
-    if report_recorded_result(setup, trial_id):
+    if report_recorded_result(setup, existing):
         return
     resume_from = None
     checkpoint = tune.get_checkpoint()
@@ -125,7 +126,7 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
             resume_from = TrainingState.load(Path(folder) / STATE_FILE)
     folder = Path(tempfile.mkdtemp(prefix="dtl_trial_"))
     try:
-        with child_run(setup, trial_id, context.get_trial_name(), incumbent, resume_from) as run:
+        with child_run(setup, existing, trial_id, context.get_trial_name(), incumbent, resume_from) as run:
             from dtl.experiment import run_task
 
             trial = trial_config(setup, params)  # a bad configuration raises here: the trial is recorded FAILED
@@ -175,13 +176,12 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
     tune.report(final)
 
 
-def report_recorded_result(setup: TrialSetup, trial_id: str) -> bool:
-    """On --resume: a trial whose MLflow run FINISHED before the sweep stopped (only its last report to Tune
-    was lost) is not trained again; its recorded final metrics are reported instead."""
+def report_recorded_result(setup: TrialSetup, run) -> bool:
+    """On --resume: a trial whose MLflow run (``run``, or None) FINISHED before the sweep stopped (only its last
+    report to Tune was lost) is not trained again; its recorded final metrics are reported instead."""
     import tracking
     from ray import tune
 
-    run = find_child_run(setup, trial_id)
     if run is None or run.info.status != "FINISHED" or METRIC not in run.data.metrics:
         return False
     history = tracking.client(setup.tracking_uri).get_metric_history(run.info.run_id, METRIC)
@@ -248,14 +248,13 @@ def record_result(run, summary: Mapping[str, Any], correct: str) -> None:
 
 
 @contextmanager
-def child_run(setup: TrialSetup, trial_id: str, trial_name: str, incumbent: bool, resume_from=None):
-    """Open (or, for a restarted trial, reopen) the trial's child run and close it with its outcome. A trial
-    restarted from a checkpoint (``resume_from``) keeps its run, and its curve goes on from there. Tune stops a
-    trial by raising SystemExit in ``tune.report`` (an ASHA stop, or the whole sweep stopping): only the driver
-    knows which, so it sets that status."""
+def child_run(setup: TrialSetup, existing, trial_id: str, trial_name: str, incumbent: bool, resume_from=None):
+    """Open (or, for a restarted trial whose run is ``existing``, reopen) the trial's child run and close it with
+    its outcome. A trial restarted from a checkpoint (``resume_from``) keeps its run, and its curve goes on from
+    there. Tune stops a trial by raising SystemExit in ``tune.report`` (an ASHA stop, or the whole sweep
+    stopping): only the driver knows which, so it sets that status."""
     import tracking
 
-    existing = find_child_run(setup, trial_id)
     if existing is not None:
         run = tracking.Run.reopen(existing.info.run_id, setup.tracking_uri)
         # restarted after its worker died: from its last checkpoint, or from scratch if it had none yet
