@@ -33,5 +33,5 @@ lock:  ## pin what a fresh, unconstrained install resolves today (then run `make
 
 clean:  ## remove outputs, generated data and the prefix cache (never the shipped weights, the git-tracked
          ## metrics/ and plots/, the MLflow records or sweep results)
-	rm -rf outputs dvc_plots data/synthetic
+	rm -rf outputs dvc_plots data/synthetic data/few_shot data/domain_shift
 	rm -rf "$(DTL_CACHE_DIR)"

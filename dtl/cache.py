@@ -170,7 +170,8 @@ def cache_refusal(model: nn.Module, dataset: Dataset | None = None) -> str | Non
         augmentation = dataset_augmentation(dataset)
         if augmentation:
             return (f"the training data is augmented ({augmentation}), so the frozen inputs change every epoch; "
-                    "the VTAB protocol uses no augmentation. Turn augmentation off or set training.prefix_cache: off")
+                    "the VTAB-1K protocol has no augmentation, the few-shot recipe has. Turn augmentation off or set "
+                    "training.prefix_cache: off")
     return None
 
 
@@ -384,7 +385,9 @@ def prepare_prefix_cache(
     refusal = cache_refusal(model, dataset)
     if refusal:
         if mode == "auto":
-            return None, CacheReport(reason=refusal, notice=getattr(model, "cache_layout", None) is not None)
+            # an augmenting recipe (few-shot) never could use it: nothing to tell
+            could = getattr(model, "cache_layout", None) is not None and dataset_augmentation(dataset) is None
+            return None, CacheReport(reason=refusal, notice=could)
         raise PrefixCacheError(f"training.prefix_cache: {mode} is not possible: {refusal}")
 
     device = torch.device(device)

@@ -20,8 +20,11 @@ from .methods import (BACKBONE_DTYPES, all_option_names, available_methods, cano
                       get_method, method_options)
 from .models import DROP_PATH_SCOPES
 
-DATA_SOURCES = ("synthetic", "vtab1k")
-PROTOCOLS = ("final", "val")
+DATA_SOURCES = ("synthetic", "vtab1k", "few_shot", "domain_generalization")
+PROTOCOLS = ("final", "val", "few_shot", "domain_generalization")
+# The protocols a data folder of each source serves (synthetic: the embedded suite of whichever protocol is set).
+SOURCE_PROTOCOLS = {"vtab1k": ("final", "val"), "few_shot": ("few_shot",),
+                    "domain_generalization": ("domain_generalization",)}
 
 
 class ConfigError(ValueError):
@@ -30,7 +33,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic: the generated embedded suite; vtab1k: a VTAB-1K folder
+    # synthetic: the generated embedded suite of the protocol; vtab1k: a VTAB-1K folder; few_shot: few-shot data
+    # sets in the NOAH layout; domain_generalization: a source and target domains in that layout
+    source: str = "synthetic"
     root: str = "data/synthetic"  # the folder holding one sub-folder per task (relative to the working dir)
     tasks: list[str] = field(default_factory=lambda: ["dsprites_loc", "dsprites_ori", "clevr_count", "digits",
                                                       "patterns"])
@@ -41,6 +46,10 @@ class DataConfig:
     # class counts of tasks that are not VTAB-1K tasks (a folder of your own in the VTAB-1K layout), e.g.
     # {my_task: 12}; a meta.json {"num_classes": K} in the task folder works too
     num_classes: dict[str, int] = field(default_factory=dict)
+    # few_shot protocol: the shot counts to train (one run per shot count and seed); domain_generalization: one
+    # value, the source's training list (train_meta.list.num_shot_<k>.seed_<s>)
+    shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    targets: list[str] = field(default_factory=list)  # domain_generalization: the target domain folders
 
     def validate(self) -> None:
         _need(self.source in DATA_SOURCES, "data.source", f"one of {', '.join(DATA_SOURCES)}", self.source)
@@ -58,6 +67,12 @@ class DataConfig:
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
             for k, v in self.num_classes.items()), "data.num_classes",
               "a mapping of task -> number of classes (an integer >= 1), e.g. {my_task: 12}", self.num_classes)
+        _need(isinstance(self.shots, list) and self.shots and len(set(self.shots)) == len(self.shots) and all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.shots), "data.shots",
+              "a non-empty list of distinct shot counts (integers >= 1), e.g. [1, 2, 4, 8, 16]", self.shots)
+        _need(isinstance(self.targets, list) and all(isinstance(t, str) and t for t in self.targets)
+              and len(set(self.targets)) == len(self.targets), "data.targets",
+              "a list of distinct target domain folder names", self.targets)
 
 
 class _ModelSection:
@@ -118,7 +133,10 @@ ModelConfig.__doc__ = _ModelSection.__doc__
 
 @dataclass
 class EvaluationConfig:
-    protocol: str = "final"  # final: train on train800val200, test once; val: train on train800, score val200
+    # final: train on train800val200, test once; val: train on train800, score val200; few_shot: per shot count and
+    # seed, train on the k-shot list, validate every eval_every epochs, test the weights best on val;
+    # domain_generalization: train on the source's k-shot list, test the source and every target (dtl.experiment)
+    protocol: str = "final"
     seeds: list[int] = field(default_factory=lambda: [42])
 
     def validate(self) -> None:
@@ -170,11 +188,25 @@ class ExperimentConfig:
             self.data.validate()
             self.model.validate()
             self.evaluation.validate()
+            self._check_protocol()
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
         for task, values in self.overrides.items():
             check_override_entry(values, f"{where}: overrides.{task}")
             self.for_task(task, where)  # the merged settings must validate too
+
+    def _check_protocol(self) -> None:
+        protocol, source = self.evaluation.protocol, self.data.source
+        allowed = SOURCE_PROTOCOLS.get(source, PROTOCOLS)
+        _need(protocol in allowed, "evaluation.protocol", f"one of {', '.join(allowed)} for data.source {source}",
+              protocol)
+        if protocol == "domain_generalization":
+            _need(len(self.data.tasks) == 1, "data.tasks", "one task, the source domain (domain_generalization)",
+                  self.data.tasks)
+            _need(len(self.data.shots) == 1, "data.shots", "one shot count, the source's training list "
+                  "(domain_generalization), e.g. [16]", self.data.shots)
+            _need(bool(self.data.targets), "data.targets", "at least one target domain (domain_generalization)",
+                  self.data.targets)
 
     def for_task(self, task: str, where: str = "config") -> "ExperimentConfig":
         """This experiment with ``overrides[task]`` applied (unknown tasks get the global settings)."""

@@ -132,6 +132,10 @@ class TrainingState:
     images_seen: int = 0
     saved_bytes_per_batch: int = 0
     cpu_time_s: float = 0.0
+    # keep_best: the trainable weights of the best evaluation so far, its epoch and its accuracy
+    best_trainable: dict[str, torch.Tensor] = field(default_factory=dict)
+    best_epoch: int = -1
+    best_accuracy: float = -1.0
 
     def save(self, path) -> None:
         with atomic_path(path) as tmp:
@@ -258,11 +262,15 @@ class SavedTensorBytes:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str,
-             per_image: bool = False) -> dict:
+             per_image: bool = False, classes: Sequence[int] | None = None) -> dict:
     """Top-1 accuracy and mean cross-entropy over ``loader``; with ``per_image`` also ``correct``, a bool tensor
-    saying for each item (in loader order) whether it was classified correctly."""
+    saying for each item (in loader order) whether it was classified correctly; with ``classes`` also
+    ``accuracy_masked``, the accuracy of the argmax over those classes only (a test set that holds a subset of
+    the classes the model tells apart, such as ImageNet-A and -R)."""
+    from .data.domain_generalization import masked_predictions
+
     model.eval()
-    correct, total, loss_sum = 0, 0, 0.0
+    correct, total, loss_sum, masked_correct = 0, 0, 0.0, 0
     hits = []
     for inputs, labels in loader:
         inputs, labels = to_device(inputs, device), labels.to(device, non_blocking=True)
@@ -271,12 +279,16 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
         loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
         hit = logits.argmax(dim=1) == labels
         correct += hit.sum().item()
+        if classes is not None:
+            masked_correct += (masked_predictions(logits, classes) == labels).sum().item()
         total += labels.numel()
         if per_image:
             hits.append(hit.cpu())
     if total == 0:
         raise ValueError("evaluation split is empty")
     metrics = {"accuracy": correct / total, "loss": loss_sum / total}
+    if classes is not None:
+        metrics["accuracy_masked"] = masked_correct / total
     if per_image:
         metrics["correct"] = torch.cat(hits)
     return metrics
@@ -326,8 +338,13 @@ def train_and_evaluate(
     *,
     resume_from: TrainingState | None = None,
     save_state: StateCallback | None = None,
+    keep_best: str | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data``, evaluate on each of ``eval_data`` (e.g. {"val": ..., "test": ...}).
+
+    ``keep_best`` names one split of ``eval_data``: the weights of the evaluation epoch that scored it best (the
+    earliest on a tie) are put back into ``model`` at the end, and the final metrics are those of that epoch's
+    weights, with ``best_epoch`` (the few-shot recipe: validate every few epochs, test the best weights).
 
     Every epoch each callback gets ``(epoch, metrics)`` with ``train/loss``, ``train/accuracy``, ``lr`` and,
     on evaluation epochs, ``<split>/accuracy`` and ``<split>/loss``. A non-finite loss raises
@@ -392,8 +409,12 @@ def train_and_evaluate(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    if keep_best is not None and keep_best not in eval_data:
+        raise ValueError(f"keep_best={keep_best!r} is not one of the evaluated splits ({', '.join(eval_data)})")
     history: list[dict] = []
     per_image_correct: dict[str, torch.Tensor] = {}
+    best_trainable: dict[str, torch.Tensor] = {}
+    best_epoch, best_accuracy = -1, -1.0
     train_time, images_seen, saved_bytes, cpu_before = 0.0, 0, 0, 0.0
     first_epoch = 0
     if resume_from is not None:
@@ -410,6 +431,8 @@ def train_and_evaluate(
         first_epoch = resume_from.epochs_done
         train_time, images_seen = resume_from.train_time_s, resume_from.images_seen
         saved_bytes, cpu_before = resume_from.saved_bytes_per_batch, resume_from.cpu_time_s
+        best_trainable, best_epoch = resume_from.best_trainable, resume_from.best_epoch
+        best_accuracy = resume_from.best_accuracy
     progress = EpochProgress(config.epochs, first_epoch, len(train_loader) * config.batch_size, config.progress)
     for epoch in range(first_epoch, config.epochs):
         scheduler.step(epoch)
@@ -453,6 +476,9 @@ def train_and_evaluate(
                     per_image_correct[split] = scores.pop("correct")
                 for key, value in scores.items():
                     metrics[f"{split}/{key}"] = value
+            if keep_best is not None and metrics[f"{keep_best}/accuracy"] > best_accuracy:
+                best_accuracy, best_epoch = metrics[f"{keep_best}/accuracy"], epoch
+                best_trainable = {k: v.clone() for k, v in trainable_state_dict(model).items()}
         history.append(metrics)
         progress.epoch_done(epoch, metrics)
         if save_state is not None and not last:
@@ -461,12 +487,21 @@ def train_and_evaluate(
                 scaler=scaler.state_dict(), data_order=generator.get_state(), rng=torch.get_rng_state(),
                 cuda_rng=torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
                 history=[dict(h) for h in history], train_time_s=train_time, images_seen=images_seen,
-                saved_bytes_per_batch=saved_bytes, cpu_time_s=cpu_before + time.process_time() - cpu_started))
+                saved_bytes_per_batch=saved_bytes, cpu_time_s=cpu_before + time.process_time() - cpu_started,
+                best_trainable=best_trainable, best_epoch=best_epoch, best_accuracy=best_accuracy))
         for callback in callbacks:
             callback(epoch, dict(metrics))
 
     progress.close()
     final = {k: v for k, v in history[-1].items() if k not in ("epoch", "lr")}
+    if keep_best is not None:
+        final["best_epoch"] = best_epoch
+        if best_epoch != config.epochs - 1:  # score the best epoch's weights again, per image
+            model.load_state_dict(best_trainable, strict=False)
+            for split, loader in eval_loaders.items():
+                scores = evaluate(model, loader, device, precision, per_image=True)
+                per_image_correct[split] = scores.pop("correct")
+                final.update({f"{split}/{key}": value for key, value in scores.items()})
     rss_scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     return TrainResult(
         metrics=final,

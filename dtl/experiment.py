@@ -1,9 +1,17 @@
 """The one training entry point that the DVC pipeline and the sweeps both call: ``run_task``.
 
 It turns an :class:`~dtl.config.ExperimentConfig` and a task name into datasets, a model and a finished run,
-following the evaluation protocol: ``final`` trains on train800val200 and tests once at the end (the
-official scripts); ``val`` trains on train800 and scores val200 (VTAB's rule for choosing hyperparameters:
-the test split is never used for selection).
+following the evaluation protocol (``evaluation.protocol``):
+
+- ``final`` (VTAB-1K): train on train800val200 and test once at the end (the official scripts);
+- ``val`` (VTAB-1K): train on train800 and score val200 (VTAB's rule for choosing hyperparameters: the test split
+  is never used for selection);
+- ``few_shot``: one run per shot count k and seed s: train on ``train_meta.list.num_shot_<k>.seed_<s>``, score
+  ``val_meta.list`` every ``eval_every`` epochs, keep the weights best on it, test those on ``test_meta.list``;
+- ``domain_generalization``: train on the source's k-shot list, score its ``val_meta.list`` (when it has one),
+  then test the source's ``test_meta.list`` and every target's, each once (no target is ever used to choose).
+
+In the two NOAH-layout protocols the seed picks the training list and seeds the run.
 """
 from __future__ import annotations
 
@@ -12,27 +20,132 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
+from torch.utils.data import Dataset
 
 from .config import ConfigError, ExperimentConfig
 from .engine import EpochCallback, StateCallback, TrainingState, TrainResult, seed_everything, train_and_evaluate
 from .methods import create_model
 
+
 @dataclass(frozen=True)
 class Protocol:
-    """Which split a run trains on, which it scores at its last epoch, and which evaluating the saved weights
-    reports."""
+    """Which split a run trains on, which it scores during and after training, and which evaluating the saved
+    weights reports. ``layout`` is the folder layout the splits come from (``vtab``, ``few_shot``,
+    ``domain_generalization``); ``keep_best`` the scored split whose best epoch's weights are kept."""
 
+    layout: str
     train: str
     scored: dict[str, str]  # name -> split, scored after the last epoch (and every eval_every epochs)
     reported: dict[str, str]  # name -> split, what ``evaluate_saved`` scores
+    keep_best: str | None = None
+    selection: str = "val"  # the protocol a sweep's trials follow: never one that scores test or target sets
 
 
 PROTOCOLS: dict[str, Protocol] = {
     # the authors' scripts: train on all 1,000 images, test once at the end
-    "final": Protocol("train800val200", {"test": "test"}, {"test": "test"}),
+    "final": Protocol("vtab", "train800val200", {"test": "test"}, {"test": "test"}),
     # VTAB's rule for choosing hyperparameters: train on train800, score val200 (test reported for reference only)
-    "val": Protocol("train800", {"val": "val200"}, {"val": "val200", "test": "test"}),
+    "val": Protocol("vtab", "train800", {"val": "val200"}, {"val": "val200", "test": "test"}),
+    # NOAH's few-shot recipe: validate every few epochs, test the weights best on val
+    "few_shot": Protocol("few_shot", "train", {"val": "val"}, {"val": "val", "test": "test"}, keep_best="val",
+                         selection="few_shot"),
+    # train once on the source, then test the source and every target (``reported_splits`` adds the targets)
+    "domain_generalization": Protocol("domain_generalization", "train", {"val": "val"}, {"val": "val", "test": "test"},
+                                      selection="domain_generalization"),
 }
+TARGET_PREFIX = "target:"  # reported split "target:<domain>": that target domain's test list
+
+
+def uses_list_files(config: ExperimentConfig) -> bool:
+    """Whether the protocol reads the NOAH layout (few-shot lists; shots and seed pick the training list)."""
+    return PROTOCOLS[config.evaluation.protocol].layout != "vtab"
+
+
+def split_list(config: ExperimentConfig, task: str, split: str, shots: int | None = None,
+               seed: int | None = None) -> Path:
+    """The list file a split of ``task`` is read from."""
+    from .data.few_shot import list_file
+
+    root = Path(config.data.root)
+    if not uses_list_files(config):
+        return root / task / f"{split}.txt"
+    if split.startswith(TARGET_PREFIX):
+        return list_file(root, split[len(TARGET_PREFIX):], "test")
+    return list_file(root, task, split, shots, seed)
+
+
+def split_label(config: ExperimentConfig, task: str, split: str, shots: int | None = None,
+                seed: int | None = None) -> str:
+    """A short name of a split's list (``digits/train800``, ``oxford-pets/train_meta.list.num_shot_4.seed_0``)."""
+    if not uses_list_files(config):
+        return f"{task}/{split}"
+    path = split_list(config, task, split, shots, seed)
+    return f"{path.parent.parent.name}/{path.name}"
+
+
+def selection_objective(config: ExperimentConfig) -> str:
+    """What a sweep under ``config``'s protocol selects on, in words (for its reports)."""
+    protocol = PROTOCOLS[PROTOCOLS[config.evaluation.protocol].selection]
+    if protocol.layout == "vtab":
+        return f"{protocol.scored['val']} accuracy after training on {protocol.train}"
+    shots, seed = max(config.data.shots), config.evaluation.seeds[0]
+    return f"val_meta.list accuracy after training on train_meta.list.num_shot_{shots}.seed_{seed}"
+
+
+def scored_splits(config: ExperimentConfig, task: str) -> dict[str, str]:
+    """What a run scores while it trains. A domain-generalisation source without ``val_meta.list`` scores its
+    test list after the last epoch instead (its final weights are tested either way; sweeps need the list)."""
+    protocol = PROTOCOLS[config.evaluation.protocol]
+    if protocol.layout == "domain_generalization" and not split_list(config, task, "val").is_file():
+        return {"test": "test"}
+    return dict(protocol.scored)
+
+
+def reported_splits(config: ExperimentConfig, task: str) -> dict[str, str]:
+    """What ``evaluate_saved`` scores: the protocol's reported splits (and every target domain)."""
+    protocol = PROTOCOLS[config.evaluation.protocol]
+    reported = {**scored_splits(config, task), **protocol.reported}
+    if protocol.layout == "domain_generalization":
+        if "val" not in scored_splits(config, task):
+            reported.pop("val")
+        reported.update({target: f"{TARGET_PREFIX}{target}" for target in config.data.targets})
+    return reported
+
+
+def run_shots(config: ExperimentConfig, shots: int | None) -> int | None:
+    """The shot count of a run: None under VTAB; the given one (or the largest of ``data.shots``) otherwise."""
+    if not uses_list_files(config):
+        return None
+    return max(config.data.shots) if shots is None else shots
+
+
+def task_num_classes(config: ExperimentConfig, task: str) -> int:
+    """The class count of ``task``: ``data.num_classes``, the folder's ``meta.json``, or the known tables."""
+    from .data.few_shot import few_shot_num_classes
+    from .data.vtab import _task_dir, resolve_num_classes
+
+    given = config.data.num_classes.get(task)
+    if uses_list_files(config):
+        return few_shot_num_classes(task, given, Path(config.data.root) / task)
+    return resolve_num_classes(_task_dir(config.data.root, task), task, given)
+
+
+def open_split(config: ExperimentConfig, task: str, split: str, *, num_classes: int, img_size: int,
+               shots: int | None = None, seed: int | None = None, model: nn.Module | None = None) -> Dataset:
+    """The dataset of one split of ``task`` as the protocol reads it: VTAB-1K's fixed transform, or the few-shot
+    recipe (augmented training list, resize + centre crop otherwise; the backbone's own normalisation)."""
+    from .data import FewShotDataset, VTabDataset
+
+    root = Path(config.data.root)
+    if not uses_list_files(config):
+        return VTabDataset(root, task, split, img_size=img_size, num_classes=num_classes, preload=config.data.preload)
+    cfg = (getattr(model.adapter.backbone, "pretrained_cfg", None) or {}) if model is not None else {}
+    normalise = {key: tuple(cfg[key]) for key in ("mean", "std") if key in cfg}
+    if split.startswith(TARGET_PREFIX):
+        return FewShotDataset(root, split[len(TARGET_PREFIX):], "test", img_size=img_size, num_classes=num_classes,
+                              **normalise)
+    return FewShotDataset(root, task, split, shots=shots, seed=seed, img_size=img_size, num_classes=num_classes,
+                          **normalise)
 
 
 @dataclass
@@ -42,6 +155,7 @@ class TaskRun:
     model: nn.Module
     result: TrainResult
     num_classes: int
+    shots: int | None = None  # the NOAH-layout protocols: the training list's shot count
 
     def summary(self) -> dict:
         model = self.config.model
@@ -51,6 +165,7 @@ class TaskRun:
             "backbone": model.backbone,
             "protocol": self.config.evaluation.protocol,
             "seed": self.config.training.seed,
+            **({"shots": self.shots} if self.shots is not None else {}),
             "num_classes": self.num_classes,
             "device": self.result.device,
             "precision": self.result.precision,
@@ -60,17 +175,31 @@ class TaskRun:
 
 
 def ensure_data(config: ExperimentConfig, tasks: Sequence[str] | None = None) -> Path:
-    """Make sure the task folders exist: generate the synthetic suite if needed, or check a VTAB-1K root."""
+    """Make sure the task folders exist: generate the protocol's synthetic suite if needed, or check the folders
+    (every list of every task; problems raise one :class:`~dtl.data.DataError`)."""
     from .data import check_vtab_root, generate_synthetic_suite
+    from .data.domain_generalization import check_domain_root
+    from .data.few_shot import check_few_shot_root
+    from .data.synthetic_domain_shift import generate_domain_shift_suite
+    from .data.synthetic_few_shot import generate_few_shot_suite
 
     data = config.data
     tasks = list(tasks or data.tasks)
     root = Path(data.root)
+    layout = PROTOCOLS[config.evaluation.protocol].layout
+    size = data.image_size or 32
+    seeds = config.evaluation.seeds
     if data.source == "synthetic":
-        generate_synthetic_suite(root, tasks=tasks, image_size=data.image_size or 32, num_test=data.num_test,
-                                 seed=data.generator_seed)
-    else:
+        generate = {"vtab": generate_synthetic_suite, "few_shot": generate_few_shot_suite,
+                    "domain_generalization": generate_domain_shift_suite}[layout]
+        generate(root, [*tasks, *data.targets] if layout == "domain_generalization" else tasks, image_size=size,
+                 num_test=data.num_test, seed=data.generator_seed)
+    if layout == "vtab":
         check_vtab_root(root, tasks, num_classes=data.num_classes)
+    elif layout == "few_shot":
+        check_few_shot_root(root, tasks, data.shots, seeds, num_classes=data.num_classes)
+    else:
+        check_domain_root(root, tasks[0], data.targets, data.shots, seeds, num_classes=data.num_classes.get(tasks[0]))
     return root
 
 
@@ -125,9 +254,10 @@ def check_run(config: ExperimentConfig, task: str, train_images: int, num_classe
         _CHECKED_CHECKPOINTS.add((resolved.model.backbone, checkpoint))
     batch = resolved.training.batch_size
     if train_images < batch:
+        split = ("smallest training list" if uses_list_files(resolved)
+                 else f"{PROTOCOLS[resolved.evaluation.protocol].train} split")
         raise ConfigError(f"{where}training.batch_size: {batch} is larger than the {train_images} images of "
-                          f"{task}'s {PROTOCOLS[resolved.evaluation.protocol].train} split (batches drop the "
-                          "remainder); use at most that many")
+                          f"{task}'s {split} (batches drop the remainder); use at most that many")
     try:
         resolve_precision(resolved.training.precision, resolve_device(resolved.training.device))
     except SetupError as err:
@@ -147,52 +277,52 @@ def run_task(
     task: str,
     *,
     seed: int | None = None,
+    shots: int | None = None,
     callbacks: Sequence[EpochCallback] = (),
     resume_from: TrainingState | None = None,
     save_state: StateCallback | None = None,
 ) -> TaskRun:
     """Train and evaluate ``config``'s method on ``task`` (overrides applied) and return the finished run.
 
-    ``save_state`` / ``resume_from``: checkpoint the run after every epoch / continue from such a checkpoint
-    (``dtl.engine.train_and_evaluate``)."""
-    from .data import VTabDataset
-
+    ``shots`` (NOAH-layout protocols; default: the largest of ``data.shots``) and ``seed`` pick the training list
+    ``train_meta.list.num_shot_<shots>.seed_<seed>``. ``save_state`` / ``resume_from``: checkpoint the run after
+    every epoch / continue from such a checkpoint (``dtl.engine.train_and_evaluate``)."""
     config = config.for_task(task)
     if seed is not None:
         config.training = replace(config.training, seed=seed)
     protocol = PROTOCOLS[config.evaluation.protocol]
-    train_split, eval_splits = protocol.train, protocol.scored
-    root = Path(config.data.root)
-    train_set = VTabDataset(root, task, train_split, img_size=config.data.image_size or 224,
-                            num_classes=config.data.num_classes.get(task), preload=False)
+    shots = run_shots(config, shots)
+    num_classes = task_num_classes(config, task)
     seed_everything(config.training.seed)  # the fresh head/CSN init must not depend on earlier runs in this process
-    model = build_model(config, train_set.num_classes)
+    model = build_model(config, num_classes)
     img_size = config.data.image_size or backbone_image_size(model)
 
-    def dataset(split: str) -> VTabDataset:
-        return VTabDataset(root, task, split, img_size=img_size, num_classes=train_set.num_classes,
-                           preload=config.data.preload)
+    def dataset(split: str) -> Dataset:
+        return open_split(config, task, split, num_classes=num_classes, img_size=img_size, shots=shots,
+                          seed=config.training.seed, model=model)
 
     result = train_and_evaluate(
         model,
-        dataset(train_split),
-        {name: dataset(split) for name, split in eval_splits.items()},
+        dataset(protocol.train),
+        {name: dataset(split) for name, split in scored_splits(config, task).items()},
         config.training,
         callbacks,
         resume_from=resume_from,
         save_state=save_state,
+        keep_best=protocol.keep_best,
     )
-    return TaskRun(task=task, config=config, model=model, result=result, num_classes=train_set.num_classes)
+    return TaskRun(task=task, config=config, model=model, result=result, num_classes=num_classes, shots=shots)
 
 
-def evaluate_saved(config: ExperimentConfig, task: str, seed: int, weights: str | Path, num_classes: int) -> dict:
+def evaluate_saved(config: ExperimentConfig, task: str, seed: int, weights: str | Path, num_classes: int,
+                   shots: int | None = None) -> dict:
     """Rebuild the trained model of ``config`` for ``task`` from its saved trainable weights
     (``dtl.io.save_trainable``) and score the protocol's reported splits: ``{"<name>_accuracy": ...,
-    "<name>_loss": ...}``. Nothing is retrained; with ``checkpoint: false`` the random frozen backbone is rebuilt
-    from ``seed`` as ``run_task`` built it."""
+    "<name>_loss": ...}``, plus ``<name>_accuracy_masked`` for a split that holds only some of the classes (the
+    argmax over those: ImageNet-A and -R). Nothing is retrained; with ``checkpoint: false`` the random frozen
+    backbone is rebuilt from ``seed`` as ``run_task`` built it."""
     from torch.utils.data import DataLoader
 
-    from .data import VTabDataset
     from .engine import evaluate, resolve_device, resolve_precision
     from .io import load_trainable
 
@@ -205,11 +335,13 @@ def evaluate_saved(config: ExperimentConfig, task: str, seed: int, weights: str 
     model.to(device)
     img_size = config.data.image_size or backbone_image_size(model)
     scores: dict[str, float] = {}
-    for name, split in PROTOCOLS[config.evaluation.protocol].reported.items():
-        data = VTabDataset(Path(config.data.root), task, split, img_size=img_size, num_classes=num_classes,
-                           preload=False)
+    for name, split in reported_splits(config, task).items():
+        data = open_split(config, task, split, num_classes=num_classes, img_size=img_size, shots=shots, seed=seed,
+                          model=model)
+        present = sorted({label for _, label in getattr(data, "samples", [])})
+        classes = present if 0 < len(present) < num_classes and split.startswith(TARGET_PREFIX) else None
         loader = DataLoader(data, batch_size=config.training.eval_batch_size, shuffle=False,
                             num_workers=config.training.num_workers)
-        for key, value in evaluate(model, loader, device, precision).items():
+        for key, value in evaluate(model, loader, device, precision, classes=classes).items():
             scores[f"{name}_{key}"] = value
     return scores

@@ -1,11 +1,14 @@
 """Stage ``evaluate@<task>``: re-score the saved trainable weights, without retraining.
 
-For every seed, ``dtl.experiment.evaluate_saved`` rebuilds the model from ``outputs/train/<task>/config.json``
-(the same backbone checkpoint, method and options), loads ``seed<S>.safetensors`` into it and scores the
-protocol's reported splits (test; val200 too under the ``val`` protocol). That proves the saved file holds
+For every trained run (seed; few-shot: shot count and seed), ``dtl.experiment.evaluate_saved`` rebuilds the model
+from ``outputs/train/<task>/config.json`` (the same backbone checkpoint, method and options), loads its weights
+file into it and scores the protocol's reported splits (test; val200 too under the ``val`` protocol; few-shot:
+``val_meta.list`` and ``test_meta.list``; domain generalisation: the source's lists and every target's test list,
+a target that holds a subset of the classes also with the logits masked to them). That proves the saved file holds
 everything training changed: the re-scored accuracy of the split scored at the end of training must equal the
 one measured then (a mismatch is an error). Writes ``outputs/evaluate/<task>.json`` (mean and std over seeds,
-losses, trainable parameters, images/s, peak memory; numbers only), ``outputs/evaluate/<task>.details.json`` (group,
+per shot count under ``shots`` for few-shot runs, losses, trainable parameters, images/s, peak memory; numbers
+only), ``outputs/evaluate/<task>.details.json`` (group,
 method, per-seed scores, MLflow run ids) and ``metrics/<task>.json`` (the DVC metrics: test accuracy, trainable
 parameters excluding the head, peak memory, images/s).
 
@@ -29,11 +32,16 @@ from .stage import OutputPaths, StageError, read_json, run_stage, stage_argument
 MISMATCH_ERROR = 0.005
 
 
-def task_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+def task_metrics(metrics: dict[str, Any], targets: list[str] = ()) -> dict[str, Any]:
     """``metrics/<task>.json``: test accuracy and what matters next to it, under names short enough for
-    ``dvc metrics show`` to fit a terminal (the full numbers stay in ``outputs/evaluate/<task>.json``)."""
+    ``dvc metrics show`` to fit a terminal (the full numbers stay in ``outputs/evaluate/<task>.json``): per shot
+    count for few-shot runs (``<k>shot``), per target domain for domain generalisation."""
     short = {"test_acc": round(metrics["test_accuracy"], 4)}
-    if "val_accuracy" in metrics:
+    for shots, part in metrics.get("shots", {}).items():
+        short[f"{shots}shot"] = round(part["test_accuracy"], 4)
+    for target in targets:
+        short[target] = round(metrics[f"{target}_accuracy"], 4)
+    if "val_accuracy" in metrics and not metrics.get("shots"):
         short["val_acc"] = round(metrics["val_accuracy"], 4)
     short.update(params=metrics["trainable_params_excl_head"], memory_mb=round(metrics["peak_memory_mb"], 1),
                  images_s=round(metrics["images_per_s"], 1))
@@ -44,10 +52,46 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def seed_means(per_seed: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean over seeds of every score, and the std of every accuracy (``<key>_std``)."""
+    metrics: dict[str, float] = {}
+    for key in per_seed[0]:
+        if key in ("seed", "shots"):
+            continue
+        mean, std = mean_std([s[key] for s in per_seed])
+        metrics[key] = mean
+        if "accuracy" in key:
+            metrics[f"{key}_std"] = std
+    return metrics
+
+
+def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The scores of a task's runs: means over seeds; few-shot runs also per shot count (``shots``), with the
+    overall figures the mean over shot counts."""
+    counts = sorted({s["shots"] for s in per_seed if s.get("shots") is not None})
+    if len(counts) <= 1:
+        return {**seed_means(per_seed), "num_seeds": len(per_seed)}
+    by_shots = {}
+    for shots in counts:
+        runs = [s for s in per_seed if s["shots"] == shots]
+        by_shots[str(shots)] = {**seed_means(runs), "num_seeds": len(runs)}
+    keys = [k for k in by_shots[str(counts[0])] if not k.endswith("_std") and k != "num_seeds"]
+    overall = {key: statistics.fmean(part[key] for part in by_shots.values()) for key in keys}
+    return {**overall, "shots": by_shots, "num_seeds": len({s["seed"] for s in per_seed})}
+
+
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Numbers for MLflow: the per-shot figures as ``<k>shot_<key>``."""
+    flat = {k: v for k, v in metrics.items() if k != "shots"}
+    for shots, part in metrics.get("shots", {}).items():
+        flat.update({f"{shots}shot_{k}": v for k, v in part.items()})
+    return flat
+
+
 def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]:
     import tracking
     from dtl.config import ExperimentConfig
-    from dtl.experiment import PROTOCOLS, evaluate_saved
+    from dtl.experiment import evaluate_saved, reported_splits, scored_splits, split_label, split_list
 
     paths = OutputPaths(outputs)
     train_dir = paths.train_dir(task)
@@ -55,7 +99,7 @@ def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]
     config = ExperimentConfig.from_dict(read_json(train_dir / "config.json", f"written by train@{task}"),
                                         where=str(train_dir / "config.json"))
     protocol = config.evaluation.protocol
-    checked = next(iter(PROTOCOLS[protocol].scored))  # the split training scored at its last epoch
+    checked = next(iter(scored_splits(config, task)))  # the split training scored at its last epoch
 
     settings = load_pipeline_settings(params_path)
     experiment_id = tracking.init_tracking(settings.mlflow_experiment)
@@ -66,16 +110,17 @@ def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]
     tracking.close_orphaned_runs(experiment_id, dvc_stage=f"evaluate@{task}")
     run = tracking.Run.create(experiment_id, f"evaluate@{task}", tags, {"seeds": summary["seeds"]}, parent=parent)
     with tracking.recorded(run):
-        task_dir = Path(config.data.root) / task
-        for name, split in PROTOCOLS[protocol].reported.items():
-            run.log_dataset(f"{task}/{split}", task_dir / f"{split}.txt", "test" if name == "test" else "validation")
+        for name, split in reported_splits(config, task).items():
+            run.log_dataset(split_label(config, task, split), split_list(config, task, split),
+                            "validation" if name == "val" else "test")
         per_seed = []
         for seed_summary in summary["per_seed"]:
             weights = train_dir / seed_summary["weights"]
             if not weights.is_file():
                 raise StageError(f"{weights} is missing; re-run train@{task}")
             try:
-                scores = evaluate_saved(config, task, seed_summary["seed"], weights, summary["num_classes"])
+                scores = evaluate_saved(config, task, seed_summary["seed"], weights, summary["num_classes"],
+                                        shots=seed_summary.get("shots"))
             except WeightsMismatchError as err:
                 raise StageError(f"{err}; re-run train@{task}") from None
             at_training = seed_summary.get(f"{checked}/accuracy")
@@ -87,18 +132,12 @@ def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]
             if at_training is not None and rescored != at_training:
                 print(f"evaluate@{task}: note: re-scored {checked} accuracy {rescored:.6f} vs {at_training:.6f} "
                       "at training (non-deterministic kernels)", flush=True)
-            per_seed.append({"seed": seed_summary["seed"], **scores})
-            print(f"evaluate@{task}: seed {seed_summary['seed']}: "
+            shots = seed_summary.get("shots")
+            per_seed.append({"seed": seed_summary["seed"], **({"shots": shots} if shots is not None else {}), **scores})
+            print(f"evaluate@{task}: {'' if shots is None else f'{shots}-shot '}seed {seed_summary['seed']}: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.endswith("accuracy")), flush=True)
 
-        metrics: dict[str, Any] = {}
-        for key in per_seed[0]:
-            if key == "seed":
-                continue
-            mean, std = mean_std([s[key] for s in per_seed])
-            metrics[key] = mean
-            if key.endswith("accuracy"):
-                metrics[f"{key}_std"] = std
+        metrics: dict[str, Any] = aggregate(per_seed)
 
         def seed_mean(key: str) -> float | None:
             values = [s.get(key) for s in summary["per_seed"]]
@@ -112,21 +151,24 @@ def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]
             "train_time_s": seed_mean("train_time_s"),
             # GPU: torch's peak allocated memory; CPU: the training process's peak resident memory.
             "peak_memory_mb": (gpu_peak if gpu_peak is not None else seed_mean("peak_rss_bytes")) / 2**20,
-            "num_seeds": len(per_seed),
         })
+        targets = list(config.data.targets) if protocol == "domain_generalization" else []
+        record = read_json(paths.task_record(task), "written by the prepare stage")
         details = {"task": task, "group": summary.get("group", "Other"), "method": summary["method"],
                    "backbone": summary["backbone"], "protocol": protocol, "data_source": summary["data_source"],
                    "memory_kind": "gpu_allocated" if gpu_peak is not None else "process_rss",
-                   "seeds": [s["seed"] for s in per_seed], "per_seed": per_seed,
+                   "seeds": sorted({s["seed"] for s in per_seed}), "per_seed": per_seed,
+                   "num_classes": record.get("num_classes"),
+                   "target_classes": {t: record["targets"][t]["classes_seen"] for t in targets},
                    "mlflow_run_id": summary["mlflow"]["run_id"], "mlflow_evaluate_run_id": run.run_id}
-        run.log_metrics(metrics)
+        run.log_metrics(flat_metrics(metrics))
         write_json(paths.details(task), details)
         write_json(paths.metrics(task), metrics)
-        write_json(paths.task_metrics(task), task_metrics(metrics))  # last: the task is fully evaluated
+        write_json(paths.task_metrics(task), task_metrics(metrics, targets))  # last: the task is fully evaluated
         run.log_artifacts(paths.metrics(task), "evaluate")
         run.log_artifacts(paths.details(task), "evaluate")
     if parent is not None:  # the task's run shows its test score too
-        parent.log_metrics({f"eval_{k}": v for k, v in metrics.items()})
+        parent.log_metrics({f"eval_{k}": v for k, v in flat_metrics(metrics).items()})
     return {**metrics, "details": details}
 
 

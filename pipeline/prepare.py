@@ -4,13 +4,16 @@
   ``data.root``; a task folder generated earlier with the same settings is kept, one generated with other
   settings (e.g. a new ``data.num_test``) is regenerated, and a folder that the generator did not write is
   never touched (clear error instead).
-- ``data.source: vtab1k``: check every task folder and list file of a VTAB-1K root
-  (``dtl.data.check_vtab_root``); a missing or broken task is one error listing everything that is wrong.
+  The protocol decides which suite: the VTAB-like tasks, the few-shot data sets
+  (``dtl.data.synthetic_few_shot``) or the domain-shift source and targets (``dtl.data.synthetic_domain_shift``).
+- ``data.source: vtab1k`` / ``few_shot`` / ``domain_generalization``: check every list file of the folder (and
+  decode every listed image once); a missing or broken task is one error listing everything that is wrong.
 
-Then both count images and classes per split and write ``outputs/prepare/<task>.json`` (one per task, with a
-fingerprint of the task's list files) and ``outputs/prepare/manifest.json`` (all tasks). The data itself is not a
-DVC output (a VTAB-1K folder is the user's); after editing it in place, run ``dvc repro -f -s prepare`` and then
-``dvc repro``: only the tasks whose fingerprint changed are retrained.
+Then it counts images and classes per list and writes ``outputs/prepare/<task>.json`` (one per task, with a
+fingerprint of the task's list files; a domain-generalisation source's record covers its targets too) and
+``outputs/prepare/manifest.json`` (all tasks). The data itself is not a DVC output (a data folder is the user's);
+after editing it in place, run ``dvc repro -f -s prepare`` and then ``dvc repro``: only the tasks whose
+fingerprint changed are retrained.
 
 Usage: ``python -m pipeline.prepare [--params params.yaml] [--best sweeps/best.yaml] [--outputs outputs]``
 """
@@ -30,23 +33,32 @@ from .stage import OutputPaths, StageError, atomic_dir, run_stage, stage_argumen
 LIST_SPLITS = ("train800", "val200", "train800val200", "test")
 
 
-def generate_synthetic(root: Path, tasks: list[str], image_size: int, num_test: int, seed: int) -> None:
+def generate_synthetic(root: Path, names: list[str], image_size: int, num_test: int, seed: int,
+                       layout: str = "vtab") -> None:
+    """Generate the embedded suite of ``layout`` (VTAB-1K tasks, few-shot data sets or domains) under ``root``."""
     from dtl.data import SYNTHETIC_TASKS, generate_synthetic_suite
+    from dtl.data.synthetic_domain_shift import DOMAINS, generate_domain_shift_suite
+    from dtl.data.synthetic_few_shot import SYNTHETIC_FEW_SHOT, generate_few_shot_suite
 
-    unknown = [task for task in tasks if task not in SYNTHETIC_TASKS]
+    known, generate, what = {
+        "vtab": (SYNTHETIC_TASKS, generate_synthetic_suite, "synthetic tasks"),
+        "few_shot": (SYNTHETIC_FEW_SHOT, generate_few_shot_suite, "synthetic few-shot data sets"),
+        "domain_generalization": (DOMAINS, generate_domain_shift_suite, "synthetic domains"),
+    }[layout]
+    unknown = [name for name in names if name not in known]
     if unknown:
-        raise StageError(f"data.tasks: {', '.join(unknown)} are not synthetic tasks; with data.source: synthetic "
-                         f"use some of {', '.join(SYNTHETIC_TASKS)} (or set data.source: vtab1k)")
-    for task in tasks:
+        key = "data.tasks / data.targets" if layout == "domain_generalization" else "data.tasks"
+        raise StageError(f"{key}: {', '.join(unknown)} are not {what}; with data.source: synthetic use some of "
+                         f"{', '.join(known)} (or set data.source to the folder's layout)")
+    for name in names:
         try:  # keeps a folder generated earlier with the same settings
-            generate_synthetic_suite(root, tasks=[task], image_size=image_size, num_test=num_test, seed=seed)
+            generate(root, [name], image_size=image_size, num_test=num_test, seed=seed)
         except FileExistsError:
-            if not generated_by_us(root / task):
-                raise StageError(f"{root / task} exists but was not written by the synthetic generator; move it "
+            if not generated_by_us(root / name):
+                raise StageError(f"{root / name} exists but was not written by the synthetic generator; move it "
                                  "away or point data.root elsewhere") from None
-            print(f"prepare: {task}: settings changed (data.*), regenerating {root / task}", flush=True)
-            generate_synthetic_suite(root, tasks=[task], image_size=image_size, num_test=num_test, seed=seed,
-                                     overwrite=True)
+            print(f"prepare: {name}: settings changed (data.*), regenerating {root / name}", flush=True)
+            generate(root, [name], image_size=image_size, num_test=num_test, seed=seed, overwrite=True)
 
 
 def generated_by_us(folder: Path) -> bool:
@@ -71,15 +83,19 @@ def task_group(task: str, folder: Path) -> str:
     return "Other"
 
 
-def task_record(root: Path, task: str, checked: dict[str, int], source: str, root_as_given: str) -> dict[str, Any]:
-    """Counts and classes (from ``check_vtab_root``), group and a fingerprint of one checked task folder."""
-    folder = root / task
+def fingerprint(root: Path, paths: list[Path]) -> str:
+    """A digest of the files a task reads its images' names and labels from, by their place under ``root`` (so
+    moving the root changes nothing; a missing file counts as absent)."""
     digest = hashlib.sha256()
-    for split in LIST_SPLITS:
-        digest.update(split.encode() + b"\0" + (folder / f"{split}.txt").read_bytes())
-    meta_path = folder / "meta.json"
-    if meta_path.is_file():
-        digest.update(b"meta\0" + meta_path.read_bytes())
+    for path in paths:
+        digest.update(str(path.relative_to(root)).encode() + b"\0"
+                      + (path.read_bytes() if path.is_file() else b"<absent>"))
+    return digest.hexdigest()
+
+
+def task_record(root: Path, task: str, checked: dict[str, int], source: str, root_as_given: str) -> dict[str, Any]:
+    """Counts and classes (from ``check_vtab_root``), group and a fingerprint of one checked VTAB-1K task folder."""
+    folder = root / task
     return {
         "task": task,
         "source": source,
@@ -88,7 +104,33 @@ def task_record(root: Path, task: str, checked: dict[str, int], source: str, roo
         "num_classes": checked["num_classes"],
         "classes_seen": checked["classes_seen"],
         "images": {split: checked[split] for split in LIST_SPLITS},
-        "fingerprint": digest.hexdigest(),
+        "fingerprint": fingerprint(root, [folder / f"{split}.txt" for split in LIST_SPLITS] + [folder / "meta.json"]),
+    }
+
+
+def list_task_record(config, task: str, checked: dict[str, Any], targets: dict[str, dict] | None = None) -> dict:
+    """The record of a few-shot data set or a domain-generalisation source (with its targets): lines per list,
+    the smallest training list, classes, and a fingerprint of every list the task's runs read."""
+    from dtl.experiment import split_list
+
+    train = checked["train"]
+    lists = [split_list(config, task, "train", int(k), int(s)) for k in train for s in train[k]]
+    lists += [split_list(config, task, split) for split in ("val", "test")]
+    lists += [split_list(config, task, f"target:{t}") for t in targets or {}]
+    folder = Path(config.data.root) / task
+    return {
+        "task": task,
+        "source": config.data.source,
+        "root": config.data.root,
+        "group": task_group(task, folder),
+        "num_classes": checked["num_classes"],
+        "classes_seen": checked.get("classes_seen", {}),
+        "images": {"train": train, "val": checked.get("val"), "test": checked.get("test")},
+        "train_images": min(n for per_seed in train.values() for n in per_seed.values()),
+        "repeated_lines": checked.get("repeated_lines", {}),
+        **({"targets": {t: {"test": entry["test"], "classes_seen": entry["classes_seen"]["test"]}
+                        for t, entry in targets.items()}} if targets is not None else {}),
+        "fingerprint": fingerprint(Path(config.data.root), lists + [folder / "meta.json"]),
     }
 
 
@@ -101,37 +143,70 @@ def verified_images_file(root: Path) -> Path:
     return default_cache_dir().parent / "checked_images" / f"{key}.json"
 
 
-def prepare(params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]:
+def check_folders(config, root: Path) -> dict[str, dict]:
+    """Check every list (and, for folders of the user's own, decode every image) of the protocol's layout; all
+    problems at once. Returns the task records."""
     from dtl.data import check_vtab_root
+    from dtl.data.domain_generalization import check_domain_root
+    from dtl.data.few_shot import check_few_shot_root
+    from dtl.experiment import PROTOCOLS
+
+    data = config.data
+    layout = PROTOCOLS[config.evaluation.protocol].layout
+    options = dict(verify_images=data.source != "synthetic", verified=verified_images_file(root), progress=True)
+    if layout == "vtab":
+        checked = check_vtab_root(root, data.tasks, num_classes=data.num_classes, **options)
+        return {task: task_record(root, task, checked[task], data.source, data.root) for task in data.tasks}
+    seeds = config.evaluation.seeds
+    if layout == "few_shot":
+        checked = check_few_shot_root(root, data.tasks, data.shots, seeds, num_classes=data.num_classes, **options)
+        return {task: list_task_record(config, task, checked[task]) for task in data.tasks}
+    source = data.tasks[0]
+    checked = check_domain_root(root, source, data.targets, data.shots, seeds,
+                                num_classes=data.num_classes.get(source), **options)
+    return {source: list_task_record(config, source, checked["source"], checked["targets"])}
+
+
+def prepare(params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]:
     from dtl.experiment import PROTOCOLS, check_run
 
     config = load_config(params_path, best_path)
     check_dvc_entries(params_path, best_path, config.data.tasks)
     data = config.data
     root = Path(data.root)
+    layout = PROTOCOLS[config.evaluation.protocol].layout
     if data.source == "synthetic":
-        generate_synthetic(root, data.tasks, data.image_size or 32, data.num_test, data.generator_seed)
+        generate_synthetic(root, [*data.tasks, *data.targets] if layout == "domain_generalization" else data.tasks,
+                           data.image_size or 32, data.num_test, data.generator_seed, layout)
     elif not root.is_dir():
-        raise StageError(f"data.root: VTAB-1K folder {root.resolve()} does not exist (data.source: vtab1k); "
-                         "point data.root at the folder holding one sub-folder per task")
-    # every list, label and image (decoded, for folders of the user's own), all problems at once
-    checked = check_vtab_root(root, data.tasks, num_classes=data.num_classes, verify_images=data.source == "vtab1k",
-                              verified=verified_images_file(root), progress=True)
-    records = {task: task_record(root, task, checked[task], data.source, data.root) for task in data.tasks}
+        raise StageError(f"data.root: {data.source} folder {root.resolve()} does not exist; point data.root at the "
+                         "folder holding one sub-folder per task")
+    records = check_folders(config, root)
     for task, record in records.items():  # every task's settings, before any train stage starts
-        train_split = PROTOCOLS[config.for_task(task).evaluation.protocol].train
-        check_run(config, task, record["images"][train_split], record["num_classes"])
+        train_images = record.get("train_images")
+        if train_images is None:  # VTAB-1K: the split the task's protocol trains on
+            train_images = record["images"][PROTOCOLS[config.for_task(task).evaluation.protocol].train]
+        check_run(config, task, train_images, record["num_classes"])
 
     paths = OutputPaths(outputs)
-    manifest = {"source": data.source, "root": data.root, "tasks": records,
-                "total_images": {split: sum(r["images"][split] for r in records.values()) for split in LIST_SPLITS}}
+    manifest = {"source": data.source, "root": data.root, "protocol": config.evaluation.protocol, "tasks": records}
+    if layout == "vtab":
+        manifest["total_images"] = {split: sum(r["images"][split] for r in records.values()) for split in LIST_SPLITS}
     with atomic_dir(paths.prepare_dir) as staging:
         for task, record in records.items():
             write_json(staging / f"{task}.json", record)
         write_json(staging / "manifest.json", manifest)
     for task, record in records.items():
-        images = ", ".join(f"{split} {n}" for split, n in record["images"].items())
+        images = ", ".join(f"{split} {n}" for split, n in record["images"].items() if not isinstance(n, dict))
+        if layout != "vtab":
+            images = (f"{len(record['images']['train'])} shot count(s), smallest training list "
+                      f"{record['train_images']}, " + images)
         print(f"prepare: {task:<22} {record['group']:<12} {record['num_classes']:>4} classes | {images}")
+        for target, counts in record.get("targets", {}).items():
+            print(f"prepare:   target {target:<20} test {counts['test']}, {counts['classes_seen']} classes")
+        for name, repeats in record.get("repeated_lines", {}).items():
+            print(f"prepare:   note: {name} repeats {repeats} line(s); they are kept, as the official loader "
+                  "reads every line")
     return manifest
 
 

@@ -1,17 +1,20 @@
 """Stage ``train@<task>``: train the task's merged configuration once per seed and keep only what changed.
 
-``dtl.config.load_config(params, best, task=task)`` -> ``dtl.experiment.run_task`` for each seed of ``evaluation.seeds`` with two epoch
-callbacks (an MLflow logger and a recorder for the ``dvc plots`` curve), then, written atomically:
+``dtl.config.load_config(params, best, task=task)`` -> ``dtl.experiment.run_task`` for each seed of
+``evaluation.seeds`` (few-shot: for each shot count of ``data.shots`` and each seed) with two epoch callbacks (an
+MLflow logger and a recorder for the ``dvc plots`` curve), then, written atomically:
 
-- ``outputs/train/<task>/seed<S>.safetensors``: the trainable weights only (kilobytes for DTL; the frozen
-  backbone is the checkpoint named in ``config.json``);
+- ``outputs/train/<task>/seed<S>.safetensors`` (few-shot and domain generalisation:
+  ``shots<K>_seed<S>.safetensors``): the trainable weights only (kilobytes for DTL; the frozen backbone is the
+  checkpoint named in ``config.json``);
 - ``outputs/train/<task>/config.json``: the exact resolved settings (``evaluate`` rebuilds the model from it);
 - ``outputs/train/<task>/summary.json``: per-seed results and the MLflow run id;
-- ``plots/curves/<task>.tsv``: per-epoch lr / train loss / train accuracy (mean over seeds; git-tracked, ``dvc plots``).
+- ``plots/curves/<task>.tsv``: per-epoch lr / train loss / train accuracy (mean over the runs; git-tracked,
+  ``dvc plots``).
 
 MLflow (``tracking``): one run per task (``train@<task>``) with params, the training split as a dataset input,
-per-epoch metrics, cost figures and these files as artifacts; with several seeds every seed is a child run
-holding its own curves. The ``evaluate`` stage records its own run, a child of this one.
+per-epoch metrics, cost figures and these files as artifacts; with several runs (seeds, shot counts) each is a
+child run holding its own curves and training list. The ``evaluate`` stage records its own run, a child of this one.
 
 Usage: ``python -m pipeline.train TASK [--params params.yaml] [--best sweeps/best.yaml] [--outputs outputs]``
 """
@@ -50,6 +53,21 @@ def head_parameters(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and name.startswith("head"))
 
 
+def training_runs(config: ExperimentConfig) -> list[tuple[int | None, int]]:
+    """``(shots, seed)`` of every run of a task: one per seed (VTAB-1K: shots None), per shot count and seed
+    (few-shot), or per seed of the source's one shot count (domain generalisation)."""
+    from dtl.experiment import uses_list_files
+
+    seeds = config.evaluation.seeds
+    if not uses_list_files(config):
+        return [(None, seed) for seed in seeds]
+    return [(shots, seed) for shots in config.data.shots for seed in seeds]
+
+
+def weights_name(shots: int | None, seed: int) -> str:
+    return f"seed{seed}.safetensors" if shots is None else f"shots{shots}_seed{seed}.safetensors"
+
+
 def mean_curve(histories: list[list[dict]]) -> list[dict]:
     """Per-epoch mean over seeds of the curve columns (one seed: its own curve)."""
     rows = []
@@ -73,7 +91,7 @@ def tsv(rows: list[dict]) -> str:
 
 def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]:
     import tracking
-    from dtl.experiment import PROTOCOLS, run_task
+    from dtl.experiment import PROTOCOLS, run_task, split_label, split_list
 
     config = load_config(params_path, best_path)
     if task not in config.data.tasks:
@@ -88,7 +106,7 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
     params = {**task_config.to_dict(), "task": task, "task_overrides": config.overrides.get(task) or {}}
     params.pop("overrides", None)
     protocol = PROTOCOLS[task_config.evaluation.protocol]
-    task_dir = Path(task_config.data.root) / task
+    runs = training_runs(task_config)
 
     started = time.perf_counter()
     seed_results: list[dict[str, Any]] = []
@@ -96,18 +114,21 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
     tracking.close_orphaned_runs(experiment_id, dvc_stage=f"train@{task}")
     run = tracking.Run.create(experiment_id, f"train@{task}", tags, params)
     with atomic_dir(paths.train_dir(task)) as staging, tracking.recorded(run):
-        run.log_dataset(f"{task}/{protocol.train}", task_dir / f"{protocol.train}.txt", "train")
-        for seed in seeds:
-            print(f"train@{task}: seed {seed}: {task_config.model.method} on {task_config.model.backbone}, "
+        for shots, seed in runs:
+            what = f"seed {seed}" if shots is None else f"{shots}-shot seed {seed}"
+            print(f"train@{task}: {what}: {task_config.model.method} on {task_config.model.backbone}, "
                   f"{task_config.training.epochs} epochs, lr {task_config.training.lr:g}", flush=True)
-            seed_run = (tracking.Run.create(experiment_id, f"train@{task} seed {seed}", {**tags, "seed": seed},
-                                            {"seed": seed}, parent=run) if len(seeds) > 1 else run)
+            keys = {"seed": seed, **({"shots": shots} if shots is not None else {})}
+            seed_run = (tracking.Run.create(experiment_id, f"train@{task} {what}", {**tags, **keys}, keys, parent=run)
+                        if len(runs) > 1 else run)
             with tracking.recorded(seed_run) if seed_run is not run else nullcontext():
+                seed_run.log_dataset(split_label(task_config, task, protocol.train, shots, seed),
+                                     split_list(task_config, task, protocol.train, shots, seed), "train")
                 history: list[dict] = []
-                result = run_task(config, task, seed=seed,
+                result = run_task(config, task, seed=seed, shots=shots,
                                   callbacks=[lambda epoch, metrics: history.append(metrics), seed_run.epoch_logger()])
-                weights = staging / f"seed{seed}.safetensors"
-                save_trainable(result.model, weights, metadata={"task": task, "seed": str(seed),
+                weights = staging / weights_name(shots, seed)
+                save_trainable(result.model, weights, metadata={"task": task, **{k: str(v) for k, v in keys.items()},
                                                                 "method": task_config.model.method,
                                                                 "backbone": task_config.model.backbone})
                 summary = {**result.summary(), "seed": seed, "weights": weights.name,
@@ -139,7 +160,7 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
         write_json(staging / "summary.json", summary)
         curve = mean_curve(histories)
         write_text(staging / "history.tsv", tsv(curve))
-        if len(seeds) > 1:  # the seeds' own curves are in their child runs; the task run gets the means
+        if len(runs) > 1:  # the runs' own curves are in their child runs; the task run gets the means
             run.log_metrics({key: statistics.fmean(s[key] for s in seed_results)
                              for key in {k for s in seed_results for k in s if k.endswith("/accuracy")}})
         run.log_metrics({k: statistics.fmean(s[k] for s in seed_results) for k in COST_KEYS
@@ -148,12 +169,17 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
 
     write_text(paths.curve(task), tsv(curve))
     print(f"train@{task}: done in {summary['wall_time_s']:.0f} s; "
-          + ", ".join(f"seed {s['seed']}: {_final_accuracy(s)}" for s in seed_results), flush=True)
+          + ", ".join(f"{_run_name(s)}: {_final_accuracy(s)}" for s in seed_results), flush=True)
     return summary
 
 
 COST_KEYS = ("trainable_params", "trainable_params_excl_head", "images_per_s", "train_time_s", "cpu_time_s",
              "saved_bytes_per_batch", "peak_memory_bytes", "peak_rss_bytes")
+
+
+def _run_name(seed_summary: dict) -> str:
+    shots = seed_summary.get("shots")
+    return f"seed {seed_summary['seed']}" if shots is None else f"{shots}-shot seed {seed_summary['seed']}"
 
 
 def _final_accuracy(seed_summary: dict) -> str:

@@ -14,7 +14,8 @@ Order of work, chosen so that parallel trials never race on shared state:
    (``sweeps.search``: every free slot takes the next trial of any task), each trial writing its own child run;
 5. per task, the incumbent rule (``sweeps.selection``) picks the winner among the trials trained to the end;
    winners that replace their incumbent are merged into ``sweeps/best.yaml`` (``dtl.config.write_best``),
-   which the DVC pipeline reads, so ``dvc repro`` retrains them on train800val200 and tests them.
+   which the DVC pipeline reads, so ``dvc repro`` retrains them under the pipeline's protocol (VTAB-1K:
+   train800val200) and tests them.
 
 Everything the sweep needs to resume lives in ``<storage>/<name>/``: ``sweep.json`` (settings, parent run ids,
 outcomes) and the Tune experiment folder ``trials/``. ``--resume`` restores the Tuner (finished trials are not
@@ -157,6 +158,7 @@ def current_settings(config, task: str, space: SearchSpace, adapter) -> dict[str
 def plan_task(config, task: str, space: SearchSpace, scheduler: str = "asha") -> TaskPlan:
     """Fail before any trial starts if the base settings + the space's schedule do not validate; else the plan."""
     from dtl.config import ConfigError, ExperimentConfig
+    from dtl.experiment import PROTOCOLS
 
     overrides = {**config.overrides.get(task, {}), **space.training, **space.constants()}
     probe = ExperimentConfig(data=config.data, model=config.model, training=config.training,
@@ -167,18 +169,35 @@ def plan_task(config, task: str, space: SearchSpace, scheduler: str = "asha") ->
     except ConfigError as err:
         raise SweepError(str(err)) from None
     grace = space.grace_epochs(training.epochs)
+    every = training.eval_every
+    if PROTOCOLS[config.evaluation.protocol].keep_best and every and grace % every:
+        # a trial keeps its best-validated epoch as the pipeline will: on the pipeline's evaluation epochs only
+        grace = max(every, round(grace / every) * every)
     # During warm-up the lr is still ramping from warmup_lr: an ASHA rung there ranks untrained models, and
     # stops good configurations at random.
     if scheduler == "asha" and grace <= training.warmup_epochs < training.epochs:
         raise SweepError(f"{space.path}: scheduler.grace_period ({space.grace_period}: epoch {grace} of "
                          f"{training.epochs}) must exceed the trials' warmup_epochs ({training.warmup_epochs}): "
                          "ASHA's first rung would compare models still warming up. Raise grace_period")
+    check_validation_list(probe, task)
     adapter = task_backbone(config, task)
     resolved_space = space.resolve(len(adapter.blocks))
     start, why_not = resolved_space.start_point(current_settings(config, task, space, adapter))
     check_space_bounds(probe, task, resolved_space)
     return TaskPlan(task=task, space=resolved_space, epochs=training.epochs, final_epochs=final_epochs,
                     grace_epochs=grace, start=start, why_not=why_not)
+
+
+def check_validation_list(config, task: str) -> None:
+    """Trials select on a validation list, never on test or target sets: a domain-generalisation source without
+    ``val_meta.list`` cannot be swept."""
+    from dtl.experiment import PROTOCOLS, scored_splits, split_list
+
+    selection = replace(config, evaluation=replace(config.evaluation,
+                                                   protocol=PROTOCOLS[config.evaluation.protocol].selection))
+    if "val" not in scored_splits(selection, task):
+        raise SweepError(f"{task}: sweeps select on {split_list(selection, task, 'val')}, which does not exist; add "
+                         "held-out source images there (lines 'relative/path label'), never target or test images")
 
 
 def check_space_bounds(probe, task: str, space: SearchSpace) -> None:
@@ -520,11 +539,21 @@ def write_winners(state: SweepState, outcomes: Sequence[TaskOutcome]) -> None:
     write_best(state.best_path, entries, header, params_path=state.params_path)
 
 
+def objective(state: SweepState) -> str:
+    from dtl.config import ConfigError, load_config
+    from dtl.experiment import selection_objective
+
+    try:
+        return selection_objective(load_config(state.params_path))
+    except (ConfigError, OSError):  # the params file changed since the sweep: say it plainly
+        return "validation accuracy"
+
+
 def report(state: SweepState, outcomes: Sequence[TaskOutcome], experiment_dir: Path, wall_time_s: float) -> None:
     from dtl.io import write_json
 
-    print(f"\nResults of sweep {state.name} (space {state.space}; objective: val200 accuracy after training on "
-          f"train800; * winner, (i) incumbent = the current configuration)\n{trials_table(outcomes)}")
+    print(f"\nResults of sweep {state.name} (space {state.space}; objective: {objective(state)}; * winner, "
+          f"(i) incumbent = the current configuration)\n{trials_table(outcomes)}")
     rows = [row for outcome in outcomes for row in outcome.rows]
     counts = {s: sum(r.status == s for r in rows) for s in ("done", "stopped early", "failed", "unfinished")}
     restarted = sum(r.restarts > 0 for r in rows)
@@ -548,7 +577,7 @@ def report(state: SweepState, outcomes: Sequence[TaskOutcome], experiment_dir: P
             print(f"\nWinners that replace the current configuration, written to {state.best_path}:")
             for task, row in replaced.items():
                 print(f"  {task}: val_accuracy {row.val_accuracy:.4f}  {format_params(row.params)}")
-            print("Retrain them on train800val200 and test them with:  dvc repro")
+            print("Retrain them with the pipeline's protocol and test them:  dvc repro")
         else:
             print(f"\nNo task's incumbent was beaten: {state.best_path} is unchanged.")
         print(f"Accuracy vs cost per task: {experiment_dir}/cost_<task>.png (also on each task's parent run)")

@@ -6,7 +6,8 @@
     dvc repro                                              # retrain the winners (sweeps/best.yaml) and test them
 
 The objective is val200 accuracy after training on train800 with the pipeline's own schedule (VTAB's rule: the
-test split is never used for selection); a winner replaces the current configuration only when it beats it on
+test split is never used for selection; few-shot and domain generalisation: val_meta.list after training on one
+k-shot list); a winner replaces the current configuration only when it beats it on
 the same val images beyond chance. See docs/sweeps.md.
 """
 from __future__ import annotations
@@ -38,11 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python sweeps/run.py",
         description="Search hyperparameters per task with Ray Tune (one OptunaSearch TPE and one ASHA per task, "
                     "the trials of all tasks in one Tuner), training each trial with the pipeline's own entry "
-                    "point and schedule on train800 and scoring val200 at ASHA's rungs and at the end. The first trial of each task "
+                    "point and schedule on train800 and scoring val200 at ASHA's rungs and at the end (few-shot and "
+                    "domain generalisation: the largest k-shot list of the first seed, scoring val_meta.list). "
+                    "The first trial of each task "
                     "is its current configuration; a challenger replaces it only when it wins on the same val "
                     "images beyond chance (exact McNemar test). Every trial is an MLflow child run of a parent "
                     "run per sweep and task; the winners are written to sweeps/best.yaml, which `dvc repro` "
-                    "retrains on train800val200 and tests.",
+                    "retrains under the pipeline's protocol and tests.",
         epilog="examples:\n"
                "  python sweeps/run.py --space dtl_plus            # embedded default, then: dvc repro\n"
                "  python sweeps/run.py --space dtl_plus --resume   # continue the latest dtl_plus sweep\n"

@@ -3,9 +3,10 @@
 A trial = the sweep's base configuration (``dtl.config.load_config``: the same data, model and training
 settings as the DVC pipeline, so by default the same schedule the winner will be retrained with) + the space's
 explicit shortened schedule, if it has one + the sampled parameters, trained by the pipeline's own entry point
-``dtl.experiment.run_task`` under the ``val`` protocol (train on train800, score val200 at ASHA's rungs and at the end: the
-test split is never used for selection). One Tuner runs the trials of every task: the trial's config names its
-task (``sweeps.search.split_trial_config``).
+``dtl.experiment.run_task`` under the base protocol's selection protocol (VTAB-1K: train on train800, score val200
+at ASHA's rungs and at the end; few-shot and domain generalisation: train on one k-shot list, score
+``val_meta.list``): the test split and the target domains are never used for selection. One Tuner runs the
+trials of every task: the trial's config names its task (``sweeps.search.split_trial_config``).
 
 Every epoch is logged to the trial's MLflow child run as it happens; the epochs that score val200 (every
 ``eval_every`` epochs, so at each of ASHA's rungs, and the last) are reported to Tune (``epoch`` = epochs completed,
@@ -83,13 +84,18 @@ def trial_overrides(setup: TrialSetup, params: Mapping[str, Any]) -> dict[str, A
 
 
 def trial_config(setup: TrialSetup, params: Mapping[str, Any]):
-    """The validated :class:`~dtl.config.ExperimentConfig` a trial trains (``val`` protocol, no progress bar)."""
+    """The validated :class:`~dtl.config.ExperimentConfig` a trial trains: the selection protocol of the base's
+    (VTAB-1K: ``val``, train800 -> val200; few-shot: the largest shot count's list of the first seed -> val_meta.list;
+    domain generalisation: the source's list -> its val_meta.list), no progress bar."""
     from dtl.config import ExperimentConfig
+    from dtl.experiment import PROTOCOLS
 
     raw = copy.deepcopy(setup.base_config)
     raw["overrides"] = {setup.task: trial_overrides(setup, params)}
-    raw["evaluation"] = {**raw.get("evaluation", {}), "protocol": "val"}
-    raw["training"] = {**raw.get("training", {}), "progress": False}
+    evaluation = raw.get("evaluation", {})
+    selection = PROTOCOLS[evaluation.get("protocol", "final")].selection
+    raw["evaluation"] = {**evaluation, "protocol": selection}
+    raw["training"] = {**raw.get("training", {}), "progress": False, "seed": setup.seed}
     return ExperimentConfig.from_dict(raw, where=f"sweep trial of {setup.task}")
 
 
@@ -161,9 +167,10 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
             task_run = run_task(trial, task, seed=setup.seed, callbacks=[report_epoch], resume_from=resume_from,
                                 save_state=save_state)
             summary = task_run.summary()
-            final = {**tune_metrics(len(task_run.result.history) - 1, task_run.result.history[-1]),
+            result = task_run.result  # its final metrics: those of the weights kept (few-shot: the best val epoch)
+            final = {**tune_metrics(len(result.history) - 1, {**result.history[-1], **result.metrics}),
                      **{k: float(summary[k]) for k in COST_METRICS if isinstance(summary.get(k), (int, float))},
-                     CORRECT: encode_correct(task_run.result.correct["val"].tolist())}
+                     CORRECT: encode_correct(result.correct["val"].tolist())}
             record_result(run, summary, final[CORRECT])
     except Exception as err:  # the child run is closed FAILED with the traceback; Tune must not retry it
         tune.report({TRIAL_ERROR: f"{type(err).__name__}: {err}"[:1000]})
@@ -226,17 +233,16 @@ def note_device(run, device: str) -> None:
 def record_trial(run, resolved, params: Mapping[str, Any], task: str) -> None:
     """The trial's sampled values (``trial.<key>``), the full configuration it trains (``model.rank``...) and its
     data (train800 and val200 as dataset inputs)."""
-    from pathlib import Path
-
-    from dtl.experiment import PROTOCOLS
+    from dtl.experiment import PROTOCOLS, run_shots, scored_splits, split_label, split_list
 
     values = {k: v for k, v in resolved.to_dict().items() if k != "overrides"}
     run.log_params({**values, **{f"trial.{k}": v for k, v in plain(params).items()}})
     protocol = PROTOCOLS[resolved.evaluation.protocol]
-    task_dir = Path(resolved.data.root) / task
-    run.log_dataset(f"{task}/{protocol.train}", task_dir / f"{protocol.train}.txt", "train")
-    for split in protocol.scored.values():
-        run.log_dataset(f"{task}/{split}", task_dir / f"{split}.txt", "validation")
+    shots, seed = run_shots(resolved, None), resolved.training.seed
+    run.log_dataset(split_label(resolved, task, protocol.train, shots, seed),
+                    split_list(resolved, task, protocol.train, shots, seed), "train")
+    for split in scored_splits(resolved, task).values():
+        run.log_dataset(split_label(resolved, task, split), split_list(resolved, task, split), "validation")
 
 
 def record_result(run, summary: Mapping[str, Any], correct: str) -> None:

@@ -18,6 +18,7 @@ them as they are, and :func:`check_few_shot_root` reports how many lines repeat,
 """
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -52,24 +53,58 @@ def list_file(root: str | os.PathLike[str], dataset: str, split: str, shots: int
     raise DataError(f"unknown few-shot split {split!r}; expected one of {', '.join(FEW_SHOT_SPLITS)}")
 
 
-def few_shot_num_classes(dataset: str, num_classes: int | None = None) -> int:
+def few_shot_num_classes(dataset: str, num_classes: int | None = None, folder: Path | None = None) -> int:
+    """The class count: ``num_classes`` if given, else the folder's ``meta.json`` ``{"num_classes": K}``, else the
+    paper's table (the five few-shot data sets; 1000 for ImageNet and its shifted versions)."""
+    from .domain_generalization import DG_TARGETS
+
     if num_classes is not None:
         return num_classes
+    meta = folder / "meta.json" if folder is not None else None
+    if meta is not None and meta.is_file():
+        try:
+            return int(json.loads(meta.read_text())["num_classes"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{meta}: expected {{\"num_classes\": <integer>}} ({type(err).__name__}: {err})") from None
     if dataset in FEW_SHOT_DATASETS:
         return FEW_SHOT_DATASETS[dataset]
+    if dataset in DG_TARGETS:
+        return 1000
     raise DataError(f"cannot tell how many classes data set {dataset!r} has: it is not one of "
-                    f"{', '.join(FEW_SHOT_DATASETS)}; pass num_classes")
+                    f"{', '.join([*FEW_SHOT_DATASETS, *DG_TARGETS])} and {folder or dataset}/meta.json is missing; "
+                    "set data.num_classes")
 
 
-def few_shot_transform(img_size: int, training: bool, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def few_shot_transform(img_size: int, training: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The few-shot recipe's transforms (timm's ``create_transform``): for training a random resized crop, a
     horizontal flip and RandAugment ``rand-m9-mstd0.5-inc1``; for evaluation a resize then a centre crop."""
     from timm.data import create_transform
+    from timm.data.auto_augment import RandAugment
 
     if training:
-        return create_transform(img_size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
-                                interpolation="bicubic", re_prob=0.0, mean=mean, std=std)
+        transform = create_transform(img_size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+                                     interpolation="bicubic", re_prob=0.0, mean=mean, std=std)
+        for step in transform.transforms:
+            for op in step.ops if isinstance(step, RandAugment) else ():
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize
+        return transform
     return create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=0.875, mean=mean, std=std)
+
+
+def _posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize op, keeping what older Pillow versions did at the top magnitude: keeping 0 bits gives a
+    black image (Pillow now raises instead, and ``mstd0.5`` reaches that magnitude now and then)."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
 
 
 def _in_folder(image: Path, list_path: Path, folder: Path) -> Path:
@@ -84,12 +119,12 @@ class FewShotDataset(Dataset):
 
     def __init__(self, root: str | os.PathLike[str], dataset: str, split: str, shots: int | None = None,
                  seed: int | None = None, img_size: int = 224, num_classes: int | None = None,
-                 transform=None) -> None:
+                 transform=None, augment: bool | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
         folder = Path(root) / dataset
         if not folder.is_dir():
             raise DataError(f"data set folder {folder} does not exist (expected {folder}/annotations/*.list...)")
         self.dataset, self.split, self.shots, self.seed = dataset, split, shots, seed
-        self.num_classes = few_shot_num_classes(dataset, num_classes)
+        self.num_classes = few_shot_num_classes(dataset, num_classes, folder)
         self.list_file = list_file(root, dataset, split, shots, seed)
         if not self.list_file.is_file():
             raise DataError(f"list file {self.list_file} does not exist (expected lines 'relative/path label')")
@@ -99,7 +134,11 @@ class FewShotDataset(Dataset):
             raise DataError(_summarise(problems, f"{self.list_file}: {len(problems)} malformed line(s)"))
         if not self.samples:
             raise DataError(f"{self.list_file} lists no images")
-        self.transform = transform if transform is not None else few_shot_transform(img_size, split == "train")
+        # the recipe augments the training lists only; ``augment`` overrides that
+        self.augment = split == "train" if augment is None else augment
+        self.img_size = img_size
+        self.transform = transform if transform is not None else few_shot_transform(img_size, self.augment,
+                                                                                       mean, std)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -118,6 +157,47 @@ class FewShotDataset(Dataset):
         return f"FewShotDataset({self.dataset!r}, {self.split!r}{where}, n={len(self)}, classes={self.num_classes})"
 
 
+def check_lists(root: Path, dataset: str, wanted: Iterable[tuple[str, int | None, int | None]], classes: int,
+                problems: list[Problem], images: dict[Path, str], optional: Iterable[str] = ()) -> dict:
+    """Check the lists ``wanted`` (``(split, shots, seed)``) of one data set folder into ``problems``; returns
+    ``{"train": {"<shots>": {"<seed>": lines}}, "<split>": lines, "classes_seen": {"<split>": n},
+    "repeated_lines": {list: n}}``. A missing list
+    of a split in ``optional`` is no problem (its count is None)."""
+    folder = root / dataset
+    entry: dict = {"num_classes": classes, "train": {}, "repeated_lines": {}}
+    for split, k, s in wanted:
+        path = list_file(root, dataset, split, k, s)
+        if split in optional and not path.exists():
+            entry[split] = None
+            continue
+        samples = check_list(path, classes, problems, images,
+                             locate=lambda image, path=path: _in_folder(image, path, folder))
+        if samples is None:
+            continue
+        repeats = sum(n - 1 for n in Counter(samples).values() if n > 1)
+        if repeats:
+            entry["repeated_lines"][path.name] = repeats
+        if split == "train":
+            entry["train"].setdefault(str(k), {})[str(s)] = len(samples)
+        else:
+            entry[split] = len(samples)
+            entry.setdefault("classes_seen", {})[split] = len({label for _, label in samples})
+    return entry
+
+
+def data_set_classes(root: Path, dataset: str, problems: list[Problem], num_classes: int | None = None) -> int | None:
+    """The class count of a data set folder, or None with the reason added to ``problems``."""
+    folder = root / dataset
+    if not folder.is_dir():
+        problems.append((folder, f"{folder}: data set folder does not exist"))
+        return None
+    try:
+        return few_shot_num_classes(dataset, num_classes, folder)
+    except DataError as err:
+        problems.append((folder, str(err)))
+        return None
+
+
 def check_few_shot_root(root: str | os.PathLike[str], datasets: Iterable[str], shots: Iterable[int] = SHOTS,
                         seeds: Iterable[int] = SEEDS, *, num_classes: dict[str, int] | None = None,
                         verify_images: bool = False, verified: str | os.PathLike[str] | None = None,
@@ -131,32 +211,13 @@ def check_few_shot_root(root: str | os.PathLike[str], datasets: Iterable[str], s
     problems: list[Problem] = []
     images: dict[Path, str] = {}
     manifest: dict[str, dict] = {}
+    shots, seeds = list(shots), list(seeds)
     for dataset in datasets:
-        folder = root / dataset
-        try:
-            classes = few_shot_num_classes(dataset, (num_classes or {}).get(dataset))
-        except DataError as err:
-            problems.append((folder, str(err)))
+        classes = data_set_classes(root, dataset, problems, (num_classes or {}).get(dataset))
+        if classes is None:
             continue
-        if not folder.is_dir():
-            problems.append((folder, f"{folder}: data set folder does not exist"))
-            continue
-        entry: dict = {"num_classes": classes, "train": {}, "repeated_lines": {}}
         wanted = [("train", k, s) for k in shots for s in seeds] + [("val", None, None), ("test", None, None)]
-        for split, k, s in wanted:
-            path = list_file(root, dataset, split, k, s)
-            samples = check_list(path, classes, problems, images,
-                                 locate=lambda image, path=path: _in_folder(image, path, folder))
-            if samples is None:
-                continue
-            repeats = sum(n - 1 for n in Counter(samples).values() if n > 1)
-            if repeats:
-                entry["repeated_lines"][path.name] = repeats
-            if split == "train":
-                entry["train"].setdefault(str(k), {})[str(s)] = len(samples)
-            else:
-                entry[split] = len(samples)
-        manifest[dataset] = entry
+        manifest[dataset] = check_lists(root, dataset, wanted, classes, problems, images)
     if verify_images:
         problems += unreadable_images(images, verified, progress)
     if problems:

@@ -204,36 +204,72 @@ def _task_meta(task: str, image_size: int, num_test: int, seed: int) -> dict[str
 
 
 def _write_task(folder: Path, task: str, image_size: int, num_test: int, seed: int) -> None:
-    """Write one task folder: PNGs, the four list files and meta.json."""
+    """Write one task folder: PNGs and the four list files."""
     stream = zlib.crc32(task.encode())          # stable across runs, unlike hash()
-    (folder / "images").mkdir(parents=True)
     lines: dict[str, list[str]] = {}
     for part, count, split in (("train", TRAIN + VAL, "train"), ("test", num_test, "test")):
         images, labels = sample_task(task, count, np.random.default_rng([seed, stream, split == "test"]),
                                      image_size, split)
-        lines[part] = []
-        for i, (image, label) in enumerate(zip(images, labels)):
-            name = f"images/{part}_{i:05d}.png"
-            Image.fromarray(image).save(folder / name)
-            lines[part].append(f"{name} {int(label)}\n")
+        lines[part] = save_images(folder, part, images, labels)
     lists = {"train800": lines["train"][:TRAIN], "val200": lines["train"][TRAIN:],
              "train800val200": lines["train"], "test": lines["test"]}
     for split, split_lines in lists.items():
         (folder / f"{split}.txt").write_text("".join(split_lines))
-    (folder / "meta.json").write_text(json.dumps(_task_meta(task, image_size, num_test, seed), indent=2) + "\n")
 
 
-def _generate_atomically(root: Path, task: str, image_size: int, num_test: int, seed: int) -> None:
-    """Generate into a hidden staging folder under ``root`` (same file system), then swap it into place."""
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{task}.tmp-"))
+def generate_folder(root: Path, name: str, meta: dict[str, object], write: Callable[[Path], None],
+                    overwrite: bool = False) -> bool:
+    """Write the generated folder ``root/name`` with ``write(folder)`` plus ``meta.json``, unless its
+    ``meta.json`` already equals ``meta``; returns whether it was (re)generated.
+
+    The folder is written into a hidden staging folder under ``root`` (same file system) and swapped into place,
+    so an interrupted run never leaves a half-written folder. A folder whose ``meta.json`` differs is replaced
+    only with ``overwrite=True`` (``FileExistsError`` otherwise): it may not be ours."""
+    target = root / name
+    meta_path = target / "meta.json"
+    existing = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    if not overwrite and existing == meta:
+        return False
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists but was not generated with these settings "
+                              f"(its meta.json: {existing}); pass overwrite=True to replace it")
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
     try:
-        _write_task(staging / task, task, image_size, num_test, seed)
-        target = root / task
+        (staging / name).mkdir()
+        write(staging / name)
+        (staging / name / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         if target.exists():
             os.replace(target, staging / "replaced")
-        os.replace(staging / task, target)
+        os.replace(staging / name, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return True
+
+
+def generate_folders(root: str | os.PathLike[str], names: Iterable[str] | None, known: Iterable[str], what: str,
+                     meta: Callable[[str], dict[str, object]], write: Callable[[Path, str], None],
+                     overwrite: bool = False) -> dict[str, bool]:
+    """:func:`generate_folder` for each of ``names`` (None: all ``known``); an unknown name is a ``KeyError``
+    naming the known ones. Returns ``{name: whether it was generated now}``."""
+    known = list(known)
+    names = known if names is None else list(names)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise KeyError(f"unknown synthetic {what} {unknown}; known: {', '.join(known)}")
+    return {name: generate_folder(Path(root), name, meta(name), lambda folder, name=name: write(folder, name),
+                                  overwrite) for name in names}
+
+
+def save_images(folder: Path, prefix: str, images: np.ndarray, labels: Iterable[int]) -> list[str]:
+    """Write ``images`` as ``<folder>/images/<prefix>_<i>.png``; returns the list lines ``images/... label``."""
+    (folder / "images").mkdir(exist_ok=True)
+    lines = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        name = f"images/{prefix}_{i:05d}.png"
+        Image.fromarray(image).save(folder / name)
+        lines.append(f"{name} {int(label)}\n")
+    return lines
 
 
 def generate_synthetic_suite(root: str | os.PathLike[str], tasks: Iterable[str] | None = None,
@@ -253,20 +289,12 @@ def generate_synthetic_suite(root: str | os.PathLike[str], tasks: Iterable[str] 
     unknown = [t for t in names if t not in SYNTHETIC_TASKS]
     if unknown:
         raise KeyError(f"unknown synthetic task(s) {unknown}; known: {', '.join(SYNTHETIC_TASKS)}")
-    root.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, dict[str, object]] = {}
     for task in names:
-        target = root / task
-        meta = _task_meta(task, image_size, num_test, seed)
-        meta_path = target / "meta.json"
-        existing = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-        generate = overwrite or existing != meta
-        if generate and target.exists() and not overwrite:
-            raise FileExistsError(f"{target} exists but was not generated with these settings "
-                                  f"(its meta.json: {existing}); pass overwrite=True to replace it")
-        if generate:
-            _generate_atomically(root, task, image_size, num_test, seed)
+        generated = generate_folder(root, task, _task_meta(task, image_size, num_test, seed),
+                                    lambda folder, task=task: _write_task(folder, task, image_size, num_test, seed),
+                                    overwrite)
         manifest[task] = {"train800": TRAIN, "val200": VAL, "train800val200": TRAIN + VAL, "test": num_test,
                           "num_classes": SYNTHETIC_TASKS[task].num_classes, "group": SYNTHETIC_TASKS[task].group,
-                          "generated": generate}
+                          "generated": generated}
     return manifest
