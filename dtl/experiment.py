@@ -15,7 +15,7 @@ In the two NOAH-layout protocols the seed picks the training list and seeds the 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -74,13 +74,12 @@ def split_list(config: ExperimentConfig, task: str, split: str, shots: int | Non
     return list_file(root, task, split, shots, seed)
 
 
-def split_label(config: ExperimentConfig, task: str, split: str, shots: int | None = None,
-                seed: int | None = None) -> str:
-    """A short name of a split's list (``digits/train800``, ``oxford-pets/train_meta.list.num_shot_4.seed_0``)."""
-    if not uses_list_files(config):
-        return f"{task}/{split}"
+def split_input(config: ExperimentConfig, task: str, split: str, shots: int | None = None,
+                seed: int | None = None) -> tuple[str, Path]:
+    """A split's list as a dataset input: a short name (``digits/train800``,
+    ``oxford-pets/train_meta.list.num_shot_4.seed_0``) and the list file."""
     path = split_list(config, task, split, shots, seed)
-    return f"{path.parent.parent.name}/{path.name}"
+    return (f"{path.parent.parent.name}/{path.name}" if uses_list_files(config) else f"{task}/{split}"), path
 
 
 def selection_objective(config: ExperimentConfig) -> str:
@@ -104,10 +103,10 @@ def scored_splits(config: ExperimentConfig, task: str) -> dict[str, str]:
 def reported_splits(config: ExperimentConfig, task: str) -> dict[str, str]:
     """What ``evaluate_saved`` scores: the protocol's reported splits (and every target domain)."""
     protocol = PROTOCOLS[config.evaluation.protocol]
-    reported = {**scored_splits(config, task), **protocol.reported}
+    reported = dict(protocol.reported)
     if protocol.layout == "domain_generalization":
         if "val" not in scored_splits(config, task):
-            reported.pop("val")
+            del reported["val"]
         reported.update({target: f"{TARGET_PREFIX}{target}" for target in config.data.targets})
     return reported
 
@@ -174,32 +173,65 @@ class TaskRun:
         }
 
 
-def ensure_data(config: ExperimentConfig, tasks: Sequence[str] | None = None) -> Path:
-    """Make sure the task folders exist: generate the protocol's synthetic suite if needed, or check the folders
-    (every list of every task; problems raise one :class:`~dtl.data.DataError`)."""
-    from .data import check_vtab_root, generate_synthetic_suite
+@dataclass(frozen=True)
+class SyntheticSuite:
+    """The embedded suite of a protocol's layout: the folders a config needs from it, the names it knows, its
+    generator (``generate(root, names, image_size=, num_test=, seed=, overwrite=)``) and what its folders are."""
+
+    names: list[str]
+    known: tuple[str, ...]
+    generate: Callable[..., object]
+    what: str
+
+
+def synthetic_suite(config: ExperimentConfig, tasks: Sequence[str] | None = None) -> SyntheticSuite:
+    from .data import SYNTHETIC_TASKS, generate_synthetic_suite
+    from .data.synthetic_domain_shift import DOMAINS, generate_domain_shift_suite
+    from .data.synthetic_few_shot import SYNTHETIC_FEW_SHOT, generate_few_shot_suite
+
+    layout = PROTOCOLS[config.evaluation.protocol].layout
+    tasks = list(tasks or config.data.tasks)
+    known, generate, what = {
+        "vtab": (SYNTHETIC_TASKS, generate_synthetic_suite, "synthetic tasks"),
+        "few_shot": (SYNTHETIC_FEW_SHOT, generate_few_shot_suite, "synthetic few-shot data sets"),
+        "domain_generalization": (DOMAINS, generate_domain_shift_suite, "synthetic domains"),
+    }[layout]
+    names = [*tasks, *config.data.targets] if layout == "domain_generalization" else tasks
+    return SyntheticSuite(names, tuple(known), generate, what)
+
+
+def check_data(config: ExperimentConfig, tasks: Sequence[str] | None = None, **options) -> dict[str, dict]:
+    """Check every list the protocol reads for ``tasks`` (default ``data.tasks``) with the layout's checker
+    (``dtl.data.check_vtab_root``, ``check_few_shot_root`` or ``check_domain_root``, whose ``verify_images``,
+    ``verified`` and ``progress`` options pass through); problems raise one :class:`~dtl.data.DataError`.
+    Returns the checker's manifest."""
+    from .data import check_vtab_root
     from .data.domain_generalization import check_domain_root
     from .data.few_shot import check_few_shot_root
-    from .data.synthetic_domain_shift import generate_domain_shift_suite
-    from .data.synthetic_few_shot import generate_few_shot_suite
 
     data = config.data
     tasks = list(tasks or data.tasks)
     root = Path(data.root)
     layout = PROTOCOLS[config.evaluation.protocol].layout
-    size = data.image_size or 32
-    seeds = config.evaluation.seeds
-    if data.source == "synthetic":
-        generate = {"vtab": generate_synthetic_suite, "few_shot": generate_few_shot_suite,
-                    "domain_generalization": generate_domain_shift_suite}[layout]
-        generate(root, [*tasks, *data.targets] if layout == "domain_generalization" else tasks, image_size=size,
-                 num_test=data.num_test, seed=data.generator_seed)
     if layout == "vtab":
-        check_vtab_root(root, tasks, num_classes=data.num_classes)
-    elif layout == "few_shot":
-        check_few_shot_root(root, tasks, data.shots, seeds, num_classes=data.num_classes)
-    else:
-        check_domain_root(root, tasks[0], data.targets, data.shots, seeds, num_classes=data.num_classes.get(tasks[0]))
+        return check_vtab_root(root, tasks, num_classes=data.num_classes, **options)
+    seeds = config.evaluation.seeds
+    if layout == "few_shot":
+        return check_few_shot_root(root, tasks, data.shots, seeds, num_classes=data.num_classes, **options)
+    return check_domain_root(root, tasks[0], data.targets, data.shots, seeds,
+                             num_classes=data.num_classes.get(tasks[0]), **options)
+
+
+def ensure_data(config: ExperimentConfig, tasks: Sequence[str] | None = None) -> Path:
+    """Make sure the task folders exist: generate the protocol's synthetic suite if needed, or check the folders
+    (every list of every task; problems raise one :class:`~dtl.data.DataError`)."""
+    data = config.data
+    root = Path(data.root)
+    if data.source == "synthetic":
+        suite = synthetic_suite(config, tasks)
+        suite.generate(root, suite.names, image_size=data.image_size or 32, num_test=data.num_test,
+                       seed=data.generator_seed)
+    check_data(config, tasks)
     return root
 
 

@@ -91,7 +91,7 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]:
     import tracking
     from dtl.config import ExperimentConfig
-    from dtl.experiment import evaluate_saved, reported_splits, scored_splits, split_label, split_list
+    from dtl.experiment import evaluate_saved, reported_splits, scored_splits, split_input
 
     paths = OutputPaths(outputs)
     train_dir = paths.train_dir(task)
@@ -111,8 +111,7 @@ def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]
     run = tracking.Run.create(experiment_id, f"evaluate@{task}", tags, {"seeds": summary["seeds"]}, parent=parent)
     with tracking.recorded(run):
         for name, split in reported_splits(config, task).items():
-            run.log_dataset(split_label(config, task, split), split_list(config, task, split),
-                            "validation" if name == "val" else "test")
+            run.log_dataset(*split_input(config, task, split), "validation" if name == "val" else "test")
         per_seed = []
         for seed_summary in summary["per_seed"]:
             weights = train_dir / seed_summary["weights"]

@@ -33,32 +33,29 @@ from .stage import OutputPaths, StageError, atomic_dir, run_stage, stage_argumen
 LIST_SPLITS = ("train800", "val200", "train800val200", "test")
 
 
-def generate_synthetic(root: Path, names: list[str], image_size: int, num_test: int, seed: int,
-                       layout: str = "vtab") -> None:
-    """Generate the embedded suite of ``layout`` (VTAB-1K tasks, few-shot data sets or domains) under ``root``."""
-    from dtl.data import SYNTHETIC_TASKS, generate_synthetic_suite
-    from dtl.data.synthetic_domain_shift import DOMAINS, generate_domain_shift_suite
-    from dtl.data.synthetic_few_shot import SYNTHETIC_FEW_SHOT, generate_few_shot_suite
+def generate_synthetic(config) -> None:
+    """Generate the protocol's embedded suite (VTAB-like tasks, few-shot data sets or domains) under ``data.root``."""
+    from dtl.experiment import PROTOCOLS, synthetic_suite
 
-    known, generate, what = {
-        "vtab": (SYNTHETIC_TASKS, generate_synthetic_suite, "synthetic tasks"),
-        "few_shot": (SYNTHETIC_FEW_SHOT, generate_few_shot_suite, "synthetic few-shot data sets"),
-        "domain_generalization": (DOMAINS, generate_domain_shift_suite, "synthetic domains"),
-    }[layout]
-    unknown = [name for name in names if name not in known]
+    data = config.data
+    root = Path(data.root)
+    suite = synthetic_suite(config)
+    unknown = [name for name in suite.names if name not in suite.known]
     if unknown:
-        key = "data.tasks / data.targets" if layout == "domain_generalization" else "data.tasks"
-        raise StageError(f"{key}: {', '.join(unknown)} are not {what}; with data.source: synthetic use some of "
-                         f"{', '.join(known)} (or set data.source to the folder's layout)")
-    for name in names:
+        dg = PROTOCOLS[config.evaluation.protocol].layout == "domain_generalization"
+        key = "data.tasks / data.targets" if dg else "data.tasks"
+        raise StageError(f"{key}: {', '.join(unknown)} are not {suite.what}; with data.source: synthetic use some of "
+                         f"{', '.join(suite.known)} (or set data.source to the folder's layout)")
+    settings = dict(image_size=data.image_size or 32, num_test=data.num_test, seed=data.generator_seed)
+    for name in suite.names:
         try:  # keeps a folder generated earlier with the same settings
-            generate(root, [name], image_size=image_size, num_test=num_test, seed=seed)
+            suite.generate(root, [name], **settings)
         except FileExistsError:
             if not generated_by_us(root / name):
                 raise StageError(f"{root / name} exists but was not written by the synthetic generator; move it "
                                  "away or point data.root elsewhere") from None
             print(f"prepare: {name}: settings changed (data.*), regenerating {root / name}", flush=True)
-            generate(root, [name], image_size=image_size, num_test=num_test, seed=seed, overwrite=True)
+            suite.generate(root, [name], overwrite=True, **settings)
 
 
 def generated_by_us(folder: Path) -> bool:
@@ -146,24 +143,17 @@ def verified_images_file(root: Path) -> Path:
 def check_folders(config, root: Path) -> dict[str, dict]:
     """Check every list (and, for folders of the user's own, decode every image) of the protocol's layout; all
     problems at once. Returns the task records."""
-    from dtl.data import check_vtab_root
-    from dtl.data.domain_generalization import check_domain_root
-    from dtl.data.few_shot import check_few_shot_root
-    from dtl.experiment import PROTOCOLS
+    from dtl.experiment import PROTOCOLS, check_data
 
     data = config.data
+    checked = check_data(config, verify_images=data.source != "synthetic", verified=verified_images_file(root),
+                         progress=True)
     layout = PROTOCOLS[config.evaluation.protocol].layout
-    options = dict(verify_images=data.source != "synthetic", verified=verified_images_file(root), progress=True)
     if layout == "vtab":
-        checked = check_vtab_root(root, data.tasks, num_classes=data.num_classes, **options)
         return {task: task_record(root, task, checked[task], data.source, data.root) for task in data.tasks}
-    seeds = config.evaluation.seeds
     if layout == "few_shot":
-        checked = check_few_shot_root(root, data.tasks, data.shots, seeds, num_classes=data.num_classes, **options)
         return {task: list_task_record(config, task, checked[task]) for task in data.tasks}
     source = data.tasks[0]
-    checked = check_domain_root(root, source, data.targets, data.shots, seeds,
-                                num_classes=data.num_classes.get(source), **options)
     return {source: list_task_record(config, source, checked["source"], checked["targets"])}
 
 
@@ -176,8 +166,7 @@ def prepare(params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]
     root = Path(data.root)
     layout = PROTOCOLS[config.evaluation.protocol].layout
     if data.source == "synthetic":
-        generate_synthetic(root, [*data.tasks, *data.targets] if layout == "domain_generalization" else data.tasks,
-                           data.image_size or 32, data.num_test, data.generator_seed, layout)
+        generate_synthetic(config)
     elif not root.is_dir():
         raise StageError(f"data.root: {data.source} folder {root.resolve()} does not exist; point data.root at the "
                          "folder holding one sub-folder per task")

@@ -91,7 +91,7 @@ def tsv(rows: list[dict]) -> str:
 
 def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]:
     import tracking
-    from dtl.experiment import PROTOCOLS, run_task, split_label, split_list
+    from dtl.experiment import PROTOCOLS, run_task, split_input
 
     config = load_config(params_path, best_path)
     if task not in config.data.tasks:
@@ -122,8 +122,7 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
             seed_run = (tracking.Run.create(experiment_id, f"train@{task} {what}", {**tags, **keys}, keys, parent=run)
                         if len(runs) > 1 else run)
             with tracking.recorded(seed_run) if seed_run is not run else nullcontext():
-                seed_run.log_dataset(split_label(task_config, task, protocol.train, shots, seed),
-                                     split_list(task_config, task, protocol.train, shots, seed), "train")
+                seed_run.log_dataset(*split_input(task_config, task, protocol.train, shots, seed), "train")
                 history: list[dict] = []
                 result = run_task(config, task, seed=seed, shots=shots,
                                   callbacks=[lambda epoch, metrics: history.append(metrics), seed_run.epoch_logger()])

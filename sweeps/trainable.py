@@ -232,17 +232,16 @@ def note_device(run, device: str) -> None:
 
 def record_trial(run, resolved, params: Mapping[str, Any], task: str) -> None:
     """The trial's sampled values (``trial.<key>``), the full configuration it trains (``model.rank``...) and its
-    data (train800 and val200 as dataset inputs)."""
-    from dtl.experiment import PROTOCOLS, run_shots, scored_splits, split_label, split_list
+    data (its training and validation lists as dataset inputs)."""
+    from dtl.experiment import PROTOCOLS, run_shots, scored_splits, split_input
 
     values = {k: v for k, v in resolved.to_dict().items() if k != "overrides"}
     run.log_params({**values, **{f"trial.{k}": v for k, v in plain(params).items()}})
     protocol = PROTOCOLS[resolved.evaluation.protocol]
     shots, seed = run_shots(resolved, None), resolved.training.seed
-    run.log_dataset(split_label(resolved, task, protocol.train, shots, seed),
-                    split_list(resolved, task, protocol.train, shots, seed), "train")
+    run.log_dataset(*split_input(resolved, task, protocol.train, shots, seed), "train")
     for split in scored_splits(resolved, task).values():
-        run.log_dataset(split_label(resolved, task, split), split_list(resolved, task, split), "validation")
+        run.log_dataset(*split_input(resolved, task, split), "validation")
 
 
 def record_result(run, summary: Mapping[str, Any], correct: str) -> None:

@@ -46,8 +46,8 @@ def check_domain_root(root: str | os.PathLike[str], source: str, targets: Iterab
     against the source's classes); return ``{"source": {...counts...}, "targets": {target: {"test": n,
     "classes_seen": {"test": m}}}}``. Every problem of every list is collected into ONE
     :class:`~dtl.data.vtab.DataError`, each naming its file and line."""
-    from .few_shot import check_lists, data_set_classes
-    from .vtab import DataError, Problem, _summarise, unreadable_images
+    from .few_shot import check_lists, data_set_classes, run_lists
+    from .vtab import DataError, Problem, raise_problems
 
     root = Path(root)
     if not root.is_dir():
@@ -57,16 +57,13 @@ def check_domain_root(root: str | os.PathLike[str], source: str, targets: Iterab
     classes = data_set_classes(root, source, problems, num_classes)
     manifest: dict[str, dict] = {"source": {}, "targets": {}}
     if classes is not None:
-        wanted = [("train", k, s) for k in shots for s in seeds] + [("val", None, None), ("test", None, None)]
-        manifest["source"] = check_lists(root, source, wanted, classes, problems, images, optional=("val",))
+        manifest["source"] = check_lists(root, source, run_lists(shots, seeds), classes, problems, images,
+                                         optional=("val",))
         for target in targets:
             if not (root / target).is_dir():
                 problems.append((root / target, f"{root / target}: target domain folder does not exist"))
                 continue
             manifest["targets"][target] = check_lists(root, target, [("test", None, None)], classes, problems,
                                                       images)
-    if verify_images:
-        problems += unreadable_images(images, verified, progress)
-    if problems:
-        raise DataError(_summarise(problems, f"{root}: {len(problems)} problem(s) found"))
+    raise_problems(root, problems, images, verify_images, verified, progress)
     return manifest

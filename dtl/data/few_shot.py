@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .vtab import DataError, Problem, _parse_list, _summarise, check_list, unreadable_images
+from .vtab import DataError, Problem, _parse_list, _summarise, check_list, raise_problems
 
 # The five data sets of the paper's few-shot experiment and their class counts ("standford-cars" is the
 # release's own spelling of the folder).
@@ -157,6 +157,11 @@ class FewShotDataset(Dataset):
         return f"FewShotDataset({self.dataset!r}, {self.split!r}{where}, n={len(self)}, classes={self.num_classes})"
 
 
+def run_lists(shots: Iterable[int], seeds: Iterable[int]) -> list[tuple[str, int | None, int | None]]:
+    """``(split, shots, seed)`` of every list the runs of ``shots`` x ``seeds`` read: theirs, val and test."""
+    return [("train", k, s) for k in shots for s in seeds] + [("val", None, None), ("test", None, None)]
+
+
 def check_lists(root: Path, dataset: str, wanted: Iterable[tuple[str, int | None, int | None]], classes: int,
                 problems: list[Problem], images: dict[Path, str], optional: Iterable[str] = ()) -> dict:
     """Check the lists ``wanted`` (``(split, shots, seed)``) of one data set folder into ``problems``; returns
@@ -211,15 +216,11 @@ def check_few_shot_root(root: str | os.PathLike[str], datasets: Iterable[str], s
     problems: list[Problem] = []
     images: dict[Path, str] = {}
     manifest: dict[str, dict] = {}
-    shots, seeds = list(shots), list(seeds)
+    shots, seeds = list(shots), list(seeds)  # iterated once per data set
     for dataset in datasets:
         classes = data_set_classes(root, dataset, problems, (num_classes or {}).get(dataset))
         if classes is None:
             continue
-        wanted = [("train", k, s) for k in shots for s in seeds] + [("val", None, None), ("test", None, None)]
-        manifest[dataset] = check_lists(root, dataset, wanted, classes, problems, images)
-    if verify_images:
-        problems += unreadable_images(images, verified, progress)
-    if problems:
-        raise DataError(_summarise(problems, f"{root}: {len(problems)} problem(s) found"))
+        manifest[dataset] = check_lists(root, dataset, run_lists(shots, seeds), classes, problems, images)
+    raise_problems(root, problems, images, verify_images, verified, progress)
     return manifest

@@ -284,17 +284,12 @@ def generate_synthetic_suite(root: str | os.PathLike[str], tasks: Iterable[str] 
     Returns ``{task: {"train800": 800, "val200": 200, "train800val200": 1000, "test": num_test,
     "num_classes": K, "group": ..., "generated": bool}}``.
     """
-    root = Path(root)
-    names = list(SYNTHETIC_TASKS) if tasks is None else list(tasks)
-    unknown = [t for t in names if t not in SYNTHETIC_TASKS]
-    if unknown:
-        raise KeyError(f"unknown synthetic task(s) {unknown}; known: {', '.join(SYNTHETIC_TASKS)}")
+    generated = generate_folders(root, tasks, SYNTHETIC_TASKS, "task(s)",
+                                 lambda task: _task_meta(task, image_size, num_test, seed),
+                                 lambda folder, task: _write_task(folder, task, image_size, num_test, seed), overwrite)
     manifest: dict[str, dict[str, object]] = {}
-    for task in names:
-        generated = generate_folder(root, task, _task_meta(task, image_size, num_test, seed),
-                                    lambda folder, task=task: _write_task(folder, task, image_size, num_test, seed),
-                                    overwrite)
+    for task, fresh in generated.items():
         manifest[task] = {"train800": TRAIN, "val200": VAL, "train800val200": TRAIN + VAL, "test": num_test,
                           "num_classes": SYNTHETIC_TASKS[task].num_classes, "group": SYNTHETIC_TASKS[task].group,
-                          "generated": generated}
+                          "generated": fresh}
     return manifest

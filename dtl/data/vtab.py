@@ -278,11 +278,18 @@ def check_vtab_root(root: str | os.PathLike[str], tasks: Iterable[str] | None = 
     images: dict[Path, str] = {}  # every image that exists -> where it is first listed
     manifest = {task: entry for task in names
                 if (entry := _check_task(root, task, problems, (num_classes or {}).get(task), images)) is not None}
+    raise_problems(root, problems, images, verify_images, verified, progress)
+    return manifest
+
+
+def raise_problems(root: Path, problems: list[Problem], images: Mapping[Path, str], verify_images: bool,
+                   verified: str | os.PathLike[str] | None, progress: bool) -> None:
+    """The end of a root's check: decode the listed ``images`` if asked, then raise ONE :class:`DataError`
+    holding every problem found, if any."""
     if verify_images:
         problems += unreadable_images(images, verified, progress)
     if problems:
         raise DataError(_summarise(problems, f"{root}: {len(problems)} problem(s) found"))
-    return manifest
 
 
 def _decode(path: Path) -> str | None:
