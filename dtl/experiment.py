@@ -155,6 +155,11 @@ class TaskRun:
     result: TrainResult
     num_classes: int
     shots: int | None = None  # the NOAH-layout protocols: the training list's shot count
+    image_size: int = 224  # the input size the run trained at
+
+    def reported_splits(self) -> dict[str, str]:
+        """What evaluating this run reports under its protocol (``reported_splits``)."""
+        return reported_splits(self.config, self.task)
 
     def summary(self) -> dict:
         model = self.config.model
@@ -343,7 +348,8 @@ def run_task(
         save_state=save_state,
         keep_best=protocol.keep_best,
     )
-    return TaskRun(task=task, config=config, model=model, result=result, num_classes=num_classes, shots=shots)
+    return TaskRun(task=task, config=config, model=model, result=result, num_classes=num_classes, shots=shots,
+                   image_size=img_size)
 
 
 def evaluate_saved(config: ExperimentConfig, task: str, seed: int, weights: str | Path, num_classes: int,
@@ -353,21 +359,29 @@ def evaluate_saved(config: ExperimentConfig, task: str, seed: int, weights: str 
     "<name>_loss": ...}``, plus ``<name>_accuracy_masked`` for a split that holds only some of the classes (the
     argmax over those: ImageNet-A and -R). Nothing is retrained; with ``checkpoint: false`` the random frozen
     backbone is rebuilt from ``seed`` as ``run_task`` built it."""
-    from torch.utils.data import DataLoader
-
-    from .engine import evaluate, resolve_device, resolve_precision
     from .io import load_trainable
 
     config = config.for_task(task)
     seed_everything(seed)
     model = build_model(config, num_classes)
     load_trainable(model, weights)
+    return evaluate_model(config, task, model, num_classes, seed=seed, shots=shots)
+
+
+def evaluate_model(config: ExperimentConfig, task: str, model: nn.Module, num_classes: int, *, seed: int,
+                   shots: int | None = None, splits: dict[str, str] | None = None) -> dict:
+    """Score a trained ``model`` of ``task`` (``config`` with the task's overrides applied) on ``splits`` (default:
+    the protocol's reported splits), as :func:`evaluate_saved` does."""
+    from torch.utils.data import DataLoader
+
+    from .engine import evaluate, resolve_device, resolve_precision
+
     device = resolve_device(config.training.device)
     precision = resolve_precision(config.training.precision, device)
     model.to(device)
     img_size = config.data.image_size or backbone_image_size(model)
     scores: dict[str, float] = {}
-    for name, split in reported_splits(config, task).items():
+    for name, split in (reported_splits(config, task) if splits is None else splits).items():
         data = open_split(config, task, split, num_classes=num_classes, img_size=img_size, shots=shots, seed=seed,
                           model=model)
         present = sorted({label for _, label in getattr(data, "samples", [])})

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dtl.config import load_config
+from dtl.data.vtab import task_group
 from dtl.io import write_json
 
 from .params import check_dvc_entries
@@ -64,20 +65,6 @@ def generated_by_us(folder: Path) -> bool:
         return json.loads((folder / "meta.json").read_text()).get("generator") == "dtl.data.synthetic"
     except (OSError, json.JSONDecodeError, AttributeError):
         return False
-
-
-def task_group(task: str, folder: Path) -> str:
-    from dtl.data import TASK_GROUPS
-
-    meta = folder / "meta.json"
-    if meta.is_file():
-        group = json.loads(meta.read_text()).get("group")
-        if group:
-            return str(group)
-    for group, tasks in TASK_GROUPS.items():
-        if task in tasks:
-            return group
-    return "Other"
 
 
 def fingerprint(root: Path, paths: list[Path]) -> str:

@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from dtl.config import load_config
+from dtl.data.vtab import GROUP_ORDER, group_summary as summarise
 from dtl.io import atomic_path, write_json, write_text
 
 from .params import load_pipeline_settings
 from .stage import OutputPaths, read_json, run_stage, stage_arguments
 
-GROUP_ORDER = ("Natural", "Specialized", "Structured")
 GROUP_COLOURS = {"Natural": "tab:green", "Specialized": "tab:orange", "Structured": "tab:blue"}
 
 
@@ -60,24 +60,6 @@ def task_rows(tasks: list[str], outputs: Path) -> list[dict[str, Any]]:
             "mlflow_run_id": info.get("mlflow_run_id"),
         })
     return rows
-
-
-def summarise(rows: list[dict[str, Any]], key: str = "test_accuracy") -> dict[str, Any]:
-    """Group means (in the VTAB order, then any other group), their mean, and the plain mean over tasks."""
-    by_group: dict[str, list[float]] = {}
-    for row in rows:
-        if row.get(key) is not None:
-            by_group.setdefault(row["group"], []).append(row[key])
-    order = [g for g in GROUP_ORDER if g in by_group] + sorted(g for g in by_group if g not in GROUP_ORDER)
-    group_means = {group: statistics.fmean(by_group[group]) for group in order}
-    values = [row[key] for row in rows if row.get(key) is not None]
-    return {
-        "groups": group_means,
-        "group_mean": statistics.fmean(group_means.values()) if group_means else None,
-        "task_mean": statistics.fmean(values) if values else None,
-        "num_tasks": len(values),
-        "tasks_per_group": {group: len(by_group[group]) for group in order},
-    }
 
 
 def build_report(rows: list[dict[str, Any]], source: str) -> dict[str, Any]:

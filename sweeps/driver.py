@@ -63,8 +63,9 @@ class SweepOptions:
     gpus_per_trial: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_trial: float = 1.0
     address: str | None = None  # None: start a private local Ray instance
-    scheduler: str = "asha"
+    scheduler: str | None = None  # None: asha for a search, fifo for a study (its points train to the end)
     seed: int = 0
+    seeds: list[int] | None = None  # a study's training seeds; None: the space file's
     alpha: float = ALPHA  # level of the incumbent rule's paired test
     max_failures: int = 3  # restarts of a trial whose worker or node died, from its last checkpoint
     checkpoint_every: float = 60.0  # seconds between a trial's checkpoints besides ASHA's rungs (0: every epoch)
@@ -266,12 +267,21 @@ def prepare_state(options: SweepOptions, space: SearchSpace, tasks: list[str], p
     return state
 
 
-def check_options(options: SweepOptions) -> None:
+def check_options(options: SweepOptions, study: bool = False) -> None:
+    if study:
+        if options.num_samples is not None:
+            raise SweepError("--num-samples: a study runs every point of its grids; change the grids instead")
+        if options.scheduler not in (None, "fifo"):
+            raise SweepError(f"--scheduler {options.scheduler}: a study trains every point to the end (fifo)")
+        if options.seeds is not None and (not options.seeds or len(set(options.seeds)) != len(options.seeds)):
+            raise SweepError(f"--seeds: expected distinct integers, got {options.seeds}")
+    elif options.seeds is not None:
+        raise SweepError("--seeds: only a study (a space of grid parameters) trains several seeds per point")
     if options.num_samples is not None and options.num_samples < 1:
         raise SweepError(f"--num-samples: expected an integer >= 1, got {options.num_samples}")
     if options.max_concurrent is not None and options.max_concurrent < 1:
         raise SweepError(f"--max-concurrent: expected an integer >= 1, got {options.max_concurrent}")
-    if options.scheduler not in SCHEDULERS:
+    if options.scheduler is not None and options.scheduler not in SCHEDULERS:
         raise SweepError(f"--scheduler: expected one of {', '.join(SCHEDULERS)}, got {options.scheduler!r}")
     if options.cpus_per_trial <= 0 or (options.gpus_per_trial is not None and options.gpus_per_trial < 0):
         raise SweepError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
@@ -363,8 +373,13 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
     process start, so the reported wall time includes the imports."""
     quiet_environment()
     started = time.perf_counter() if started is None else started
-    check_options(options)
     space = load_space(options.space)
+    check_options(options, study=space.is_study)
+    if space.is_study:
+        from .study import run_study
+
+        return run_study(options, space, started)
+    options = replace(options, scheduler=options.scheduler or "asha")
     storage = Path(options.storage_path).expanduser().resolve()  # Tune needs an absolute storage path
 
     saved = find_saved_state(options.name, storage, space.name) if options.resume else None

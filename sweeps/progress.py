@@ -27,8 +27,9 @@ class ProgressView(Callback):
     """A Tune callback that prints the sweep's progress (see the module docstring)."""
 
     def __init__(self, plans: Mapping[str, tuple[int, int]], stream: IO[str] | None = None,
-                 interval_s: float | None = None):
+                 interval_s: float | None = None, metric: str = METRIC, metric_label: str = "best val"):
         self.plans = dict(plans)  # task -> (trials, epochs of a trial trained to the end)
+        self.metric, self.metric_label = metric, metric_label
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty()
         self.interval_s = interval_s if interval_s is not None else (2.0 if self.live else 60.0)
@@ -64,7 +65,7 @@ class ProgressView(Callback):
         task = config.get(TASK_KEY, "?")
         result = trial.last_result or {}
         epoch = int(result.get(TIME_ATTR, 0) or 0)
-        accuracy = result.get(METRIC)
+        accuracy = result.get(self.metric)
         if TRIAL_ERROR in result:
             how = f"failed: {result[TRIAL_ERROR]}"
         elif how is None:
@@ -74,7 +75,7 @@ class ProgressView(Callback):
 
             how = f"failed: {error_summary(trial) or 'see ' + str(trial.path)}"
         role = " (incumbent)" if config.get(INCUMBENT_KEY) else ""
-        score = f", val {accuracy:.3f}" if isinstance(accuracy, float) and not how.startswith("failed") else ""
+        score = f", {self.metric_label.split()[-1]} {accuracy:.3f}" if isinstance(accuracy, float) and not how.startswith("failed") else ""
         self._write(f"[{format_duration(time.monotonic() - self.started)}] {task} {trial.trial_id}{role}: {how}"
                     f"{score}", event=True)
         if self.live:
@@ -96,7 +97,7 @@ class ProgressView(Callback):
             result = trial.last_result or {}
             epoch = int(result.get(TIME_ATTR, 0) or 0)
             trained += epoch
-            accuracy = result.get(METRIC)
+            accuracy = result.get(self.metric)
             if isinstance(accuracy, float):
                 best[task] = max(best.get(task, 0.0), accuracy)
             if trial.status == "ERROR" or TRIAL_ERROR in result:
@@ -120,7 +121,7 @@ class ProgressView(Callback):
         left = f"~{format_duration(remaining / rate)} left" if rate > 0 and remaining else "estimating time left"
         scores = " ".join(f"{task} {best[task]:.3f}" for task in self.plans if task in best) or "-"
         return (f"[{format_duration(elapsed)}] trials {counts['done']}/{total} done, {counts['running']} running, "
-                f"{counts['stopped']} stopped early, {counts['failed']} failed; {left} | best val: {scores}")
+                f"{counts['stopped']} stopped early, {counts['failed']} failed; {left} | {self.metric_label}: {scores}")
 
     def show(self, trials: Sequence) -> None:
         self.last_print = time.monotonic()

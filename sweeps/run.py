@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "retrains under the pipeline's protocol and tests.",
         epilog="examples:\n"
                "  python sweeps/run.py --space dtl_plus            # embedded default, then: dvc repro\n"
+               "  python sweeps/run.py --space study_start_block --tasks dsprites_ori patterns   # an ablation\n"
                "  python sweeps/run.py --space dtl_plus --resume   # continue the latest dtl_plus sweep\n"
                "  python sweeps/run.py --space lora --best-path sweeps/best_lora.yaml   # baseline, same budget\n"
                "  python sweeps/run.py --space dtl_plus --address 10.0.0.1:6379 --gpus-per-trial 0.25\n"
@@ -73,9 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--address", default=None,
                         help="join an existing Ray cluster (e.g. 10.0.0.1:6379 or 'auto', as `ray start --head` "
                              "prints); default: start a private local Ray instance")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default="asha",
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default=None,
                         help="asha: stop weak trials early at rungs of epochs (time attribute: epoch); "
-                             "fifo: run every trial to the end (default: %(default)s)")
+                             "fifo: run every trial to the end (default: asha; a study is always fifo)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                        help="a study's training seeds, each point runs once per seed and task (default: the "
+                             "study file's seeds)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the TPE samplers: same seed, same first trials (default: %(default)s)")
     parser.add_argument("--max-failures", type=int, default=3,

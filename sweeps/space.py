@@ -21,6 +21,20 @@ training. ``scheduler.grace_period`` is either a number of epochs or a share of 
 which is what lets one space serve a 20-epoch and a 110-epoch schedule; either way the first rung must come
 after the warm-up.
 
+**Studies.** A space whose parameters are all ``type: grid`` is a *study*: it reports, it never selects. Ray
+Tune's ``grid_search`` crosses every grid with the tasks and the study's ``seeds``; every point trains to the end
+under the base configuration's own protocol (VTAB-1K ``final``: train800val200 -> test; few-shot and domain
+generalisation: their protocols) and nothing is written to ``sweeps/best.yaml``::
+
+    description: where to add the side network back (M)
+    method: dtl_plus
+    seeds: [0, 1, 2]
+    params:
+      start_block: {type: grid, values: [0, 3, 6, 9, 11]}        # one override key, one value per point
+      dwconv:                                                     # a label: each value sets several keys
+        type: grid
+        values: [{method: dtl}, {method: dtl_plus, kernel_size: 3}]
+
 ``when`` makes a parameter conditional on an earlier categorical one (sampled only when that one took one of
 the listed values), which is what Optuna's define-by-run API expresses: :meth:`SearchSpace.define_by_run`
 returns the function that ``OptunaSearch(space=...)`` calls for each trial. A trial's configuration is
@@ -42,10 +56,14 @@ from dtl.engine import TrainConfig
 from dtl.methods import available_methods, canonical_name, get_method, method_options
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"
-PARAM_TYPES = ("int", "float", "categorical")
+PARAM_TYPES = ("int", "float", "categorical", "grid")
 # Symbolic bounds an int parameter may use; resolved per backbone by :meth:`SearchSpace.resolve`.
 SYMBOLIC_BOUNDS = ("last_block",)
-TOP_LEVEL_KEYS = ("description", "method", "num_samples", "training", "scheduler", "params")
+SYMBOLIC_KEYS = ("start_block", "extract_start")  # grid values of these may be written ``last_block`` too
+TOP_LEVEL_KEYS = ("description", "method", "num_samples", "seeds", "training", "scheduler", "params")
+# What a study may not have: it runs every point to the end with the pipeline's schedule.
+STUDY_EXCLUDED_KEYS = ("num_samples", "training", "scheduler")
+DEFAULT_STUDY_SEEDS = (0, 1, 2)
 SCHEDULER_KEYS = ("grace_period", "reduction_factor")
 DEFAULT_GRACE_PERIOD = "25%"
 # Training keys that the sweep itself decides (when val200 is scored: at ASHA's rungs; the seed).
@@ -68,13 +86,23 @@ class ParamSpec:
     high: Any = None
     log: bool = False
     step: int | float | None = None
-    choices: tuple[Any, ...] = ()
+    choices: tuple[Any, ...] = ()  # categorical: the choices; grid: the values, one per point
     when: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def active(self, sampled: Mapping[str, Any]) -> bool:
         return all(sampled.get(name) in values for name, values in self.when.items())
 
+    def point(self, value: Any) -> dict[str, Any]:
+        """The override keys a grid value sets: ``{name: value}``, or the value itself when it is a mapping."""
+        return dict(value) if isinstance(value, Mapping) else {self.name: value}
+
+    def label(self, value: Any) -> str:
+        """``start_block=3``; ``method=dtl_plus kernel_size=3`` for a mapping value."""
+        return " ".join(f"{k}={v}" for k, v in self.point(value).items())
+
     def describe(self) -> str:
+        if self.type == "grid":
+            return f"{self.name}: grid [" + "; ".join(self.label(v) for v in self.choices) + "]"
         if self.type == "categorical":
             text = "{" + ", ".join(map(str, self.choices)) + "}"
         else:
@@ -95,6 +123,24 @@ class SearchSpace:
     training: Mapping[str, Any] = field(default_factory=dict)  # an explicit shortened schedule; {}: the pipeline's
     grace_period: int | str = DEFAULT_GRACE_PERIOD  # ASHA's first rung: epochs, or a share of the epochs ("25%")
     reduction_factor: int = 2
+    seeds: tuple[int, ...] = ()  # a study's training seeds (every point runs once per seed and task)
+
+    @property
+    def is_study(self) -> bool:
+        """A study (all parameters grids) reports every point; a search selects a winner."""
+        return bool(self.params) and all(p.type == "grid" for p in self.params)
+
+    def grid_points(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every point of a study, in file order (the last grid varies fastest): (label, override entry)."""
+        import itertools
+
+        points = []
+        for values in itertools.product(*(spec.choices for spec in self.params)):
+            entry: dict[str, Any] = dict(self.constants())
+            for spec, value in zip(self.params, values):
+                entry.update(spec.point(value))
+            points.append((", ".join(spec.label(v) for spec, v in zip(self.params, values)), entry))
+        return points
 
     def grace_epochs(self, epochs: int) -> int:
         """ASHA's first rung, in epochs, for trials of ``epochs`` epochs."""
@@ -116,6 +162,13 @@ class SearchSpace:
         symbols = {"last_block": num_blocks - 1}
         params = []
         for spec in self.params:
+            if spec.type == "grid":
+                values = tuple({k: symbols.get(v, v) if k in SYMBOLIC_KEYS else v for k, v in spec.point(value).items()}
+                               if isinstance(value, Mapping) else symbols.get(value, value)
+                               if isinstance(value, str) and spec.name in SYMBOLIC_KEYS else value
+                               for value in spec.choices)
+                params.append(replace(spec, choices=values))
+                continue
             low, high = (symbols.get(v, v) if isinstance(v, str) else v for v in (spec.low, spec.high))
             if spec.type != "categorical" and low > high:
                 raise SpaceError(f"{self.path}: params.{spec.name}: low ({low}) > high ({high}) for a backbone with "
@@ -125,6 +178,8 @@ class SearchSpace:
 
     def define_by_run(self) -> "DefineByRun":
         """The function ``OptunaSearch(space=...)`` calls per trial (see :class:`DefineByRun`)."""
+        if self.is_study:
+            raise SpaceError(f"{self.path}: a study (grid parameters) has no sampler: its points are its grids")
         unresolved = [p.name for p in self.params if isinstance(p.low, str) or isinstance(p.high, str)]
         if unresolved:
             raise SpaceError(f"{self.path}: call resolve(num_blocks) first: symbolic bounds in {', '.join(unresolved)}")
@@ -152,6 +207,14 @@ class SearchSpace:
         return point, ""
 
     def summary(self) -> str:
+        if self.is_study:
+            points = self.grid_points()
+            lines = [f"study {self.name} ({self.path}): method {self.method}, {len(points)} points x "
+                     f"{len(self.seeds)} seeds ({', '.join(map(str, self.seeds))}) per task"]
+            lines += [f"  {spec.describe()}" for spec in self.params]
+            lines.append("  every point trains to the end with the pipeline's schedule and protocol (tested, "
+                         "never selected)")
+            return "\n".join(lines)
         lines = [f"space {self.name} ({self.path}): method {self.method}, {self.num_samples} samples per task"]
         lines += [f"  {spec.describe()}" for spec in self.params]
         if self.training:
@@ -273,16 +336,93 @@ def parse_space(raw: Any, path: Path) -> SearchSpace:
     params: list[ParamSpec] = []
     for name, spec in raw_params.items():
         params.append(_parse_param(str(name), spec, params, training, fail))
-    _check_methods(method, params, fail)
+    grids = [p.name for p in params if p.type == "grid"]
+    seeds: tuple[int, ...] = ()
+    if grids:
+        sampled = [p.name for p in params if p.type != "grid"]
+        if sampled:
+            raise fail(f"params.{sampled[0]}", f"a study (grid parameters: {', '.join(grids)}) reports every point "
+                                               "and samples nothing: make it a grid or fix it in the params file")
+        present = [key for key in STUDY_EXCLUDED_KEYS if key in raw]
+        if present:
+            raise fail(present[0], "a study trains every point to the end with the pipeline's schedule: remove it")
+        seeds = _parse_seeds(raw.get("seeds", list(DEFAULT_STUDY_SEEDS)), fail)
+        _check_grid_methods(method, params, fail)
+    else:
+        if "seeds" in raw:
+            raise fail("seeds", "only a study (a space of grid parameters) trains several seeds per point")
+        _check_methods(method, params, fail)
     return SearchSpace(name=path.stem, path=path, method=method, params=tuple(params), description=description,
                        num_samples=num_samples, training=dict(training), grace_period=grace_period,
-                       reduction_factor=reduction_factor)
+                       reduction_factor=reduction_factor, seeds=seeds)
+
+
+def _parse_seeds(raw: Any, fail: Callable[[str, str], SpaceError]) -> tuple[int, ...]:
+    if not isinstance(raw, list) or not raw or not all(_is_int(s) for s in raw) or len(set(raw)) != len(raw):
+        raise fail("seeds", f"expected a non-empty list of distinct integers such as [0, 1, 2], got {raw!r}")
+    return tuple(raw)
+
+
+def _parse_grid(name: str, spec: dict, fail: Callable[[str, str], SpaceError]) -> ParamSpec:
+    """``{type: grid, values: [...]}``: plain values of the override key ``name``, or mappings of override keys
+    (then ``name`` is only a label)."""
+    key = f"params.{name}"
+    unknown = sorted(set(spec) - {"type", "values"})
+    if unknown:
+        raise fail(key, f"unknown key(s) {', '.join(map(str, unknown))} for type grid; allowed: type, values")
+    values = spec.get("values")
+    if not isinstance(values, list) or not values:
+        raise fail(f"{key}.values", f"expected a non-empty list of values (one per point), got {values!r}")
+    if len(set(map(repr, values))) != len(values):
+        raise fail(f"{key}.values", f"repeated value in {values!r}")
+    is_key = name in OVERRIDE_KEYS
+    for index, value in enumerate(values):
+        where = f"{key}.values[{index}]"
+        entry = value if isinstance(value, dict) else {name: value}
+        if not isinstance(value, dict) and not is_key:
+            raise fail(where, f"{name} is not an override key, so each value must be a mapping of override keys "
+                              f"such as {{method: dtl_plus, kernel_size: 3}}, got {value!r}")
+        if not entry:
+            raise fail(where, "expected at least one override key")
+        for option, setting in entry.items():
+            if option not in OVERRIDE_KEYS:
+                raise fail(f"{where}.{option}", f"not an override key; allowed: {', '.join(sorted(OVERRIDE_KEYS))}")
+            if option in RESERVED_TRAINING_KEYS:
+                raise fail(f"{where}.{option}", "is set by the study itself (its seeds and evaluation epochs)")
+            if not isinstance(setting, (str, int, float, bool)) or setting is None:
+                raise fail(f"{where}.{option}", f"expected a plain value (text, a number, true/false), got {setting!r}")
+            if option == "method" and setting not in method_options():
+                raise fail(f"{where}.method", f"unknown method {setting!r}; expected one of "
+                                              f"{', '.join(available_methods())}")
+    values = [{k: yaml_number(v) for k, v in value.items()} if isinstance(value, dict) else yaml_number(value)
+              for value in values]
+    return ParamSpec(name=name, type="grid", choices=tuple(values))
+
+
+def _check_grid_methods(method: str, params: list[ParamSpec], fail: Callable[[str, str], SpaceError]) -> None:
+    """Each point's method must take every option the point sets (a kernel for a method without a DWConv would
+    be a point that differs from another only in name)."""
+    import itertools
+
+    for values in itertools.product(*(spec.choices for spec in params)):
+        entry: dict[str, Any] = {}
+        for spec, value in zip(params, values):
+            entry.update(spec.point(value))
+        point_method = canonical_name(entry.get("method", method))
+        for option in entry:
+            if option in METHOD_SPECIFIC and option not in method_options()[point_method]:
+                owner = next(spec for spec, value in zip(params, values) if option in spec.point(value))
+                takers = [m for m in available_methods() if option in method_options()[m]]
+                raise fail(f"params.{owner.name}", f"the point {', '.join(f'{k}={v}' for k, v in entry.items())} "
+                                                   f"sets {option}, which method {point_method} does not take "
+                                                   f"(taken by {', '.join(takers)})")
 
 
 def _parse_param(name: str, spec: Any, earlier: list[ParamSpec], training: Mapping[str, Any],
                  fail: Callable[[str, str], SpaceError]) -> ParamSpec:
     key = f"params.{name}"
-    if name not in OVERRIDE_KEYS:
+    grid = isinstance(spec, dict) and spec.get("type") == "grid"
+    if name not in OVERRIDE_KEYS and not grid:  # a grid of mappings is named by a label of its own
         raise fail(key, f"not an override key; allowed: {', '.join(sorted(OVERRIDE_KEYS))}")
     if name in training or name in RESERVED_TRAINING_KEYS:
         raise fail(key, "is fixed by the sweep (training section or reserved); it cannot be searched too")
@@ -292,6 +432,8 @@ def _parse_param(name: str, spec: Any, earlier: list[ParamSpec], training: Mappi
     kind = spec.get("type")
     if kind not in PARAM_TYPES:
         raise fail(f"{key}.type", f"expected one of {', '.join(PARAM_TYPES)}, got {kind!r}")
+    if kind == "grid":
+        return _parse_grid(name, spec, fail)
     allowed = {"type", "when"} | ({"choices"} if kind == "categorical" else {"low", "high", "log", "step"})
     unknown = sorted(set(spec) - allowed)
     if unknown:

@@ -32,6 +32,9 @@ class SweepState:
     started: str = ""
     wall_time_s: float = 0.0
     finished: bool = False  # every task's trials ended and the winners were written
+    kind: str = "sweep"  # sweep: search and select; study: a grid of points, reported (sweeps.study)
+    seeds: list[int] | None = None  # a study's training seeds
+    study_run_id: str | None = None  # a study's one MLflow parent run
 
     def save(self) -> None:
         from dtl.io import write_json

@@ -43,6 +43,8 @@ COST_METRICS = ("trainable_params", "train_time_s", "cpu_time_s", "saved_bytes_p
 # Keys of a trial's config next to the sampled values: its task, and whether it is the task's incumbent.
 TASK_KEY = "task"
 INCUMBENT_KEY = "incumbent"
+SEED_KEY = "seed"  # a study trial's training seed (a sweep trains every trial with the base's first seed)
+STUDY_METRIC = "test_accuracy"  # what a study reports per point: the final protocol's test split
 
 TAG_KIND = "kind"
 TAG_SWEEP = "sweep"
@@ -69,33 +71,49 @@ class TrialSetup:
     space_name: str
     checkpoint_every: float = 60.0  # seconds between checkpoints besides the epochs that score val200 (0: every epoch)
     tags: Mapping[str, str] = field(default_factory=dict)
+    # A study trial follows the base's own protocol (VTAB-1K final: train800val200 -> test) and scores every
+    # split it reports; a sweep trial follows the selection protocol (val200), never the test split.
+    study: bool = False
 
 
 def split_trial_config(config: Mapping[str, Any]) -> tuple[str, bool, dict[str, Any]]:
-    """(task, is the incumbent, the sampled override entry) of a trial's config."""
-    params = {k: v for k, v in config.items() if k not in (TASK_KEY, INCUMBENT_KEY)}
+    """(task, is the incumbent, the sampled override entry) of a trial's config. A study's grid value that is a
+    mapping (``dwconv: {method: dtl_plus, kernel_size: 3}``) contributes its keys."""
+    params: dict[str, Any] = {}
+    for key, value in config.items():
+        if key not in (TASK_KEY, INCUMBENT_KEY, SEED_KEY):
+            params.update(value if isinstance(value, Mapping) else {key: value})
     return config[TASK_KEY], bool(config.get(INCUMBENT_KEY, False)), params
 
 
 def trial_overrides(setup: TrialSetup, params: Mapping[str, Any]) -> dict[str, Any]:
     """The task's override entry for a trial: pipeline overrides < shortened schedule < sampled parameters."""
-    base = setup.base_config.get("overrides", {}).get(setup.task) or {}
+    base = dict(setup.base_config.get("overrides", {}).get(setup.task) or {})
+    if setup.study:
+        base_method = base.get("method", setup.base_config["model"]["method"])
+        if "method" in params and params["method"] != base_method:
+            from .space import METHOD_SPECIFIC  # another method runs at its own defaults
+
+            base.update(dict.fromkeys(METHOD_SPECIFIC))
+        return {**base, **plain(params)}  # the pipeline's own evaluation epochs (few-shot: keep-best)
     return {**base, **setup.training, **plain(params), "eval_every": setup.eval_every}
 
 
-def trial_config(setup: TrialSetup, params: Mapping[str, Any]):
+def trial_config(setup: TrialSetup, params: Mapping[str, Any], seed: int | None = None):
     """The validated :class:`~dtl.config.ExperimentConfig` a trial trains: the selection protocol of the base's
     (VTAB-1K: ``val``, train800 -> val200; few-shot: the largest shot count's list of the first seed -> val_meta.list;
-    domain generalisation: the source's list -> its val_meta.list), no progress bar."""
+    domain generalisation: the source's list -> its val_meta.list), no progress bar. A study trial keeps the base's
+    own protocol and trains with ``seed``."""
     from dtl.config import ExperimentConfig
     from dtl.experiment import PROTOCOLS
 
     raw = copy.deepcopy(setup.base_config)
     raw["overrides"] = {setup.task: trial_overrides(setup, params)}
     evaluation = raw.get("evaluation", {})
-    selection = PROTOCOLS[evaluation.get("protocol", "final")].selection
-    raw["evaluation"] = {**evaluation, "protocol": selection}
-    raw["training"] = {**raw.get("training", {}), "progress": False, "seed": setup.seed}
+    if not setup.study:
+        selection = PROTOCOLS[evaluation.get("protocol", "final")].selection
+        raw["evaluation"] = {**evaluation, "protocol": selection}
+    raw["training"] = {**raw.get("training", {}), "progress": False, "seed": setup.seed if seed is None else seed}
     return ExperimentConfig.from_dict(raw, where=f"sweep trial of {setup.task}")
 
 
@@ -115,6 +133,7 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
 
     task, incumbent, params = split_trial_config(config)
     setup = setups[task]
+    seed = int(config.get(SEED_KEY, setup.seed))
     torch.set_num_threads(max(1, setup.threads))
     # Workers of a `ray start` cluster do not inherit the driver's environment: make every MLflow call in this
     # process use the sweep's store, never a default file here.
@@ -135,7 +154,7 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
         with child_run(setup, existing, trial_id, context.get_trial_name(), incumbent, resume_from) as run:
             from dtl.experiment import run_task
 
-            trial = trial_config(setup, params)  # a bad configuration raises here: the trial is recorded FAILED
+            trial = trial_config(setup, params, seed)  # a bad configuration raises here: the trial is recorded FAILED
             resolved = trial.for_task(task)
             record_trial(run, resolved, params, task)
             note_device(run, resolved.training.device)
@@ -164,14 +183,18 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
                     latest["checkpointed"] = time.monotonic()
                 tune.report(tune_metrics(epoch, metrics), checkpoint=checkpoint)
 
-            task_run = run_task(trial, task, seed=setup.seed, callbacks=[report_epoch], resume_from=resume_from,
+            task_run = run_task(trial, task, seed=seed, callbacks=[report_epoch], resume_from=resume_from,
                                 save_state=save_state)
             summary = task_run.summary()
             result = task_run.result  # its final metrics: those of the weights kept (few-shot: the best val epoch)
             final = {**tune_metrics(len(result.history) - 1, {**result.history[-1], **result.metrics}),
-                     **{k: float(summary[k]) for k in COST_METRICS if isinstance(summary.get(k), (int, float))},
-                     CORRECT: encode_correct(result.correct["val"].tolist())}
-            record_result(run, summary, final[CORRECT])
+                     **{k: float(summary[k]) for k in COST_METRICS if isinstance(summary.get(k), (int, float))}}
+            if setup.study:
+                final.update(study_scores(task_run))
+                summary = {**summary, **final}
+            else:
+                final[CORRECT] = encode_correct(result.correct["val"].tolist())
+            record_result(run, summary, final.get(CORRECT))
     except Exception as err:  # the child run is closed FAILED with the traceback; Tune must not retry it
         tune.report({TRIAL_ERROR: f"{type(err).__name__}: {err}"[:1000]})
         return
@@ -181,6 +204,24 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
         shutil.rmtree(folder, ignore_errors=True)
     # Reported last, once MLflow holds everything: Tune may end this process as soon as it sees the result.
     tune.report(final)
+
+
+def study_scores(task_run) -> dict[str, float]:
+    """What a study reports besides the run's own metrics: the protocol's reported splits the run did not score
+    (few-shot: the test list of the weights kept; domain generalisation: every target) and a peak-memory
+    figure (the GPU's peak, else an estimate: weights, gradients, AdamW state, kept activations, one batch)."""
+    from dtl.benchmark import cpu_peak_estimate
+    from dtl.experiment import evaluate_model
+
+    result = task_run.result
+    missing = {name: split for name, split in task_run.reported_splits().items()
+               if f"{name}/accuracy" not in result.metrics}
+    scores = evaluate_model(task_run.config, task_run.task, task_run.model, task_run.num_classes,
+                            seed=task_run.config.training.seed, shots=task_run.shots, splits=missing) if missing else {}
+    image = task_run.image_size
+    batch_bytes = task_run.config.training.batch_size * 3 * image * image * 4
+    peak = result.peak_memory_bytes or cpu_peak_estimate(task_run.model, result.saved_bytes_per_batch, batch_bytes)
+    return {**{k: float(v) for k, v in scores.items()}, "peak_bytes": float(peak)}
 
 
 def report_recorded_result(setup: TrialSetup, run) -> bool:
@@ -249,7 +290,8 @@ def record_result(run, summary: Mapping[str, Any], correct: str) -> None:
     run.log_metrics({k: v for k, v in summary.items() if "/" not in k and k != "seed"})
     run.set_tags({key: summary[key] for key in ("device", "precision", "prefix_cache")
                   if isinstance(summary.get(key), str)})
-    run.set_tags({CORRECT: correct})
+    if correct is not None:
+        run.set_tags({CORRECT: correct})
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from PIL import Image
@@ -33,6 +33,43 @@ TASK_GROUPS: dict[str, tuple[str, ...]] = {
                    "smallnorb_azi", "smallnorb_ele"),
 }
 SPLITS: tuple[str, ...] = ("train800", "val200", "train800val200", "test")
+GROUP_ORDER = tuple(TASK_GROUPS)
+
+
+def task_group(task: str, folder: Path) -> str:
+    """A task's VTAB group: ``meta.json``'s ``group`` in its folder, else the VTAB-1K table, else ``Other``."""
+    meta = folder / "meta.json"
+    if meta.is_file():
+        group = json.loads(meta.read_text()).get("group")
+        if group:
+            return str(group)
+    for group, tasks in TASK_GROUPS.items():
+        if task in tasks:
+            return group
+    return "Other"
+
+
+def group_summary(rows: list[dict[str, Any]], key: str = "test_accuracy") -> dict[str, Any]:
+    """Group means of ``rows`` (each with ``group`` and ``key``; the VTAB order, then any other group), their mean
+    (the "group mean" papers quote), and the plain mean over tasks."""
+    import statistics
+
+    by_group: dict[str, list[float]] = {}
+    for row in rows:
+        if row.get(key) is not None:
+            by_group.setdefault(row["group"], []).append(row[key])
+    order = [g for g in GROUP_ORDER if g in by_group] + sorted(g for g in by_group if g not in GROUP_ORDER)
+    group_means = {group: statistics.fmean(by_group[group]) for group in order}
+    values = [row[key] for row in rows if row.get(key) is not None]
+    return {
+        "groups": group_means,
+        "group_mean": statistics.fmean(group_means.values()) if group_means else None,
+        "task_mean": statistics.fmean(values) if values else None,
+        "num_tasks": len(values),
+        "tasks_per_group": {group: len(by_group[group]) for group in order},
+    }
+
+
 LINE_FORMAT = "'relative/path/to/image <integer label>'"
 # Per list file, at most this many problems are spelled out; the rest are counted.
 _MAX_PROBLEMS_PER_FILE = 50

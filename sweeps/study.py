@@ -1,0 +1,360 @@
+"""Studies: the paper's ablations as a grid of points, each trained to the end and tested, never selected.
+
+A study space (``sweeps/spaces/study_*.yaml``, every parameter ``type: grid``) runs through the same driver as
+a search, ``python sweeps/run.py --space study_start_block``:
+
+* one Ray Tune ``Tuner`` whose ``param_space`` is a ``tune.grid_search`` over the tasks, the study's seeds and
+  each grid: every task and point is in flight at once (FIFO, no early stopping), all trials of a task read one
+  prefix cache whatever their start block;
+* each trial trains under the base configuration's own protocol (``evaluation.protocol`` of the params file:
+  VTAB-1K ``final`` trains on train800val200 and tests once; few-shot and domain generalisation keep their own)
+  and scores every split the pipeline would report;
+* one MLflow parent run per study, one child run per trial (a point on one task with one seed);
+* ``sweeps/best.yaml`` is never written: a study reports.
+
+Outputs in ``<storage>/<name>/``: ``study.json`` (every trial and the aggregates), ``study.md`` (a table ready to
+paste: test accuracy mean ± std over seeds per task and point, the group mean, trainable parameters, bytes kept
+for backward, peak memory, images/s) and ``study.png`` (accuracy against the varied parameter with memory on a
+second axis; for a study of methods, accuracy against training memory). The same files go on the parent run.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .space import SearchSpace
+from .state import SweepError, SweepState
+from .trainable import SEED_KEY, STUDY_METRIC, TASK_KEY, TIME_ATTR, TRIAL_ERROR, plain, split_trial_config
+
+STUDY_FILES = ("study.json", "study.md", "study.png")
+# Per trial, what a study keeps next to its test accuracy (from dtl.engine.TrainResult and the peak figure).
+STUDY_COSTS = ("trainable_params", "saved_bytes_per_batch", "peak_bytes", "images_per_s", "train_time_s")
+
+
+@dataclass
+class StudyRow:
+    task: str
+    point: str  # the point's label, e.g. "start_block=3"
+    params: dict[str, Any]  # the override entry the point sets
+    seed: int
+    status: str  # done | failed | unfinished
+    accuracy: float | None  # the protocol's test accuracy
+    scores: dict[str, float] = field(default_factory=dict)  # every reported accuracy (val, targets...)
+    cost: dict[str, float] = field(default_factory=dict)
+    trial_id: str = ""
+    error: str | None = None
+
+
+def study_row(trial, space: SearchSpace, epochs: Mapping[str, int]) -> StudyRow:
+    config = dict(trial.config or {})
+    task, _, params = split_trial_config(config)
+    label = ", ".join(spec.label(config[spec.name]) for spec in space.params if spec.name in config)
+    result = trial.last_result or {}
+    done = trial.status == "TERMINATED" and int(result.get(TIME_ATTR, 0) or 0) >= epochs[task]
+    error = result.get(TRIAL_ERROR)
+    status = "failed" if error or trial.status == "ERROR" else ("done" if done and STUDY_METRIC in result
+                                                                else "unfinished")
+    accuracy = result.get(STUDY_METRIC) if status == "done" else None
+    return StudyRow(task=task, point=label, params=plain(params), seed=int(config.get(SEED_KEY, 0)), status=status,
+                    accuracy=float(accuracy) if isinstance(accuracy, (int, float)) else None,
+                    scores={k: float(v) for k, v in result.items()
+                            if k.endswith("_accuracy") or k.endswith("_accuracy_masked")} if status == "done" else {},
+                    cost={k: float(result[k]) for k in STUDY_COSTS if isinstance(result.get(k), (int, float))},
+                    trial_id=trial.trial_id, error=error)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(rows: Sequence[StudyRow], points: Sequence[str], tasks: Sequence[str],
+              groups: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Per point: each task's test accuracy mean ± std over seeds and its mean costs, and the group mean (the
+    mean of the VTAB group means, per seed, then mean ± std over the seeds that finished on every task)."""
+    from dtl.data.vtab import group_summary
+
+    out = []
+    for point in points:
+        mine = [r for r in rows if r.point == point and r.status == "done"]
+        per_task = {}
+        for task in tasks:
+            runs = [r for r in mine if r.task == task]
+            mean, std = _mean_std([r.accuracy for r in runs])
+            per_task[task] = {"mean": mean, "std": std, "seeds": len(runs),
+                              **{k: statistics.fmean(r.cost[k] for r in runs) for k in STUDY_COSTS
+                                 if runs and all(k in r.cost for r in runs)}}
+        seeds = sorted({r.seed for r in mine})
+        group_means = []
+        for seed in seeds:
+            by_task = {r.task: r.accuracy for r in mine if r.seed == seed}
+            if set(by_task) == set(tasks):
+                group_means.append(group_summary([{"group": groups.get(t, "Other"), "test_accuracy": a}
+                                                  for t, a in by_task.items()])["group_mean"])
+        mean, std = _mean_std(group_means)
+        costs = {k: statistics.fmean(v[k] for v in per_task.values()) for k in STUDY_COSTS
+                 if all(k in v for v in per_task.values())}
+        out.append({"point": point, "params": next((r.params for r in rows if r.point == point), {}),
+                    "tasks": per_task, "group_mean": {"mean": mean, "std": std, "seeds": len(group_means)}, **costs})
+    return out
+
+
+def _pct(mean: float | None, std: float | None) -> str:
+    return "-" if mean is None else f"{100 * mean:.1f} ± {100 * (std or 0):.1f}"
+
+
+def markdown(name: str, summary: Sequence[dict[str, Any]], tasks: Sequence[str], seeds: Sequence[int],
+             epochs: int, protocol: str) -> str:
+    header = ["point", *tasks, "group mean", "trainable params", "kept for backward (MiB/batch)", "peak (MiB)",
+              "images/s"]
+    lines = [f"Study {name}: test accuracy (%) mean ± std over seeds {', '.join(map(str, seeds))}; every point "
+             f"trained {epochs} epochs under the {protocol} protocol. Costs: means over tasks.", "",
+             "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for point in summary:
+        cells = [point["point"]] + [_pct(point["tasks"][t]["mean"], point["tasks"][t]["std"]) for t in tasks]
+        cells.append(_pct(point["group_mean"]["mean"], point["group_mean"]["std"]))
+        cells.append(f"{point['trainable_params']:,.0f}" if "trainable_params" in point else "-")
+        cells.append(f"{point['saved_bytes_per_batch'] / 2**20:.2f}" if "saved_bytes_per_batch" in point else "-")
+        cells.append(f"{point['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in point else "-")
+        cells.append(f"{point['images_per_s']:.0f}" if "images_per_s" in point else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(name: str, space: SearchSpace, summary: Sequence[dict[str, Any]], tasks: Sequence[str], path: Path) -> None:
+    """Accuracy against the varied parameter, memory kept for backward on a second axis; for a study that
+    varies the method, accuracy against that memory (the paper's Figure 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dtl.io import atomic_path
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    memory = [p.get("saved_bytes_per_batch", math.nan) / 2**20 for p in summary]
+    accuracy = [100 * (p["group_mean"]["mean"] if p["group_mean"]["mean"] is not None else math.nan) for p in summary]
+    methods = any("method" in p["params"] for p in summary) and len(space.params) == 1
+    if methods:
+        for point, x, y in zip(summary, memory, accuracy):
+            axis.errorbar([x], [y], yerr=[100 * (point["group_mean"]["std"] or 0)], fmt="o", capsize=3)
+            axis.annotate(point["point"].replace("method=", ""), (x, y), textcoords="offset points", xytext=(5, 5))
+        axis.set_xscale("log")
+        axis.set_xlabel("memory kept for backward per batch (MiB, log)")
+        axis.set_ylabel("test accuracy (%), group mean")
+    else:
+        spec = space.params[0]
+        numeric = len(space.params) == 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 for v in spec.choices)
+        xs = list(spec.choices) if numeric else list(range(len(summary)))
+        for task in tasks:
+            axis.plot(xs, [100 * (p["tasks"][task]["mean"] if p["tasks"][task]["mean"] is not None else math.nan)
+                           for p in summary], marker=".", alpha=0.5, label=task)
+        axis.errorbar(xs, accuracy, yerr=[100 * (p["group_mean"]["std"] or 0) for p in summary], marker="o",
+                      color="black", capsize=3, label="group mean")
+        axis.set_xlabel(spec.name if numeric else "point")
+        if not numeric:
+            axis.set_xticks(xs, [p["point"] for p in summary], rotation=20, ha="right")
+        axis.set_ylabel("test accuracy (%)")
+        second = axis.twinx()
+        second.plot(xs, memory, linestyle="--", color="tab:red", marker="s", label="kept for backward")
+        second.set_ylabel("kept for backward per batch (MiB)", color="tab:red")
+        axis.legend(loc="best", fontsize=8)
+    axis.grid(alpha=0.3)
+    axis.set_title(f"study {name}: mean ± std over seeds")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the run
+
+
+def plan_study(base_config, space: SearchSpace, tasks: Sequence[str]) -> dict[str, tuple[SearchSpace, int]]:
+    """Per task: the space with its bounds resolved for the task's backbone, and the epochs of a point. Every point
+    is validated here (schema and model) so that a point that cannot train fails before any trial."""
+    from dtl.config import ConfigError
+
+    from .driver import _check_model_cached, task_backbone
+
+    plans = {}
+    for task in tasks:
+        resolved = space.resolve(len(task_backbone(base_config, task).blocks))
+        for label, entry in resolved.grid_points():
+            probe = replace(base_config, overrides={task: {**base_config.overrides.get(task, {}), **entry}})
+            try:
+                _check_model_cached(probe.for_task(task, where=""))
+            except ConfigError as err:
+                raise SweepError(f"{space.path}: the point {label} cannot be trained on {task}: {err}") from None
+        plans[task] = (resolved, base_config.for_task(task).training.epochs)
+    return plans
+
+
+def run_study(options, space: SearchSpace, started: float) -> int:
+    """Run (or resume) a study; returns the exit status (0; 1 when no point finished; 130 when interrupted)."""
+    import ray
+    from ray import tune
+
+    import tracking
+
+    from dtl.data import DataError
+    from dtl.experiment import ensure_data
+
+    from .cluster import check_resources, default_concurrency, start_ray
+    from .driver import EXIT_FAILED, EXIT_INTERRUPTED, TRIALS_DIR, load_base, prepare_state, trial_dirname
+    from .progress import ProgressView
+    from .records import ChildRunCloser, status_callback
+    from .state import find_saved_state
+    from .trainable import TrialSetup, train_trial
+
+    storage = Path(options.storage_path).expanduser().resolve()
+    saved = find_saved_state(options.name, storage, space.name) if options.resume else None
+    if saved:
+        options = replace(options, params_path=saved.params_path, seeds=saved.seeds)
+    seeds = list(options.seeds or space.seeds)
+    space = replace(space, seeds=tuple(seeds))
+    base_config, params_path, best_path = load_base(options)
+    tasks = list(saved.tasks) if saved else list(options.tasks or base_config.data.tasks)
+    if len(set(tasks)) != len(tasks):
+        raise SweepError(f"--tasks: a task is repeated in {tasks}")
+    plans = plan_study(base_config, space, tasks)
+    resolved = plans[tasks[0]][0]  # symbolic grid values (last_block) resolved for the backbone
+    points = [label for label, _ in resolved.grid_points()]
+    print(resolved.summary(), flush=True)
+    try:
+        ensure_data(base_config, tasks)
+    except (DataError, KeyError, FileExistsError) as err:
+        raise SweepError(f"data ({base_config.data.source} at {base_config.data.root}): {err}") from None
+
+    start_ray(options.address)
+    try:
+        total = check_resources(options.cpus_per_trial, options.gpus_per_trial or 0)
+        gpus = options.gpus_per_trial if options.gpus_per_trial is not None else (1.0 if total["GPU"] > 0 else 0.0)
+        check_resources(options.cpus_per_trial, gpus)
+        state = prepare_state(replace(options, num_samples=len(points) * len(seeds), scheduler="fifo"),
+                              space, tasks, params_path, best_path, storage)
+    except BaseException:
+        ray.shutdown()
+        raise
+    state.kind, state.seeds = "study", seeds
+    experiment_dir = storage / state.name
+    if state.study_run_id:
+        parent = tracking.Run.reopen(state.study_run_id, state.tracking_uri)
+    else:
+        parent = tracking.Run.create(state.experiment_id, f"study {space.name} ({state.name})", {
+            "kind": "study", "sweep": state.name, "space": space.name}, {
+            "space_file": str(space.path), "tasks": ",".join(tasks), "seeds": ",".join(map(str, seeds)),
+            "protocol": base_config.evaluation.protocol,
+            **{f"grid.{p.name}": p.describe().split(": ", 1)[1] for p in space.params}}, uri=state.tracking_uri)
+        state.study_run_id = parent.run_id
+    for task in tasks:
+        state.tasks.setdefault(task, {})["parent_run_id"] = parent.run_id
+    state.save()
+    print(f"study {state.name}: {len(tasks)} tasks x {len(points)} points x {len(seeds)} seeds = "
+          f"{len(tasks) * len(points) * len(seeds)} runs; results in {experiment_dir}; MLflow experiment "
+          f"{state.experiment!r} at {state.tracking_uri}", flush=True)
+
+    epochs = {task: plans[task][1] for task in tasks}
+    closer = ChildRunCloser(state.tracking_uri, state.experiment_id, dict.fromkeys(tasks, parent.run_id), epochs)
+    progress = ProgressView({task: (len(points) * len(seeds), epochs[task]) for task in tasks},
+                            metric=STUDY_METRIC, metric_label="best test")
+    setups = {task: TrialSetup(
+        task=task, base_config=base_config.to_dict(), training={}, seed=seeds[0],
+        eval_every=base_config.for_task(task).training.eval_every, threads=max(1, int(options.cpus_per_trial)),
+        tracking_uri=state.tracking_uri, experiment_id=state.experiment_id, parent_run_id=parent.run_id,
+        sweep_name=state.name, space_name=space.name, checkpoint_every=options.checkpoint_every,
+        tags={"study": space.name}, study=True) for task in tasks}
+    trainable = tune.with_resources(tune.with_parameters(train_trial, setups=setups),
+                                    {"cpu": options.cpus_per_trial, "gpu": gpus})
+    num_trials = len(tasks) * len(points) * len(seeds)
+    max_concurrent = options.max_concurrent or default_concurrency(total, options.cpus_per_trial, gpus, num_trials)
+    path = experiment_dir / TRIALS_DIR
+    interrupted, rows = False, []
+    try:
+        if tune.Tuner.can_restore(str(path)):
+            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            param_space = {**resolved.constants(), TASK_KEY: tune.grid_search(tasks), SEED_KEY: tune.grid_search(seeds),
+                           **{spec.name: tune.grid_search(list(spec.choices)) for spec in resolved.params}}
+            tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune.TuneConfig(
+                num_samples=1, max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname,
+                reuse_actors=True), run_config=tune.RunConfig(
+                name=TRIALS_DIR, storage_path=str(experiment_dir), verbose=0,
+                failure_config=tune.FailureConfig(max_failures=options.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[status_callback(closer), progress]))
+        print(f"up to {max_concurrent} runs at a time ({options.cpus_per_trial:g} CPU, {gpus:g} GPU each)", flush=True)
+        grid = tuner.fit()
+        from ray.tune.analysis import ExperimentAnalysis
+
+        from .records import reconcile_runs
+
+        trials = ExperimentAnalysis(grid.experiment_path).trials
+        for task in tasks:
+            reconcile_runs(None, closer, task, [t for t in trials if (t.config or {}).get(TASK_KEY) == task])
+        rows = [study_row(trial, resolved, epochs) for trial in trials]
+        interrupted = len(rows) < num_trials or any(r.status == "unfinished" for r in rows)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        state.wall_time_s += time.perf_counter() - started
+        state.save()
+        ray.shutdown()
+
+    if rows:
+        report_study(state, resolved, base_config, rows, points, tasks, seeds, epochs, experiment_dir, parent)
+    if interrupted:
+        resume = f"python sweeps/run.py --space {options.space} --resume --name {state.name}"
+        print(f"\nThe study was interrupted; finished runs are kept. Resume it with:\n  {resume}"
+              + (f" --storage-path {storage}" if storage != Path(options.storage_path).resolve() else ""), flush=True)
+        parent.finish("KILLED")
+        return EXIT_INTERRUPTED
+    state.finished = True
+    state.save()
+    finished = any(r.status == "done" for r in rows)
+    parent.finish("FINISHED" if finished else "FAILED", error=None if finished else "no point finished")
+    return 0 if finished else EXIT_FAILED
+
+
+def report_study(state: SweepState, space: SearchSpace, base_config, rows: Sequence[StudyRow], points: Sequence[str],
+                 tasks: Sequence[str], seeds: Sequence[int], epochs: Mapping[str, int], experiment_dir: Path,
+                 parent) -> None:
+    from dtl.data.vtab import task_group
+    from dtl.io import write_json, write_text
+
+    root = Path(base_config.data.root)
+    groups = {task: task_group(task, root / task) for task in tasks}
+    summary = aggregate(rows, points, tasks, groups)
+    protocol = base_config.evaluation.protocol
+    table = markdown(state.name, summary, tasks, seeds, max(epochs.values()), protocol)
+    counts = {s: sum(r.status == s for r in rows) for s in ("done", "failed", "unfinished")}
+    print(f"\n{table}\n{len(rows)} runs: {counts['done']} done, {counts['failed']} failed, {counts['unfinished']} "
+          f"unfinished; wall time {state.wall_time_s:.0f} s", flush=True)
+    for row in rows:
+        if row.error:
+            print(f"  failed: {row.task} {row.point} seed {row.seed}: {row.error}", flush=True)
+    write_json(experiment_dir / "study.json", {
+        "study": state.name, "space": space.name, "protocol": protocol, "tasks": tasks, "seeds": list(seeds),
+        "groups": groups, "wall_time_s": state.wall_time_s, "date": datetime.now().isoformat(timespec="seconds"),
+        "points": summary, "runs": [asdict(r) for r in rows]})
+    write_text(experiment_dir / "study.md", table)
+    plot(state.name, space, summary, tasks, experiment_dir / "study.png")
+    for index, point in enumerate(summary):
+        if point["group_mean"]["mean"] is not None:
+            parent.log_metrics({"group_mean_test_accuracy": point["group_mean"]["mean"],
+                                **({"saved_bytes_per_batch": point["saved_bytes_per_batch"]}
+                                   if "saved_bytes_per_batch" in point else {})}, step=index)
+    parent.set_tags({f"point.{index}": point["point"] for index, point in enumerate(summary)})
+    for name in STUDY_FILES:
+        if (experiment_dir / name).is_file():
+            parent.log_artifacts(experiment_dir / name)
+    print(f"study table, plot and records: {experiment_dir}/study.md, study.png, study.json "
+          f"(also on MLflow run {parent.run_id})", flush=True)
