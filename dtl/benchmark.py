@@ -125,6 +125,85 @@ def saved_tensor_bytes(model: nn.Module, forward: Callable[[], torch.Tensor]) ->
     return counter.nbytes
 
 
+class SavedBytesByModule(SavedTensorBytes):
+    """:class:`SavedTensorBytes` that also remembers which module was running (the innermost one) when autograd
+    first kept each storage, so the bytes split by module; the total is the same count."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self._owner: dict[int, str] = {}
+        self._stack = [""]
+        self._modules = list(model.named_modules())
+        self._handles: list = []
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._owner.setdefault(tensor.untyped_storage().data_ptr(), self._stack[-1])
+        return super()._pack(tensor)
+
+    def by_module(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for pointer, size in self._storages.items():
+            out[self._owner[pointer]] = out.get(self._owner[pointer], 0) + size
+        return out
+
+    def _enter(self, name: str):
+        def hook(module, args) -> None:
+            self._stack.append(name)
+        return hook
+
+    def _leave(self, module, args, output) -> None:  # a hook that returned a value would replace the output
+        self._stack.pop()
+
+    def __enter__(self) -> "SavedBytesByModule":
+        for name, module in self._modules:
+            self._handles.append(module.register_forward_pre_hook(self._enter(name)))
+            self._handles.append(module.register_forward_hook(self._leave, always_call=True))
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+# What a module's bytes count as, by its name (checked in this order); DTL's side-state updates and add-backs run
+# in the model's own forward, outside any submodule, so a DTL model's unnamed bytes are its side network's.
+BREAKDOWN_KINDS = ("attention", "mlp", "norm", "side network", "adapter", "head", "embedding", "other")
+_KIND_RULES = (("side network", ("side_",)), ("head", ("head", "fc_norm")), ("attention", ("attn",)),
+               ("mlp", ("mlp",)), ("adapter", ("adapter_", "lora_", "prompt")), ("norm", ("norm", "ssf")),
+               ("embedding", ("patch_embed", "pos_")))
+
+
+def module_kind(name: str, model: nn.Module) -> str:
+    if not name:
+        return "side network" if isinstance(model, DTLModel) else "other"
+    parts = name.split(".")
+    for kind, needles in _KIND_RULES:
+        if any(needle in part for part in parts for needle in needles):
+            return kind
+    return "other"
+
+
+def saved_bytes_breakdown(model: nn.Module, forward: Callable[[], torch.Tensor]) -> dict[str, dict[str, int]]:
+    """The bytes kept for backward during ``forward()`` by block (``"0"``, ``"1"``..., ``"outside blocks"``) and,
+    within each, by kind (:data:`BREAKDOWN_KINDS`). The sum equals :func:`saved_tensor_bytes`."""
+    names = {id(module): name for name, module in model.named_modules()}
+    adapter = getattr(model, "adapter", None)
+    prefixes = [names[id(block)] for block in getattr(adapter, "blocks", [])]
+    with SavedBytesByModule(model) as counter:
+        output = forward()
+    del output
+    table: dict[str, dict[str, int]] = {}
+    for name, size in counter.by_module().items():
+        block = next((str(i) for i, prefix in enumerate(prefixes) if name == prefix or name.startswith(prefix + ".")),
+                     "outside blocks")
+        kinds = table.setdefault(block, {})
+        kind = module_kind(name, model)
+        kinds[kind] = kinds.get(kind, 0) + size
+    return table
+
+
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 

@@ -66,6 +66,8 @@ class SweepOptions:
     scheduler: str | None = None  # None: asha for a search, fifo for a study (its points train to the end)
     seed: int = 0
     seeds: list[int] | None = None  # a study's training seeds; None: the space file's
+    objectives: list[str] | None = None  # None: val accuracy alone; e.g. [val_accuracy, saved_bytes] (sweeps.pareto)
+    memory_budget: float | None = None  # bytes kept for backward per batch a winner may keep at most
     alpha: float = ALPHA  # level of the incumbent rule's paired test
     max_failures: int = 3  # restarts of a trial whose worker or node died, from its last checkpoint
     checkpoint_every: float = 60.0  # seconds between a trial's checkpoints besides ASHA's rungs (0: every epoch)
@@ -262,7 +264,8 @@ def prepare_state(options: SweepOptions, space: SearchSpace, tasks: list[str], p
         tasks={task: {} for task in tasks}, num_samples=options.num_samples or space.num_samples,
         scheduler=options.scheduler, seed=options.seed, alpha=options.alpha, params_path=str(params_path),
         best_path=str(best_path), experiment=options.experiment, experiment_id=experiment_id, tracking_uri=uri,
-        started=datetime.now().isoformat(timespec="seconds"))
+        started=datetime.now().isoformat(timespec="seconds"), objectives=options.objectives,
+        memory_budget=options.memory_budget)
     state.save()
     return state
 
@@ -277,6 +280,13 @@ def check_options(options: SweepOptions, study: bool = False) -> None:
             raise SweepError(f"--seeds: expected distinct integers, got {options.seeds}")
     elif options.seeds is not None:
         raise SweepError("--seeds: only a study (a space of grid parameters) trains several seeds per point")
+    if options.memory_budget is not None and not options.memory_budget > 0:
+        raise SweepError(f"--memory-budget: expected bytes > 0, got {options.memory_budget}")
+    if study and (options.objectives or options.memory_budget is not None):
+        raise SweepError("--objectives / --memory-budget: a study reports every point; they are for searches")
+    if options.objectives and len(options.objectives) > 1 and options.scheduler == "asha":
+        raise SweepError("--scheduler asha: a multi-objective sweep trains every trial to the end (fifo), since "
+                         "ASHA's rungs rank on accuracy alone and would stop the cheap end of the Pareto front")
     if options.num_samples is not None and options.num_samples < 1:
         raise SweepError(f"--num-samples: expected an integer >= 1, got {options.num_samples}")
     if options.max_concurrent is not None and options.max_concurrent < 1:
@@ -331,7 +341,12 @@ def build_tuner(state: SweepState, plans: Mapping[str, TaskPlan], base_config, c
         sampler = optuna.samplers.TPESampler(seed=state.seed + index, multivariate=True, group=True,
                                              constant_liar=True,
                                              n_startup_trials=max(2, min(10, state.num_samples // 3)))
-        searchers[task] = OptunaSearch(space=plan.space.define_by_run(), metric=METRIC, mode="max", sampler=sampler,
+        from .pareto import metrics_and_modes, parse_objectives
+
+        metrics, modes = metrics_and_modes(parse_objectives(state.objectives))
+        # one objective: plain TPE on val accuracy; several: Optuna's multi-objective TPE (a Pareto front)
+        searchers[task] = OptunaSearch(space=plan.space.define_by_run(), metric=metrics if len(metrics) > 1 else METRIC,
+                                       mode=modes if len(modes) > 1 else "max", sampler=sampler,
                                        points_to_evaluate=[plan.start] if plan.start else None)
     search = TaskSearch(searchers, dict.fromkeys(plans, state.num_samples),
                         {task: plan.start is not None for task, plan in plans.items()}, metric=METRIC, mode="max")
@@ -379,7 +394,8 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
         from .study import run_study
 
         return run_study(options, space, started)
-    options = replace(options, scheduler=options.scheduler or "asha")
+    multi = bool(options.objectives and len(options.objectives) > 1)
+    options = replace(options, scheduler=options.scheduler or ("fifo" if multi else "asha"))
     storage = Path(options.storage_path).expanduser().resolve()  # Tune needs an absolute storage path
 
     saved = find_saved_state(options.name, storage, space.name) if options.resume else None
@@ -388,7 +404,8 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
                          "or another --name")
     if saved:  # a resumed sweep keeps its own settings and files
         options = replace(options, params_path=saved.params_path, best_path=saved.best_path,
-                          num_samples=saved.num_samples, scheduler=saved.scheduler, seed=saved.seed, alpha=saved.alpha)
+                          num_samples=saved.num_samples, scheduler=saved.scheduler, seed=saved.seed, alpha=saved.alpha,
+                          objectives=saved.objectives, memory_budget=saved.memory_budget)
         if saved.finished:
             outcomes = [TaskOutcome.from_dict(saved.tasks[task]["outcome"]) for task in saved.tasks]
             print(f"sweep {saved.name} finished earlier: nothing to run", flush=True)
@@ -527,10 +544,11 @@ def collect(grid, plans: Mapping[str, TaskPlan], state: SweepState, client, clos
         outcome.finished = len(own) >= state.num_samples and all(r.status != "unfinished" for r in outcome.rows)
         parent = tracking.Run(state.tasks[task]["parent_run_id"], state.tracking_uri)
         if outcome.finished:
-            outcome.decision = decide(outcome.rows, state.alpha)
+            decide_task(outcome, state)
             plot = cost_plot(outcome, experiment_dir / f"cost_{task}.png")
             if outcome.best:
                 record_decision(parent, outcome, plot)
+            record_analysis(parent, outcome, own, plan, state, experiment_dir)
         counts = outcome.counts()
         parent.log_metrics({"trials_done": counts["done"], "trials_stopped_early": counts["stopped early"],
                             "trials_failed": counts["failed"], "trials_restarted": sum(r.restarts > 0 for r in outcome.rows)})
@@ -539,6 +557,60 @@ def collect(grid, plans: Mapping[str, TaskPlan], state: SweepState, client, clos
         state.tasks[task]["outcome"] = outcome.to_dict()
         outcomes.append(outcome)
     return outcomes
+
+
+def decide_task(outcome: TaskOutcome, state: SweepState) -> None:
+    """The incumbent rule among the trials within the memory budget (all of them without one)."""
+    from .pareto import within_budget
+
+    eligible = within_budget(outcome.rows, state.memory_budget)
+    outcome.decision = decide(eligible, state.alpha)
+    incumbent = next((r for r in outcome.rows if r.incumbent), None)
+    if state.memory_budget is not None and incumbent is not None and incumbent not in eligible \
+            and incumbent.status == "done":
+        outcome.decision.reason = (f"the incumbent keeps {incumbent.cost.get('saved_bytes_per_batch', 0) / 2**20:.2f} "
+                                   f"MiB per batch, over the budget of {state.memory_budget / 2**20:.2f} MiB: the "
+                                   "best val accuracy within the budget wins")
+
+
+def trial_history(trial) -> dict[int, float]:
+    """{epoch: val accuracy} of every report of ``trial`` that scored val (Tune's result.json in its folder)."""
+    import json
+
+    history: dict[int, float] = {}
+    path = Path(trial.path) / "result.json" if getattr(trial, "path", None) else None
+    if path is None or not path.is_file():
+        return history
+    for line in path.read_text().splitlines():
+        try:
+            result = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(result.get(METRIC), (int, float)) and TIME_ATTR in result:
+            history[int(result[TIME_ATTR])] = float(result[METRIC])
+    return history
+
+
+def record_analysis(parent, outcome: TaskOutcome, trials, plan: TaskPlan, state: SweepState,
+                    experiment_dir: Path) -> None:
+    """Each parameter's importance and, for a multi-objective sweep, the Pareto set: on the outcome (results.json,
+    the console) and on the task's parent run."""
+    from .importance import task_importance
+    from .pareto import pareto_plot, pareto_set, parse_objectives
+
+    outcome.importance = task_importance(outcome.rows, {t.trial_id: trial_history(t) for t in trials}, plan.space)
+    if outcome.importance["importance"]:
+        parent.log_metrics({f"importance.{k}": v for k, v in outcome.importance["importance"].items()})
+        parent.set_tags({"importance": f"{outcome.importance['evaluator']}; {outcome.importance['trials']} trials at "
+                                       f"epoch {outcome.importance['epoch']}"
+                                       + ("" if outcome.importance["reliable"] else "; unreliable: too few trials")})
+    objectives = parse_objectives(state.objectives)
+    if len(objectives) > 1:
+        outcome.pareto = [r.trial_id for r in pareto_set(outcome.rows, objectives)]
+        plot = pareto_plot(outcome, objectives, state.memory_budget, experiment_dir / f"pareto_{outcome.task}.png")
+        parent.set_tags({"pareto_set": ",".join(outcome.pareto)})
+        if plot is not None:
+            parent.log_artifacts(plot)
 
 
 def write_winners(state: SweepState, outcomes: Sequence[TaskOutcome]) -> None:
@@ -596,6 +668,21 @@ def report(state: SweepState, outcomes: Sequence[TaskOutcome], experiment_dir: P
         else:
             print(f"\nNo task's incumbent was beaten: {state.best_path} is unchanged.")
         print(f"Accuracy vs cost per task: {experiment_dir}/cost_<task>.png (also on each task's parent run)")
+        from .importance import EVALUATOR, importance_table
+        from .pareto import pareto_table, parse_objectives
+
+        objectives = parse_objectives(state.objectives)
+        if len(objectives) > 1:
+            budget = (f"; pick (*) within {state.memory_budget:.0f} bytes kept for backward per batch"
+                      if state.memory_budget is not None else "; pick (*) by the incumbent rule on accuracy")
+            print(f"\nPareto sets ({', '.join(objectives)}{budget}):")
+            for outcome in decided:
+                print(pareto_table(outcome, objectives))
+            print(f"Plots: {experiment_dir}/pareto_<task>.png")
+        print(f"\nParameter importance ({EVALUATOR}; the val accuracy at the latest epoch every trial reached):")
+        for outcome in decided:
+            if outcome.importance:
+                print("  " + importance_table(outcome.task, outcome.importance))
     browse = (f"open {state.tracking_uri}" if state.tracking_uri.startswith(("http://", "https://"))
               else f"mlflow ui --backend-store-uri {state.tracking_uri}")
     print(f"MLflow: experiment {state.experiment!r} at {state.tracking_uri}  ({browse})")

@@ -37,6 +37,8 @@ class TaskOutcome:
     rows: list[TrialRow] = field(default_factory=list)
     decision: Decision | None = None
     finished: bool = False
+    importance: dict[str, Any] = field(default_factory=dict)  # sweeps.importance.task_importance
+    pareto: list[str] = field(default_factory=list)  # trial ids of the Pareto set (multi-objective sweeps)
 
     @property
     def best(self) -> TrialRow | None:

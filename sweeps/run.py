@@ -77,6 +77,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scheduler", choices=SCHEDULERS, default=None,
                         help="asha: stop weak trials early at rungs of epochs (time attribute: epoch); "
                              "fifo: run every trial to the end (default: asha; a study is always fifo)")
+    parser.add_argument("--objectives", default=None, metavar="NAMES",
+                        help="comma-separated objectives, val_accuracy first: val_accuracy,saved_bytes searches "
+                             "accuracy and memory together (Optuna multi-objective TPE, every trial to the end) and "
+                             "reports each task's Pareto set; also train_time, trainable_params (default: "
+                             "val_accuracy)")
+    parser.add_argument("--memory-budget", type=positive_float, default=None, metavar="BYTES",
+                        help="the winner must keep at most this many bytes for backward per batch (the trials' "
+                             "recorded saved_bytes_per_batch); the incumbent rule applies within the budget")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                         help="a study's training seeds, each point runs once per seed and task (default: the "
                              "study file's seeds)")
@@ -120,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     from sweeps.space import SpaceError
     from sweeps.state import SweepError
 
-    options = SweepOptions(**vars(args))
     try:
+        from sweeps.pareto import parse_objectives
+
+        if args.objectives is not None:
+            args.objectives = parse_objectives(args.objectives)
+        options = SweepOptions(**vars(args))
         return run_sweep(options, started=STARTED)
     except (SweepError, SpaceError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)

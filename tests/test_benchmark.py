@@ -161,3 +161,32 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert "unknown method(s) nope" in capsys.readouterr().err
     assert cli.main(["--precision", "fp16", "--device", "cpu", "--backbone", MICRO, "--methods", "full"]) == 2
     assert "fp16 needs a CUDA device" in capsys.readouterr().err
+
+
+# --- the memory breakdown -------------------------------------------------------------------------------------------
+def test_the_memory_breakdown_sums_to_the_train_step_benchmarks_saved_bytes():
+    """benchmarks/memory_breakdown.py: each method's bytes by block and kind add up to train_step.py's saved bytes,
+    and DTL's blocks 0..M keep nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    methods = list(dtl.available_methods())
+    reference = {r["method"]: r["saved_bytes"] for r in run_benchmark(BenchmarkSettings(
+        backbone=MICRO, batch_size=2, methods=tuple(methods), device="cpu", timing=False), log=lambda line: None)}
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "memory_breakdown.py"
+    out = Path(__import__("tempfile").mkdtemp()) / "breakdown.json"
+    subprocess.run([sys.executable, str(script), "--backbone", MICRO, "--batch-size", "2", "--out", str(out)],
+                   check=True, capture_output=True, text=True)
+    results = {r["method"]: r for r in json.loads(out.read_text())}
+    assert set(results) == set(methods)
+    for method, result in results.items():
+        by_block = sum(sum(kinds.values()) for kinds in result["by_block"].values())
+        assert by_block == sum(result["by_kind"].values()) == result["saved_bytes"] == reference[method], method
+    for method in ("dtl", "dtl_plus"):
+        start = results[method]["start_block"]
+        kept = {int(b): sum(k.values()) for b, k in results[method]["by_block"].items() if b.isdigit()}
+        assert all(kept.get(b, 0) == 0 for b in range(start + 1)) and all(kept[b] > 0 for b in range(start + 1, 12))
+        assert results[method]["by_kind"]["side network"] > 0
+    assert results["full"]["by_kind"]["side network"] == 0 and results["adaptformer"]["by_kind"]["adapter"] > 0
+    assert results["linear"]["saved_bytes"] == results["linear"]["by_kind"]["head"]
