@@ -568,6 +568,11 @@ def decide_task(outcome: TaskOutcome, state: SweepState) -> None:
     incumbent = next((r for r in outcome.rows if r.incumbent), None)
     if state.memory_budget is not None and incumbent is not None and incumbent not in eligible \
             and incumbent.status == "done":
+        # the current configuration does not fit: whatever fits replaces it
+        outcome.decision.incumbent = incumbent.trial_id
+        outcome.decision.replaced = outcome.decision.winner is not None
+        if outcome.best is not None:
+            outcome.decision.margin = outcome.best.val_accuracy - incumbent.val_accuracy
         outcome.decision.reason = (f"the incumbent keeps {incumbent.cost.get('saved_bytes_per_batch', 0) / 2**20:.2f} "
                                    f"MiB per batch, over the budget of {state.memory_budget / 2**20:.2f} MiB: the "
                                    "best val accuracy within the budget wins")

@@ -121,7 +121,7 @@ def pareto_plot(outcome, objectives: Sequence[str], budget: float | None, path: 
     axis.set_xlabel("kept for backward per batch (MiB, log)")
     axis.set_ylabel("val accuracy")
     axis.grid(alpha=0.3)
-    axis.legend(loc="lower right")
+    axis.legend(loc="best", fontsize=8)
     axis.set_title(f"{outcome.task}: accuracy against memory")
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")

@@ -141,7 +141,7 @@ def plot(name: str, space: SearchSpace, summary: Sequence[dict[str, Any]], tasks
     figure, axis = plt.subplots(figsize=(8, 4.5))
     memory = [p.get("saved_bytes_per_batch", math.nan) / 2**20 for p in summary]
     accuracy = [100 * (p["group_mean"]["mean"] if p["group_mean"]["mean"] is not None else math.nan) for p in summary]
-    methods = any("method" in p["params"] for p in summary) and len(space.params) == 1
+    methods = len(space.params) == 1 and space.params[0].name == "method"  # the paper's Figure 1
     if methods:
         for point, x, y in zip(summary, memory, accuracy):
             axis.errorbar([x], [y], yerr=[100 * (point["group_mean"]["std"] or 0)], fmt="o", capsize=3)
@@ -198,22 +198,61 @@ def plan_study(base_config, space: SearchSpace, tasks: Sequence[str]) -> dict[st
     return plans
 
 
+def open_study_run(state: SweepState, space: SearchSpace, base_config, tasks: Sequence[str], seeds: Sequence[int]):
+    """The study's one MLflow parent run: created with the grids, tasks, seeds and protocol; reopened on --resume."""
+    import tracking
+
+    if state.study_run_id:
+        return tracking.Run.reopen(state.study_run_id, state.tracking_uri)
+    parent = tracking.Run.create(state.experiment_id, f"study {space.name} ({state.name})", {
+        "kind": "study", "sweep": state.name, "space": space.name}, {
+        "space_file": str(space.path), "tasks": ",".join(tasks), "seeds": ",".join(map(str, seeds)),
+        "protocol": base_config.evaluation.protocol,
+        **{f"grid.{p.name}": p.describe().split(": ", 1)[1] for p in space.params}}, uri=state.tracking_uri)
+    state.study_run_id = parent.run_id
+    return parent
+
+
+def study_tuner(options, state: SweepState, space: SearchSpace, base_config, tasks: Sequence[str],
+                seeds: Sequence[int], gpus: float, max_concurrent: int, parent_run_id: str, callbacks: list,
+                path: Path):
+    """The Tuner of a study: ``tune.grid_search`` over tasks, seeds and every grid, FIFO; or the saved one."""
+    from ray import tune
+
+    from .driver import TRIALS_DIR, trial_dirname
+    from .trainable import TrialSetup, train_trial
+
+    setups = {task: TrialSetup(
+        task=task, base_config=base_config.to_dict(), training={}, seed=seeds[0],
+        eval_every=base_config.for_task(task).training.eval_every, threads=max(1, int(options.cpus_per_trial)),
+        tracking_uri=state.tracking_uri, experiment_id=state.experiment_id, parent_run_id=parent_run_id,
+        sweep_name=state.name, space_name=space.name, checkpoint_every=options.checkpoint_every,
+        tags={"study": space.name}, study=True) for task in tasks}
+    trainable = tune.with_resources(tune.with_parameters(train_trial, setups=setups),
+                                    {"cpu": options.cpus_per_trial, "gpu": gpus})
+    if tune.Tuner.can_restore(str(path)):
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    param_space = {**space.constants(), TASK_KEY: tune.grid_search(list(tasks)), SEED_KEY: tune.grid_search(list(seeds)),
+                   **{spec.name: tune.grid_search(list(spec.choices)) for spec in space.params}}
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune.TuneConfig(
+        num_samples=1, max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname, reuse_actors=True),
+        run_config=tune.RunConfig(name=TRIALS_DIR, storage_path=str(path.parent), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=options.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=callbacks))
+
+
 def run_study(options, space: SearchSpace, started: float) -> int:
     """Run (or resume) a study; returns the exit status (0; 1 when no point finished; 130 when interrupted)."""
     import ray
-    from ray import tune
-
-    import tracking
 
     from dtl.data import DataError
     from dtl.experiment import ensure_data
 
     from .cluster import check_resources, default_concurrency, start_ray
-    from .driver import EXIT_FAILED, EXIT_INTERRUPTED, TRIALS_DIR, load_base, prepare_state, trial_dirname
+    from .driver import DEFAULT_STORAGE, EXIT_FAILED, EXIT_INTERRUPTED, TRIALS_DIR, load_base, prepare_state
     from .progress import ProgressView
     from .records import ChildRunCloser, status_callback
     from .state import find_saved_state
-    from .trainable import TrialSetup, train_trial
 
     storage = Path(options.storage_path).expanduser().resolve()
     saved = find_saved_state(options.name, storage, space.name) if options.resume else None
@@ -246,51 +285,23 @@ def run_study(options, space: SearchSpace, started: float) -> int:
         raise
     state.kind, state.seeds = "study", seeds
     experiment_dir = storage / state.name
-    if state.study_run_id:
-        parent = tracking.Run.reopen(state.study_run_id, state.tracking_uri)
-    else:
-        parent = tracking.Run.create(state.experiment_id, f"study {space.name} ({state.name})", {
-            "kind": "study", "sweep": state.name, "space": space.name}, {
-            "space_file": str(space.path), "tasks": ",".join(tasks), "seeds": ",".join(map(str, seeds)),
-            "protocol": base_config.evaluation.protocol,
-            **{f"grid.{p.name}": p.describe().split(": ", 1)[1] for p in space.params}}, uri=state.tracking_uri)
-        state.study_run_id = parent.run_id
+    parent = open_study_run(state, space, base_config, tasks, seeds)
     for task in tasks:
         state.tasks.setdefault(task, {})["parent_run_id"] = parent.run_id
     state.save()
-    print(f"study {state.name}: {len(tasks)} tasks x {len(points)} points x {len(seeds)} seeds = "
-          f"{len(tasks) * len(points) * len(seeds)} runs; results in {experiment_dir}; MLflow experiment "
-          f"{state.experiment!r} at {state.tracking_uri}", flush=True)
+    num_trials = len(tasks) * len(points) * len(seeds)
+    print(f"study {state.name}: {len(tasks)} tasks x {len(points)} points x {len(seeds)} seeds = {num_trials} runs; "
+          f"results in {experiment_dir}; MLflow experiment {state.experiment!r} at {state.tracking_uri}", flush=True)
 
     epochs = {task: plans[task][1] for task in tasks}
     closer = ChildRunCloser(state.tracking_uri, state.experiment_id, dict.fromkeys(tasks, parent.run_id), epochs)
     progress = ProgressView({task: (len(points) * len(seeds), epochs[task]) for task in tasks},
                             metric=STUDY_METRIC, metric_label="best test")
-    setups = {task: TrialSetup(
-        task=task, base_config=base_config.to_dict(), training={}, seed=seeds[0],
-        eval_every=base_config.for_task(task).training.eval_every, threads=max(1, int(options.cpus_per_trial)),
-        tracking_uri=state.tracking_uri, experiment_id=state.experiment_id, parent_run_id=parent.run_id,
-        sweep_name=state.name, space_name=space.name, checkpoint_every=options.checkpoint_every,
-        tags={"study": space.name}, study=True) for task in tasks}
-    trainable = tune.with_resources(tune.with_parameters(train_trial, setups=setups),
-                                    {"cpu": options.cpus_per_trial, "gpu": gpus})
-    num_trials = len(tasks) * len(points) * len(seeds)
     max_concurrent = options.max_concurrent or default_concurrency(total, options.cpus_per_trial, gpus, num_trials)
-    path = experiment_dir / TRIALS_DIR
     interrupted, rows = False, []
     try:
-        if tune.Tuner.can_restore(str(path)):
-            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
-        else:
-            param_space = {**resolved.constants(), TASK_KEY: tune.grid_search(tasks), SEED_KEY: tune.grid_search(seeds),
-                           **{spec.name: tune.grid_search(list(spec.choices)) for spec in resolved.params}}
-            tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune.TuneConfig(
-                num_samples=1, max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname,
-                reuse_actors=True), run_config=tune.RunConfig(
-                name=TRIALS_DIR, storage_path=str(experiment_dir), verbose=0,
-                failure_config=tune.FailureConfig(max_failures=options.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[status_callback(closer), progress]))
+        tuner = study_tuner(options, state, resolved, base_config, tasks, seeds, gpus, max_concurrent, parent.run_id,
+                            [status_callback(closer), progress], experiment_dir / TRIALS_DIR)
         print(f"up to {max_concurrent} runs at a time ({options.cpus_per_trial:g} CPU, {gpus:g} GPU each)", flush=True)
         grid = tuner.fit()
         from ray.tune.analysis import ExperimentAnalysis
@@ -298,8 +309,7 @@ def run_study(options, space: SearchSpace, started: float) -> int:
         from .records import reconcile_runs
 
         trials = ExperimentAnalysis(grid.experiment_path).trials
-        for task in tasks:
-            reconcile_runs(None, closer, task, [t for t in trials if (t.config or {}).get(TASK_KEY) == task])
+        reconcile_runs(None, closer, tasks[0], trials)  # one parent run holds every task's trials
         rows = [study_row(trial, resolved, epochs) for trial in trials]
         interrupted = len(rows) < num_trials or any(r.status == "unfinished" for r in rows)
     except KeyboardInterrupt:
@@ -314,7 +324,7 @@ def run_study(options, space: SearchSpace, started: float) -> int:
     if interrupted:
         resume = f"python sweeps/run.py --space {options.space} --resume --name {state.name}"
         print(f"\nThe study was interrupted; finished runs are kept. Resume it with:\n  {resume}"
-              + (f" --storage-path {storage}" if storage != Path(options.storage_path).resolve() else ""), flush=True)
+              + (f" --storage-path {storage}" if storage != DEFAULT_STORAGE else ""), flush=True)
         parent.finish("KILLED")
         return EXIT_INTERRUPTED
     state.finished = True

@@ -208,7 +208,7 @@ def test_a_budgeted_pick_never_exceeds_the_budget():
         if rows[0] not in fitting:  # the incumbent is over the budget: the best accuracy within it wins
             checked_over_budget = True
             assert outcome.best is max(fitting, key=lambda r: r.val_accuracy)
-            assert "over the budget" in outcome.decision.reason
+            assert "over the budget" in outcome.decision.reason and outcome.decision.replaced
         else:  # the incumbent rule among the configurations within the budget
             assert outcome.best.trial_id == decide(fitting, 0.05).winner
     assert checked_over_budget  # the draws met both cases
