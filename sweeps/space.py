@@ -46,7 +46,7 @@ A malformed file raises :class:`SpaceError` naming the file and the key (``param
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -132,15 +132,8 @@ class SearchSpace:
 
     def grid_points(self) -> list[tuple[str, dict[str, Any]]]:
         """Every point of a study, in file order (the last grid varies fastest): (label, override entry)."""
-        import itertools
-
-        points = []
-        for values in itertools.product(*(spec.choices for spec in self.params)):
-            entry: dict[str, Any] = dict(self.constants())
-            for spec, value in zip(self.params, values):
-                entry.update(spec.point(value))
-            points.append((", ".join(spec.label(v) for spec, v in zip(self.params, values)), entry))
-        return points
+        return [(", ".join(spec.label(v) for spec, v in zip(self.params, values)), {**self.constants(), **entry})
+                for values, entry in _grid_entries(self.params)]
 
     def grace_epochs(self, epochs: int) -> int:
         """ASHA's first rung, in epochs, for trials of ``epochs`` epochs."""
@@ -357,6 +350,19 @@ def parse_space(raw: Any, path: Path) -> SearchSpace:
                        reduction_factor=reduction_factor, seeds=seeds)
 
 
+def _grid_entries(params: Sequence[ParamSpec]) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Every combination of the grids' values (the last grid varies fastest) and the override keys it sets."""
+    import itertools
+
+    combos = []
+    for values in itertools.product(*(spec.choices for spec in params)):
+        entry: dict[str, Any] = {}
+        for spec, value in zip(params, values):
+            entry.update(spec.point(value))
+        combos.append((values, entry))
+    return combos
+
+
 def _parse_seeds(raw: Any, fail: Callable[[str, str], SpaceError]) -> tuple[int, ...]:
     if not isinstance(raw, list) or not raw or not all(_is_int(s) for s in raw) or len(set(raw)) != len(raw):
         raise fail("seeds", f"expected a non-empty list of distinct integers such as [0, 1, 2], got {raw!r}")
@@ -402,12 +408,7 @@ def _parse_grid(name: str, spec: dict, fail: Callable[[str, str], SpaceError]) -
 def _check_grid_methods(method: str, params: list[ParamSpec], fail: Callable[[str, str], SpaceError]) -> None:
     """Each point's method must take every option the point sets (a kernel for a method without a DWConv would
     be a point that differs from another only in name)."""
-    import itertools
-
-    for values in itertools.product(*(spec.choices for spec in params)):
-        entry: dict[str, Any] = {}
-        for spec, value in zip(params, values):
-            entry.update(spec.point(value))
+    for values, entry in _grid_entries(params):
         point_method = canonical_name(entry.get("method", method))
         for option in entry:
             if option in METHOD_SPECIFIC and option not in method_options()[point_method]:
