@@ -246,7 +246,10 @@ class SavedTensorBytes:
         pointer = storage.data_ptr()
         if pointer not in self._excluded:
             self._storages[pointer] = max(self._storages.get(pointer, 0), storage.nbytes())
-        return tensor
+        # Kept as-is, a saved output would hold its own grad_fn: a cycle through autograd's C++ graph that
+        # Python's GC cannot see, so a forward that is never backpropagated (the benchmarks' counts) would leak
+        # its whole graph. The detached view shares the storage and backward computes the same gradients.
+        return tensor.detach()
 
     @property
     def nbytes(self) -> int:

@@ -35,6 +35,20 @@ def test_a_storage_saved_twice_counts_once():
     assert saved_tensor_bytes(nn.Module(), lambda: (x.sin() + x.cos()).sum()) == 1000 * 4
 
 
+def test_counting_a_forward_frees_its_graph():
+    """A counted forward that is never backpropagated must not keep its activations alive (the memory breakdown
+    counts nine models in one process)."""
+    import gc
+    import weakref
+
+    model = dtl.create_model(MICRO, "full", num_classes=10, pretrained=False)
+    kept = []
+    model.adapter.backbone.blocks[0].mlp.act.register_forward_hook(lambda m, a, out: kept.append(weakref.ref(out)))
+    assert saved(model, torch.randn(4, 3, 32, 32)) > 0
+    gc.collect()
+    assert kept and kept[0]() is None  # the GELU output fc2 saved is gone with the graph
+
+
 def test_frozen_vit_block_keeps_no_linear_inputs():
     """What a frozen block after M keeps: its input, q/k/v, the attention output, the MLP residual input and the
     GELU input (10 token tensors), and none of the inputs of its four linear layers (4 more + LN outputs)."""
