@@ -75,15 +75,22 @@ class WeightsMismatchError(ValueError):
     """Saved trainable weights do not fit the model they are loaded into."""
 
 
-def load_trainable(model: nn.Module, path: str | Path) -> None:
-    """Load weights written by :func:`save_trainable` into a model built with the same settings."""
+def load_trainable(model: nn.Module, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load weights written by :func:`save_trainable` into a model built with the same settings (``state``: the
+    weights already read from ``path``, which then only names them in errors)."""
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
-    expected = set(trainable_state_dict(model))
-    if set(state) != expected:
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if state is None:
+        state = load_file(str(path))
+    expected = {name: tuple(t.shape) for name, t in trainable_state_dict(model).items()}
+    if set(state) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         raise WeightsMismatchError(f"{path} does not match the model: missing {missing[:3]}, "
                                    f"unexpected {unexpected[:3]}")
+    wrong = [name for name, shape in expected.items() if tuple(state[name].shape) != shape]
+    if wrong:
+        name = wrong[0]
+        raise WeightsMismatchError(f"{path} does not match the model: {name} is {tuple(state[name].shape)} in the "
+                                   f"file, {expected[name]} in the model ({len(wrong)} such tensor(s))")
     model.load_state_dict(state, strict=False)
 

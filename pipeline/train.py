@@ -28,6 +28,7 @@ from typing import Any
 
 from dtl.config import ExperimentConfig, load_config
 from dtl.io import save_trainable, write_json, write_text
+from dtl.trained import trained_metadata
 
 from .params import load_pipeline_settings
 from .stage import OutputPaths, StageError, atomic_dir, read_json, run_stage, stage_arguments
@@ -92,6 +93,8 @@ def tsv(rows: list[dict]) -> str:
 def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]:
     import tracking
     from dtl.experiment import PROTOCOLS, run_task, split_input
+    from dtl.predict import list_entries
+    from tracking.pyfunc import log_task_model, registered_name
 
     config = load_config(params_path, best_path)
     if task not in config.data.tasks:
@@ -127,9 +130,12 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
                 result = run_task(config, task, seed=seed, shots=shots,
                                   callbacks=[lambda epoch, metrics: history.append(metrics), seed_run.epoch_logger()])
                 weights = staging / weights_name(shots, seed)
-                save_trainable(result.model, weights, metadata={"task": task, **{k: str(v) for k, v in keys.items()},
-                                                                "method": task_config.model.method,
-                                                                "backbone": task_config.model.backbone})
+                # The settings ride in the file too, so dtl.load_trained reads a copied weights file on its own.
+                metadata = {"task": task, **{k: str(v) for k, v in keys.items()}, "method": task_config.model.method,
+                            "backbone": task_config.model.backbone,
+                            **trained_metadata(result.config, task, result.num_classes, seed, result.image_size,
+                                               shots)}
+                save_trainable(result.model, weights, metadata=metadata)
                 summary = {**result.summary(), "seed": seed, "weights": weights.name,
                            "head_params": head_parameters(result.model), "mlflow_run_id": seed_run.run_id}
                 summary["trainable_params_excl_head"] = summary["trainable_params"] - summary["head_params"]
@@ -155,6 +161,11 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
             "wall_time_s": time.perf_counter() - started,
             "mlflow": {"tracking_uri": tracking.tracking_uri(), "experiment_id": experiment_id, "run_id": run.run_id},
         }
+        # The first run's weights as an MLflow Model, registered as dtl-<task> (tracking.pyfunc).
+        example = next(iter(list_entries(split_input(task_config, task, protocol.train, *runs[0])[1])), None)
+        version = log_task_model(run, staging / seed_results[0]["weights"], task, example)
+        run.set_tags({"registered_model": f"{registered_name(task)}/{version}"})
+        summary["registered_model"] = {"name": registered_name(task), "version": version}
         write_json(staging / "config.json", task_config.to_dict())
         write_json(staging / "summary.json", summary)
         curve = mean_curve(histories)

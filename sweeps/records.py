@@ -35,7 +35,8 @@ def open_parent_run(experiment_id: str, tracking_uri: str, sweep_name: str, task
               **{f"search.{p.name}": p.describe().split(": ", 1)[1] for p in space.params},
               **{f"base.{k}": v for k, v in tracking.flatten(base_config.for_task(task).to_dict()).items()
                  if not k.startswith("overrides")}}
-    run = tracking.Run.create(experiment_id, f"{sweep_name}/{task}", {TAG_KIND: "sweep", TAG_SWEEP: sweep_name,
+    # The task first: the runs table cuts long names, and the sweep's name (with its date) is also a tag.
+    run = tracking.Run.create(experiment_id, f"{task} · {sweep_name}", {TAG_KIND: "sweep", TAG_SWEEP: sweep_name,
                                                                       TAG_TASK: task, "space": space.name},
                               values, uri=tracking_uri)
     return run.run_id

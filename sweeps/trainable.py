@@ -152,10 +152,15 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
     folder = Path(tempfile.mkdtemp(prefix="dtl_trial_"))
     try:
         with child_run(setup, existing, trial_id, context.get_trial_name(), incumbent, resume_from) as run:
-            from dtl.experiment import run_task
+            from dtl.experiment import run_task, task_num_classes
+            from dtl.io import write_json
+            from dtl.trained import RECORD_FILE, record
 
             trial = trial_config(setup, params, seed)  # a bad configuration raises here: the trial is recorded FAILED
             resolved = trial.for_task(task)
+            # Beside every checkpoint's training state: what dtl.load_trained needs to rebuild the trial's model.
+            write_json(folder / RECORD_FILE, record(resolved, task, task_num_classes(resolved, task), seed,
+                                                    resolved.data.image_size))
             record_trial(run, resolved, params, task)
             note_device(run, resolved.training.device)
             last_epoch = resolved.training.epochs - 1

@@ -33,6 +33,8 @@ DEFAULT_STORE = REPO_ROOT / "mlflow.db"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_NAME = "mlflow.runName"
 TAG_PID, TAG_HOST = "pid", "host"  # of the process that writes the run: a dead one cannot close it
+# Model-training experiments: MLflow 3's UI then opens them on their runs, not on its GenAI overview.
+TAG_EXPERIMENT_KIND, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 _PARAM_BATCH = 100  # MLflow takes at most 100 params per call
 
 
@@ -51,10 +53,13 @@ def init_tracking(experiment: str, uri: str | None = None) -> str:
     mlflow_client = client(uri)
     found = mlflow_client.get_experiment_by_name(experiment)
     if found:
+        if found.tags.get(TAG_EXPERIMENT_KIND) != EXPERIMENT_KIND:
+            mlflow_client.set_experiment_tag(found.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return found.experiment_id
     # MLflow's default artifact root is ./mlruns under the *current* directory; keep artifacts next to a SQLite
     # store instead, so a test's temporary store does not write into the repository.
-    return mlflow_client.create_experiment(experiment, artifact_location=default_artifact_location(experiment, uri))
+    return mlflow_client.create_experiment(experiment, artifact_location=default_artifact_location(experiment, uri),
+                                           tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
 
 
 def default_artifact_location(experiment: str, uri: str | None = None) -> str | None:

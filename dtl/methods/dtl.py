@@ -243,10 +243,11 @@ class DTLModel(nn.Module):
         return range(self.start_block + 1)
 
     @torch.no_grad()
-    def compute_frozen(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What the prefix cache stores for ``images``: the frozen backbone's block states, independent of M."""
+    def compute_frozen(self, images: torch.Tensor, last_block: int | None = None) -> dict[str, torch.Tensor]:
+        """What the prefix cache stores for ``images``: the frozen backbone's block states, independent of M
+        (``last_block``: only those up to that block, e.g. the largest M of several tasks sharing the pass)."""
         with self._frozen_context(images):
-            return self.adapter.block_states(images.to(self.backbone_dtype))
+            return self.adapter.block_states(images.to(self.backbone_dtype), last_block)
 
     def cached_names(self) -> list[str]:
         """The block states this model reads: the inputs of the mapped blocks up to M and block M's output."""

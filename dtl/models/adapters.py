@@ -87,9 +87,10 @@ class BackboneAdapter(nn.Module):
                 x = self.run_block(block, x)
         return self.pool(x)
 
-    def block_states(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def block_states(self, images: torch.Tensor, last_block: int | None = None) -> dict[str, torch.Tensor]:
         """Every block's input (``block_input.<b>``) and every stage's output (``stage_output.<s>``, before the next
-        stage's transition): all that a DTL model with any start block reads from the frozen backbone."""
+        stage's transition): all that a DTL model with any start block reads from the frozen backbone. With
+        ``last_block``, only up to that block's output (:meth:`block_output_name`): what start blocks up to it read."""
         states = {}
         x = self.embed(images)
         for stage_index, stage in enumerate(self.stages):
@@ -97,6 +98,9 @@ class BackboneAdapter(nn.Module):
             for block in range(stage.first_block, stage.last_block + 1):
                 states[block_input_name(block)] = x
                 x = self.run_block(block, x)
+                if block == last_block:
+                    states[self.block_output_name(block)] = x
+                    return states
             states[stage_output_name(stage_index)] = x
         return states
 

@@ -1,0 +1,107 @@
+"""A trained task as an MLflow Model: a pyfunc that classifies base64-encoded image files, logged on the task's
+``train@<task>`` run and registered as ``dtl-<task>`` (a new version per run).
+
+Input: a table with one column ``image``, each value the bytes of a PNG or JPEG file, base64-encoded. Output: one
+row per image with ``label`` (the top-1 class index), ``name`` (its class name) and ``score`` (its softmax
+probability); an unreadable image gets label -1, an empty name and score 0 (the other rows are unaffected). The
+model holds only the trained weights file (kilobytes for DTL, carrying its settings); the frozen backbone comes
+from the installed toolkit (the shipped embedded weights, a timm hub name or the local file the settings name), so
+serve it from the toolkit's environment:
+
+    mlflow models serve -m models:/dtl-<task>/latest --env-manager local --host 127.0.0.1 --port 5001
+"""
+from __future__ import annotations
+
+import base64
+import io
+import tempfile
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import mlflow.pyfunc
+
+MODEL_PATH = "model"  # the run's artifact folder of the MLflow Model
+WEIGHTS = "weights"  # the artifact key of the trained weights file
+
+
+def registered_name(task: str) -> str:
+    return f"dtl-{task}"
+
+
+def encode_image(path_or_bytes: str | Path | bytes) -> str:
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    return base64.b64encode(data).decode("ascii")
+
+
+class TaskModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc: ``dtl.load_trained`` on the weights artifact, then batched top-1 predictions."""
+
+    batch_size = 64
+
+    def load_context(self, context) -> None:
+        from dtl.trained import load_trained
+
+        self.model = load_trained(context.artifacts[WEIGHTS], device="cpu")
+        self.transform = self.model.trained.transform()
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        import pandas as pd
+        import torch
+        from PIL import Image
+
+        info = self.model.trained
+        values = list(model_input["image"])
+        labels, scores = [-1] * len(values), [0.0] * len(values)
+        readable, tensors = [], []
+        for i, value in enumerate(values):
+            try:
+                raw = value if isinstance(value, bytes) else base64.b64decode(value, validate=True)
+                with Image.open(io.BytesIO(raw)) as image:
+                    tensors.append(self.transform(image.convert("RGB")))
+                readable.append(i)
+            except Exception:  # a bad row must not fail the whole request
+                continue
+        for start in range(0, len(tensors), self.batch_size):
+            with torch.no_grad():
+                logits = self.model(torch.stack(tensors[start:start + self.batch_size]))
+            best = logits.float().softmax(-1).max(-1)
+            for j, (score, label) in enumerate(zip(best.values.tolist(), best.indices.tolist())):
+                row = readable[start + j]
+                labels[row], scores[row] = label, score
+        names = [info.class_names[label] if label >= 0 else "" for label in labels]
+        return pd.DataFrame({"label": labels, "name": names, "score": scores})
+
+
+def log_task_model(run, weights: str | Path, task: str, example_image: str | Path | None = None) -> str:
+    """Save the pyfunc of ``weights`` (a trained weights file with its settings), log it as ``run``'s artifact
+    folder ``model`` and register it as ``dtl-<task>``; returns the new version number."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    model = TaskModel()
+    examples = pd.DataFrame({"image": [encode_image(example_image)]}) if example_image else None
+    signature = None
+    # MLflow's hints (type-hinted predict, integer columns) do not apply: the schema comes from a real example.
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if examples is not None:
+            model.load_context(SimpleNamespace(artifacts={WEIGHTS: str(weights)}))
+            signature = infer_signature(examples, model.predict(None, examples))
+        target = Path(folder) / MODEL_PATH
+        mlflow.pyfunc.save_model(str(target), python_model=TaskModel(), artifacts={WEIGHTS: str(weights)},
+                                 signature=signature, input_example=examples,
+                                 pip_requirements=[], metadata={"task": task})
+        run.client.log_artifacts(run.run_id, str(target), MODEL_PATH)
+    from mlflow.exceptions import MlflowException
+
+    name, client = registered_name(task), run.client
+    try:
+        client.create_registered_model(name, description=f"DTL toolkit: the trained {task} model")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":  # else an earlier run registered it
+            raise
+    source = f"{client.get_run(run.run_id).info.artifact_uri}/{MODEL_PATH}"
+    version = client.create_model_version(name, source, run_id=run.run_id, tags={"task": task})
+    return int(version.version)
