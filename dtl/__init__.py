@@ -5,5 +5,7 @@
 """
 from .methods import METHODS, DTLModel, available_methods, create_model, get_method, register_method, trainable_parameters
 from .models import EMBEDDED_BACKBONE, CheckpointError, register_family
+from .multitask import MultiTaskModel
+from .trained import TrainedModelError, export_trained, load_trained
 
 __version__ = "0.1.0"

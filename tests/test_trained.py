@@ -222,3 +222,56 @@ def test_the_registered_pyfunc_predicts_what_load_trained_predicts(trained, monk
     assert list(out["label"][:10]) == [p.labels[0] for p in expected]
     assert list(out["score"][:10]) == pytest.approx([p.scores[0] for p in expected], abs=1e-6)
     assert (out["label"][10], out["name"][10]) == (-1, "")  # the bad row only
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_over_http_on_loopback(trained, tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from dtl.predict import list_entries
+    from tracking.pyfunc import encode_image
+
+    root, folder, _ = trained
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bin_dir = Path(sys.executable).parent  # mlflow runs the environment's uvicorn by name: as an activated venv
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(REPO)}
+    mlflow_cli = bin_dir / "mlflow"
+    server = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", "models:/dtl-patterns/latest",
+                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "the model server did not answer /ping within 120 s"
+                time.sleep(1)
+        paths = list_entries(root / "data" / "patterns" / "test.txt")[:4]
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[encode_image(p)] for p in paths]}})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    rows = answer["predictions"]
+    model = load_trained(folder)
+    transform = model.trained.transform()
+    from PIL import Image
+
+    with torch.no_grad():
+        expected = model(torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])).argmax(-1).tolist()
+    assert [r["label"] for r in rows] == expected
