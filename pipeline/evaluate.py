@@ -168,6 +168,11 @@ def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]
         run.log_artifacts(paths.details(task), "evaluate")
     if parent is not None:  # the task's run shows its test score too
         parent.log_metrics({f"eval_{k}": v for k, v in flat_metrics(metrics).items()})
+        if summary.get("registered_model"):  # its registered model version, tested now
+            from tracking.pyfunc import tag_tested_version
+
+            tag_tested_version(summary["registered_model"], metrics["test_accuracy"],
+                               summary.get("sweep_winner", False))
     return {**metrics, "details": details}
 
 

@@ -20,13 +20,14 @@ Usage: ``python -m pipeline.train TASK [--params params.yaml] [--best sweeps/bes
 """
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from dtl.config import ExperimentConfig, load_config
+from dtl.config import ExperimentConfig, load_config, read_best
 from dtl.io import save_trainable, write_json, write_text
 from dtl.trained import trained_metadata
 
@@ -163,7 +164,10 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
         }
         # The first run's weights as an MLflow Model, registered as dtl-<task> (tracking.pyfunc).
         example = next(iter(list_entries(split_input(task_config, task, protocol.train, *runs[0])[1])), None)
-        version = log_task_model(run, staging / seed_results[0]["weights"], task, example)
+        winner = read_best(best_path).get(task) or {}  # a sweep's settings for this task, if any
+        version = log_task_model(run, staging / seed_results[0]["weights"], task, example,
+                                 tags={"sweep_settings": json.dumps(winner, sort_keys=True)} if winner else None)
+        summary["sweep_winner"] = bool(winner)
         run.set_tags({"registered_model": f"{registered_name(task)}/{version}"})
         summary["registered_model"] = {"name": registered_name(task), "version": version}
         write_json(staging / "config.json", task_config.to_dict())

@@ -206,12 +206,15 @@ def test_the_registered_pyfunc_predicts_what_load_trained_predicts(trained, monk
     from tracking import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND
     from tracking.pyfunc import encode_image
 
-    root, folder, _ = trained
+    root, folder, metrics = trained
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["registered_model"] == {"name": "dtl-patterns", "version": 1}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
     experiment = mlflow.tracking.MlflowClient().get_experiment_by_name("trained-test")
     assert experiment.tags[TAG_EXPERIMENT_KIND] == EXPERIMENT_KIND
+    version = mlflow.tracking.MlflowClient().get_model_version("dtl-patterns", "1")
+    assert float(version.tags["test_accuracy"]) == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert "sweep_winner" not in version.tags  # best.yaml had no settings for the task
     pyfunc = mlflow.pyfunc.load_model("models:/dtl-patterns/latest")
     assert list(pyfunc.metadata.get_input_schema().input_names()) == ["image"]
     paths = list_entries(root / "data" / "patterns" / "test.txt")[:10]

@@ -18,9 +18,10 @@ import tempfile
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
-import mlflow.pyfunc
+with warnings.catch_warnings():  # importing it warns about its own type hints (MLflow 3.17)
+    warnings.simplefilter("ignore", UserWarning)
+    import mlflow.pyfunc
 
 MODEL_PATH = "model"  # the run's artifact folder of the MLflow Model
 WEIGHTS = "weights"  # the artifact key of the trained weights file
@@ -46,7 +47,7 @@ class TaskModel(mlflow.pyfunc.PythonModel):
         self.model = load_trained(context.artifacts[WEIGHTS], device="cpu")
         self.transform = self.model.trained.transform()
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would turn them into a schema
         import pandas as pd
         import torch
         from PIL import Image
@@ -74,18 +75,19 @@ class TaskModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"label": labels, "name": names, "score": scores})
 
 
-def log_task_model(run, weights: str | Path, task: str, example_image: str | Path | None = None) -> str:
+def log_task_model(run, weights: str | Path, task: str, example_image: str | Path | None = None,
+                   tags: dict[str, str] | None = None) -> int:
     """Save the pyfunc of ``weights`` (a trained weights file with its settings), log it as ``run``'s artifact
-    folder ``model`` and register it as ``dtl-<task>``; returns the new version number."""
+    folder ``model`` and register it as ``dtl-<task>`` (the new version gets ``tags``); returns its number."""
     import pandas as pd
     from mlflow.models import infer_signature
 
-    model = TaskModel()
     examples = pd.DataFrame({"image": [encode_image(example_image)]}) if example_image else None
     signature = None
     # MLflow's hints (type-hinted predict, integer columns) do not apply: the schema comes from a real example.
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
+        model = TaskModel()
         if examples is not None:
             model.load_context(SimpleNamespace(artifacts={WEIGHTS: str(weights)}))
             signature = infer_signature(examples, model.predict(None, examples))
@@ -103,5 +105,17 @@ def log_task_model(run, weights: str | Path, task: str, example_image: str | Pat
         if err.error_code != "RESOURCE_ALREADY_EXISTS":  # else an earlier run registered it
             raise
     source = f"{client.get_run(run.run_id).info.artifact_uri}/{MODEL_PATH}"
-    version = client.create_model_version(name, source, run_id=run.run_id, tags={"task": task})
+    version = client.create_model_version(name, source, run_id=run.run_id, tags={"task": task, **(tags or {})})
     return int(version.version)
+
+
+def tag_tested_version(registered: dict, test_accuracy: float, sweep_winner: bool, uri: str | None = None) -> None:
+    """After the evaluate stage: the version's test accuracy, and ``sweep_winner: tested`` for a sweep's winner
+    that ``dvc repro`` has now retrained and tested."""
+    from . import client
+
+    mlflow_client = client(uri)
+    name, version = registered["name"], str(registered["version"])
+    mlflow_client.set_model_version_tag(name, version, "test_accuracy", f"{test_accuracy:.6f}")
+    if sweep_winner:
+        mlflow_client.set_model_version_tag(name, version, "sweep_winner", "tested")
