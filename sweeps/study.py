@@ -106,20 +106,25 @@ def aggregate(rows: Sequence[StudyRow], points: Sequence[str], tasks: Sequence[s
     return out
 
 
-def _pct(mean: float | None, std: float | None) -> str:
-    return "-" if mean is None else f"{100 * mean:.1f} ± {100 * (std or 0):.1f}"
+def _pct(mean: float | None, std: float | None, count: int = 2) -> str:
+    """A mean in %, with its std when at least two seeds gave one."""
+    if mean is None:
+        return "-"
+    return f"{100 * mean:.1f}" if count < 2 else f"{100 * mean:.1f} ± {100 * (std or 0):.1f}"
 
 
 def markdown(name: str, summary: Sequence[dict[str, Any]], tasks: Sequence[str], seeds: Sequence[int],
              epochs: int, protocol: str) -> str:
     header = ["point", *tasks, "group mean", "trainable params", "kept for backward (MiB/batch)", "peak (MiB)",
               "images/s"]
-    lines = [f"Study {name}: test accuracy (%) mean ± std over seeds {', '.join(map(str, seeds))}; every point "
+    spread = f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]} only"
+    lines = [f"Study {name}: test accuracy (%), {spread}; every point "
              f"trained {epochs} epochs under the {protocol} protocol. Costs: means over tasks.", "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for point in summary:
-        cells = [point["point"]] + [_pct(point["tasks"][t]["mean"], point["tasks"][t]["std"]) for t in tasks]
-        cells.append(_pct(point["group_mean"]["mean"], point["group_mean"]["std"]))
+        cells = [point["point"]] + [_pct(point["tasks"][t]["mean"], point["tasks"][t]["std"],
+                                          point["tasks"][t].get("seeds", 2)) for t in tasks]
+        cells.append(_pct(point["group_mean"]["mean"], point["group_mean"]["std"], point["group_mean"]["seeds"]))
         cells.append(f"{point['trainable_params']:,.0f}" if "trainable_params" in point else "-")
         cells.append(f"{point['saved_bytes_per_batch'] / 2**20:.2f}" if "saved_bytes_per_batch" in point else "-")
         cells.append(f"{point['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in point else "-")
@@ -257,6 +262,9 @@ def run_study(options, space: SearchSpace, started: float) -> int:
     storage = Path(options.storage_path).expanduser().resolve()
     saved = find_saved_state(options.name, storage, space.name) if options.resume else None
     if saved:
+        if options.seeds is not None and list(options.seeds) != list(saved.seeds):
+            raise SweepError(f"--seeds: the study {saved.name} runs seeds {', '.join(map(str, saved.seeds))} and "
+                             "keeps them when resumed; start a new study (without --resume) for other seeds")
         options = replace(options, params_path=saved.params_path, seeds=saved.seeds)
     seeds = list(options.seeds or space.seeds)
     space = replace(space, seeds=tuple(seeds))

@@ -153,6 +153,8 @@ def test_a_tiny_study_tests_every_point_and_never_writes_best_yaml(sweep_factory
     assert all(c.data.params["evaluation.protocol"] == "final" for c in children)
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"study.json", "study.md", "study.png"} <= artifacts
+    code, out = sweep.run("--resume", "--seeds", "0", "1", "2", log="resume.log")  # other seeds need a new study
+    assert code != 0 and "keeps them when resumed" in out and "Traceback" not in out
 
 
 # ------------------------------------------------------------------------------------------------ Pareto, budget
