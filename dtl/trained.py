@@ -124,7 +124,10 @@ def _file_record(path: Path) -> dict[str, Any] | None:
     except Exception as err:  # safetensors raises its own error types for a file that is not one of its files
         raise TrainedModelError(f"{path}: not a safetensors weights file ({err})") from None
     text = metadata.get(METADATA_KEY)
-    return json.loads(text) if text else None
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError as err:
+        raise TrainedModelError(f"{path}: its {METADATA_KEY!r} metadata is not JSON ({err})") from None
 
 
 def _trial_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
