@@ -60,8 +60,14 @@ def _json_default(value):
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only what training changed: kilobytes for DTL, not the backbone."""
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    """Only what training changed: kilobytes for DTL, not the backbone. That is the trainable parameters and the
+    buffers of the modules they belong to (the running statistics of a batch norm that trains)."""
+    state = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    for prefix, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            for name, buffer in module.named_buffers(prefix=prefix, recurse=False):
+                state[name] = buffer.detach().cpu().contiguous()
+    return state
 
 
 def save_trainable(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:

@@ -177,8 +177,8 @@ def test_backbone_dependent_settings_fail_before_training_with_the_key(tmp_path)
     config = ExperimentConfig.from_dict({"model": {"checkpoint": False, "start_block": 99}})
     with pytest.raises(ConfigError, match="start_block must be in 0..11 for this backbone, got 99"):
         check_run(config, "digits", 800, 10)
-    config = ExperimentConfig.from_dict({"model": {"checkpoint": False, "kernel_size": 9}})
-    with pytest.raises(ConfigError, match="kernel_size=9 is larger than the smallest token grid.*use at most 8"):
+    config = ExperimentConfig.from_dict({"model": {"checkpoint": False, "kernel_size": 16}})
+    with pytest.raises(ConfigError, match="kernel_size=16 is too large for the smallest token grid.*use at most 15"):
         check_run(config, "digits", 800, 10)
     config = ExperimentConfig.from_dict({"model": {"checkpoint": False}, "overrides": {"digits": {"batch_size": 900}}})
     with pytest.raises(ConfigError, match="overrides.digits / training.batch_size: 900 is larger than the 800 images"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -106,3 +107,53 @@ def test_probe_features_shapes(pretrain: ModuleType) -> None:
     images = np.zeros((5, 32, 32, 3), np.uint8)
     features = pretrain.probe_features(pretrain.load_backbone(None), images, pretrain.PROBE_BLOCK)
     assert {k: v.shape for k, v in features.items()} == {"final": (5, 96), f"block{pretrain.PROBE_BLOCK}": (5, 96)}
+
+
+def test_the_embedded_cnn_pretrains_with_dense_heads_on_its_last_grid(pretrain: ModuleType, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    model, optimizer, scheduler = pretrain.build_training(steps=10, lr=1e-3, seed=0, model_name="convnext_micro_32")
+    assert model.patch == 8  # a 4 x 4 last stage at 32 px
+    images, targets = pretrain.make_batch(0, 0, 0, 4, patch=model.patch)
+    assert targets["shape_map"].shape == (4, 16)
+    logits = model(images)
+    assert logits["shape_map"].shape == (4, 16, pretrain.DENSE_HEADS["shape_map"])
+    before = model.backbone.stages[0].blocks[0].conv_dw.weight.detach().clone()
+    scheduler.step_update(0)
+    loss, _ = pretrain.train_step(model, optimizer, images, targets)
+    assert math.isfinite(loss) and not torch.equal(before, model.backbone.stages[0].blocks[0].conv_dw.weight)
+    features = pretrain.probe_features(pretrain.load_backbone(None, model_name="convnext_micro_32"),
+                                       np.zeros((3, 32, 32, 3), np.uint8), pretrain.PROBE_BLOCK)
+    assert {k: v.shape for k, v in features.items()} == {"final": (3, 192), f"block{pretrain.PROBE_BLOCK}": (3, 48)}
+
+
+def test_a_stopped_pretraining_saves_its_state_and_prints_the_resume_command(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    out, ckpt = tmp_path / "w.safetensors", tmp_path / "ck.pt"
+    command = [sys.executable, str(REPO_ROOT / "tools" / "pretrain_embedded.py"), "--steps", "100000",
+               "--batch-size", "2", "--checkpoint-every", "100000", "--out", str(out), "--checkpoint", str(ckpt)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: process.stderr.read(1), "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while "pretrain:" not in "".join(chunks) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)  # the progress bar appears once the loop (and its signal handler) runs
+        time.sleep(2)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        reader.join(timeout=10)
+    finally:
+        process.kill()
+    stderr = "".join(chunks)
+    lines = [line for line in stderr.splitlines() if "stopped by SIGTERM" in line]
+    assert process.returncode == 143 and len(lines) == 1, stderr[-2000:]
+    assert lines[0].endswith("--resume") and "pretrain_embedded.py" in lines[0]
+    assert torch.load(ckpt, weights_only=True)["step"] >= 1 and out.is_file()
+    assert "Traceback" not in stderr

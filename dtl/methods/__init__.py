@@ -47,8 +47,10 @@ def create_model(
     ``start_block`` (M: first block whose output gets the side output), ``extract_start`` (first block with a side
     map), ``beta`` (Swish sharpness), ``kernel_size`` (DTL+ conv), ``grad_checkpointing`` (True: recompute blocks
     after M and the frozen prefix in backward, the lowest memory; ``"mlp"``: recompute only the MLP hidden layer
-    of the blocks after M); ``rank`` for LoRA and AdaptFormer; the other methods' in their modules. Unset options take the method's defaults for the backbone family (DTL on ViT: rank 2, M 6, maps on all
-    blocks, k 3; on Swin: rank 4, M 14, maps from block 4, k 5).
+    of the blocks after M); ``rank`` for LoRA and AdaptFormer; the other methods' in their modules. Unset options
+    take the method's defaults for the backbone family (DTL on ViT: rank 2, M 6, maps on all blocks, k 3; on
+    Swin: rank 4, M 14, maps from block 4, k 5; on ResNet and ConvNeXt: rank 4, M the middle block of the third
+    stage, maps from that stage's first block, k 3).
 
     ``pretrained``: False (random init), True (timm's hub, or the shipped embedded weights), or a local ``.npz`` /
     ``.pth`` / ``.safetensors`` file. ``backbone_dtype`` (methods with that capability: DTL, DTL+): store the
@@ -75,8 +77,9 @@ def create_model(
     adapter = adapter_for(create_backbone(backbone, pretrained, img_size=img_size, drop_path_rate=drop_path_rate))
     if spec.families and not isinstance(adapter, spec.families):
         families = ", ".join(f.family for f in spec.families)
-        raise ValueError(f"method {spec.name!r} is implemented for {families} backbones only, not "
-                         f"{type(adapter.backbone).__name__}")
+        needs = f" (it needs {spec.needs})" if spec.needs else ""
+        raise ValueError(f"method {spec.name!r} is implemented for {families} backbones only{needs}; "
+                         f"{backbone} is a {adapter.family}")
     model = spec.build(adapter, num_classes, method_options_, dtype)
     if drop_path_scope == "suffix":
         adapter.disable_drop_path(model.frozen_blocks)

@@ -68,5 +68,5 @@ register_method(Method(
     name="adaptformer", description="AdaptFormer: a bottleneck adapter beside every MLP", options=AdaptFormerOptions,
     build=lambda adapter, num_classes, options, dtype: AdaptFormerModel(adapter, num_classes,
                                                                         **options.resolved(adapter)),
-    families=(VitAdapter,), searchable=("rank",)),
+    families=(VitAdapter,), needs="the MLP branch of transformer blocks", searchable=("rank",)),
     aliases={"adapter": "the AdaptFormer method was renamed; 'adapter' also names the backbone-family adapters"})

@@ -95,15 +95,19 @@ class DTLModel(nn.Module):
         self._block_stage = [adapter.stage_of(b) for b in range(num_blocks)]
 
         self.side_maps = nn.ModuleDict({
-            str(b): LowRankMap(adapter.stages[self._block_stage[b]].dim, rank) for b in range(extract_start, num_blocks)
+            str(b): LowRankMap(adapter.block_input_dim(b), rank, adapter.stages[self._block_stage[b]].dim)
+            for b in range(extract_start, num_blocks)
         })
         self.side_activation = SharpSwish(beta)
         self.side_convs = nn.ModuleDict()
         if kernel_size is not None:
             smallest = min(min(adapter.grid_size(stage)) for stage in range(start_stage, len(adapter.stages)))
-            if kernel_size > smallest:
-                raise ValueError(f"kernel_size={kernel_size} is larger than the smallest token grid it runs over "
-                                 f"({smallest} x {smallest} tokens); use at most {smallest} (the paper: 3, 4 or 5)")
+            # With 'same' padding a kernel of 2n - 1 already reaches every position of an n-wide grid from any
+            # other; taps beyond that only ever see padding.
+            if kernel_size > 2 * smallest - 1:
+                raise ValueError(f"kernel_size={kernel_size} is too large for the smallest token grid it runs over "
+                                 f"({smallest} x {smallest} tokens: taps beyond {2 * smallest - 1} only see padding); "
+                                 f"use at most {2 * smallest - 1} (the paper: 3, 4 or 5)")
             for stage in range(start_stage, len(adapter.stages)):
                 self.side_convs[str(stage)] = DepthwiseGridConv(adapter.stages[stage].dim, kernel_size)
         self.head = nn.Linear(adapter.num_features, num_classes)
@@ -207,9 +211,9 @@ class DTLModel(nn.Module):
         return x if torch.is_autocast_enabled(x.device.type) else x.to(weight.dtype)
 
     def _code(self, block: int, x: torch.Tensor) -> torch.Tensor:
-        """z_b = x_b A_b, the (B, T, r) code of block b's side map."""
+        """z_b = x_b A_b, the (B, T, r) code of block b's side map (on the grid of block b's output)."""
         down = self.side_maps[str(block)].down
-        return down(self._side_cast(x, down.weight))
+        return self.adapter.resample_code(block, down(self._side_cast(x, down.weight)))
 
     def _side_step(self, stage: int, blocks: list[int], codes: list[torch.Tensor]) -> torch.Tensor:
         """g(theta(h)) with h = sum_j z_j C_j, recomputed in backward so that h is never kept."""
@@ -309,9 +313,10 @@ class _RecomputedMlp(torch.autograd.Function):
 # --- the registry -------------------------------------------------------------------------------------------------
 @dataclass
 class DTLOptions(MethodOptions):
-    rank: int | None = None  # CSN rank r; None: the family's paper default (ViT 2, Swin 4)
-    start_block: int | None = None  # M, the first block whose output gets the side output; None: ViT 6, Swin 14
-    extract_start: int | None = None  # first block with a side map; None: ViT 0, Swin 4
+    rank: int | None = None  # CSN rank r; None: the family's paper default (ViT 2, Swin 4, CNNs 4)
+    start_block: int | None = None  # M, the first block whose output gets the side output; None: ViT 6, Swin 14,
+    # CNNs the middle block of the third stage
+    extract_start: int | None = None  # first block with a side map; None: the first block of M's stage
     beta: float | None = None  # sharpness of the Swish; None: 100
     grad_checkpointing: bool | str | None = None  # True: recompute blocks after M (least memory); "mlp"; False
 
@@ -325,13 +330,22 @@ class DTLOptions(MethodOptions):
 
     def defaults(self, adapter) -> dict:
         paper = adapter.paper_defaults
-        return {"rank": paper["rank"], "start_block": paper["start_block"], "extract_start": paper["extract_start"],
-                "beta": 100.0, "grad_checkpointing": False}
+        return {"rank": paper["rank"], "start_block": paper["start_block"], "beta": 100.0, "grad_checkpointing": False}
+
+    def resolved(self, adapter) -> dict:
+        settings = super().resolved(adapter)
+        start_block = settings["start_block"]
+        if self.extract_start is None:
+            # Side maps on every block of M's stage up to M (the side state resets per stage, so maps in earlier
+            # stages would feed nothing): ViT's 0 and Swin-B's 4 at the paper's M.
+            inside = 0 <= start_block < len(adapter.blocks)
+            settings["extract_start"] = adapter.stages[adapter.stage_of(start_block)].first_block if inside else 0
+        return settings
 
 
 @dataclass
 class DTLPlusOptions(DTLOptions):
-    kernel_size: int | None = None  # the depthwise conv's kernel; None: ViT 3, Swin 5
+    kernel_size: int | None = None  # the depthwise conv's kernel; None: ViT 3, Swin 5, CNNs 3
 
     checks = {**DTLOptions.checks, "kernel_size": (is_int(1), "an integer >= 1")}
 

@@ -62,4 +62,4 @@ class LoRAModel(HeadModel):
 register_method(Method(
     name="lora", description="LoRA: a low-rank update of every attention qkv projection", options=LoRAOptions,
     build=lambda adapter, num_classes, options, dtype: LoRAModel(adapter, num_classes, **options.resolved(adapter)),
-    families=(VitAdapter,), searchable=("rank",)))
+    families=(VitAdapter,), needs="the attention qkv projections of transformer blocks", searchable=("rank",)))

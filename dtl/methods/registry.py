@@ -72,6 +72,7 @@ class Method:
     prefix_cache: bool = False
     low_precision_backbone: bool = False
     families: tuple[type, ...] = ()  # backbone adapter classes it supports; empty: every family
+    needs: str = ""  # what of the backbone it modifies, for the refusal on other families ("attention qkv ...")
     searchable: tuple[str, ...] = ()
     benchmark_variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # row -> options (+cached)
 

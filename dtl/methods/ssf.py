@@ -1,20 +1,23 @@
-"""SSF (Lian et al., 2022): a learned scale and shift after every linear layer, normalisation and the patch
-projection of the backbone (about 0.21M on ViT-B/16, the published count).
+"""SSF (Lian et al., 2022): a learned scale and shift after every linear layer, normalisation and convolution
+of the backbone (about 0.21M on ViT-B/16, the published count).
 
 ``y = module(x) * gamma + beta`` per output channel, with ``gamma ~ N(1, 0.02)`` and ``beta ~ N(0, 0.02)`` as in the
-authors' code. Works on any family: it wraps the ``nn.Linear``, ``nn.LayerNorm`` and ``nn.Conv2d`` modules it finds.
+authors' code. Works on any family: it wraps the ``nn.Linear``, ``nn.LayerNorm`` (timm's channels-first
+``LayerNorm2d`` included), ``nn.Conv2d`` and ``nn.BatchNorm2d`` modules it finds.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from timm.layers import LayerNorm2d
 from torch import nn
 
 from .base import HeadModel
 from .registry import Method, MethodOptions, register_method
 
-WRAPPED = (nn.Linear, nn.LayerNorm, nn.Conv2d)
+WRAPPED = (nn.Linear, nn.LayerNorm, nn.Conv2d, nn.BatchNorm2d)
+CHANNELS_FIRST = (nn.Conv2d, nn.BatchNorm2d, LayerNorm2d)  # (B, C, H, W) outputs: scale along dim 1
 
 
 @dataclass
@@ -23,7 +26,8 @@ class SSFOptions(MethodOptions):
 
 
 class ScaleShift(nn.Module):
-    """A frozen module followed by a trainable per-channel scale and shift (channels last, or dim 1 for a conv)."""
+    """A frozen module followed by a trainable per-channel scale and shift (channels last, or dim 1 for a conv
+    or a 2-D norm)."""
 
     def __init__(self, module: nn.Module, channels: int):
         super().__init__()
@@ -33,7 +37,7 @@ class ScaleShift(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.module(x)
-        if isinstance(self.module, nn.Conv2d):
+        if isinstance(self.module, CHANNELS_FIRST):
             return out * self.ssf_scale[:, None, None] + self.ssf_shift[:, None, None]
         return out * self.ssf_scale + self.ssf_shift
 
@@ -43,6 +47,8 @@ def _channels(module: nn.Module) -> int:
         return module.out_features
     if isinstance(module, nn.Conv2d):
         return module.out_channels
+    if isinstance(module, nn.BatchNorm2d):
+        return module.num_features
     return module.normalized_shape[-1]
 
 

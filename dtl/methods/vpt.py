@@ -64,4 +64,5 @@ register_method(Method(
     name="vpt", description="VPT: learned prompt tokens (deep: at every block; shallow: at the first)",
     options=VPTOptions,
     build=lambda adapter, num_classes, options, dtype: VPTModel(adapter, num_classes, **options.resolved(adapter)),
-    families=(VitAdapter,), searchable=("prompt_length", "prompt_depth")))
+    families=(VitAdapter,), needs="a token sequence to insert prompt tokens into",
+    searchable=("prompt_length", "prompt_depth")))

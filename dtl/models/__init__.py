@@ -5,20 +5,26 @@ plus one :func:`register_family` call. The PETL methods that wrap a backbone are
 """
 from __future__ import annotations
 
+from timm.models.convnext import ConvNeXt
+from timm.models.resnet import ResNet
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from . import embedded  # noqa: F401  (registers the embedded backbone with timm)
-from .adapters import DROP_PATH_SCOPES, BackboneAdapter, CachedInputs
+from .adapters import DROP_PATH_SCOPES, BackboneAdapter, CachedInputs, ConvAdapter
 from .backbone import CheckpointError, create_backbone, load_checkpoint
+from .convnext import ConvNeXtAdapter
 from .embedded import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
+from .resnet import ResNetAdapter
 from .swin import SwinAdapter
 from .vit import VitAdapter
 
 _FAMILIES: list[tuple[type[nn.Module], type[BackboneAdapter]]] = [
     (VisionTransformer, VitAdapter),
     (SwinTransformer, SwinAdapter),
+    (ConvNeXt, ConvNeXtAdapter),
+    (ResNet, ResNetAdapter),
 ]
 
 
@@ -36,6 +42,6 @@ def adapter_for(backbone: nn.Module) -> BackboneAdapter:
 
 
 __all__ = [
-    "DROP_PATH_SCOPES", "BackboneAdapter", "CachedInputs", "CheckpointError", "EMBEDDED_BACKBONE", "EMBEDDED_WEIGHTS",
-    "SwinAdapter", "VitAdapter", "adapter_for", "create_backbone", "load_checkpoint", "register_family",
+    "DROP_PATH_SCOPES", "BackboneAdapter", "CachedInputs", "CheckpointError", "ConvAdapter", "ConvNeXtAdapter",
+    "EMBEDDED_BACKBONE", "EMBEDDED_WEIGHTS", "ResNetAdapter", "SwinAdapter", "VitAdapter", "adapter_for", "create_backbone", "load_checkpoint", "register_family",
 ]

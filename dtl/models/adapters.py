@@ -1,9 +1,10 @@
 """What DTL needs to know about a backbone family, behind one small interface.
 
-A new family (ConvNeXt, EVA, ...) is one subclass of :class:`BackboneAdapter`: it says how to embed an
-image into tokens, which blocks exist (numbered globally) and in which stage each lies, what happens when a
-stage starts (e.g. Swin's patch merging), how tokens map to a 2-D grid (for DTL+'s conv) and how the final
-tokens are pooled into one feature vector.
+A new family is one subclass of :class:`BackboneAdapter`: it says how to embed an image into tokens, which
+blocks exist (numbered globally) and in which stage each lies, what happens when a stage starts (e.g. Swin's
+patch merging, ConvNeXt's downsampling), how tokens map to a 2-D grid (for DTL+'s conv) and how the final
+tokens are pooled into one feature vector. Convolutional families (:class:`ConvAdapter`) see the feature map
+at each spatial position as a token: their tokens are channels-last ``(B, H, W, C)`` maps.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 DROP_PATH_SCOPES = ("all", "suffix")
 
@@ -27,7 +29,8 @@ class BackboneAdapter(nn.Module):
 
     #: how messages name the family
     family: str = ""
-    #: defaults of the paper for this family: first block with a side map, start block M, rank, DTL+ kernel
+    #: DTL's defaults for this family: start block M, rank, DTL+ kernel (the paper's for ViT and Swin). Side maps
+    #: start at the first block of M's stage unless ``extract_start`` is set.
     paper_defaults: dict = {}
 
     def __init__(self, backbone: nn.Module):
@@ -46,6 +49,16 @@ class BackboneAdapter(nn.Module):
     @property
     def num_features(self) -> int:
         return self.stages[-1].dim
+
+    def block_input_dim(self, block: int) -> int:
+        """Width of ``block``'s input (the stage's width, unless the block itself changes it, as ResNet's first
+        block of a stage does)."""
+        return self.stages[self.stage_of(block)].dim
+
+    def resample_code(self, block: int, code: torch.Tensor) -> torch.Tensor:
+        """A rank-r side code read from ``block``'s input, brought to the token grid of the block's output (the
+        identity unless the block downsamples, as ResNet's first block of a stage does)."""
+        return code
 
     def stage_of(self, block: int) -> int:
         for index, stage in enumerate(self.stages):
@@ -128,6 +141,17 @@ class BackboneAdapter(nn.Module):
                 found.append(f"{name} ({type(module).__name__} {rate:g})")
         return found
 
+    def train(self, mode: bool = True) -> "BackboneAdapter":
+        """Batch norms with nothing trainable stay in eval mode: their running statistics are part of the frozen
+        backbone (batch statistics would make a frozen block depend on the batch and drift its buffers)."""
+        super().train(mode)
+        if mode:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                        p.requires_grad for p in module.parameters()):
+                    module.eval()
+        return self
+
     def disable_drop_path(self, blocks: range | list[int]) -> None:
         """Turn stochastic depth off in ``blocks`` (the ``suffix`` drop-path scope: the blocks a cached or frozen
         part runs must be deterministic; the others keep timm's rate)."""
@@ -135,6 +159,97 @@ class BackboneAdapter(nn.Module):
             for module in self.blocks[block].modules():
                 if getattr(module, "drop_prob", None):
                     module.drop_prob = 0.0
+
+
+class ChannelsLastAdapter(BackboneAdapter):
+    """Families whose tokens are a channels-last ``(B, H, W, C)`` grid with no extra tokens (Swin, the CNNs)."""
+
+    def to_grid(self, x: torch.Tensor):
+        return x.permute(0, 3, 1, 2), None
+
+    def from_grid(self, grid: torch.Tensor, extra, like: torch.Tensor) -> torch.Tensor:
+        return grid.permute(0, 2, 3, 1)
+
+
+class ConvAdapter(ChannelsLastAdapter):
+    """A CNN seen as DTL sees it: every spatial position of a feature map is a token, kept channels-last between
+    blocks so that side maps are linear maps over channels; the blocks themselves run on the channels-first view
+    (a permute, no copy: convolutions take channels-last memory as it is).
+
+    Subclasses give ``_layout()`` (stem, stages as lists of blocks, stage widths) and :meth:`pool`. The token grid
+    of every block is measured once, by one image at the backbone's nominal size (``pretrained_cfg
+    input_size``) through the network in eval mode.
+    """
+
+    rank = 4
+    kernel_size = 3
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__(backbone)
+        self._blocks: list[nn.Module] = []
+        self._stages: list[StageInfo] = []
+        for blocks, dim in self._layout():
+            first = len(self._blocks)
+            self._blocks.extend(blocks)
+            self._stages.append(StageInfo(first, len(self._blocks) - 1, dim))
+        self._input_grids, self._output_grids = self._measure_grids()
+
+    def _layout(self) -> list[tuple[list[nn.Module], int]]:
+        raise NotImplementedError
+
+    @property
+    def blocks(self):
+        return self._blocks
+
+    @property
+    def stages(self):
+        return self._stages
+
+    @property
+    def paper_defaults(self) -> dict:
+        # Not in the paper: M in the middle of the third stage, as the paper's Swin-B default (block 14 of its
+        # 18-block third stage) is, so the high-resolution stages that keep most activations stay frozen.
+        third = self.stages[min(2, len(self.stages) - 1)]
+        middle = third.first_block + (third.last_block - third.first_block + 1) // 2
+        return dict(start_block=middle, rank=self.rank, kernel_size=self.kernel_size)
+
+    def run_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[block](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    def grid_size(self, stage: int) -> tuple[int, int]:
+        return self._output_grids[self.stages[stage].last_block]
+
+    def block_stride(self, block: int) -> int:
+        """How much ``block`` shrinks the grid (2 for a downsampling block, else 1) at the nominal size."""
+        (h_in, _), (h_out, _) = self._input_grids[block], self._output_grids[block]
+        return max(1, round(h_in / h_out))
+
+    def resample_code(self, block: int, code: torch.Tensor) -> torch.Tensor:
+        stride = self.block_stride(block)
+        if stride == 1:
+            return code
+        # The mean over each output position's input window; ceil_mode matches the padded strided convolutions.
+        pooled = F.avg_pool2d(code.permute(0, 3, 1, 2), stride, stride, ceil_mode=True)
+        return pooled.permute(0, 2, 3, 1)
+
+    @torch.no_grad()
+    def _measure_grids(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        size = int((getattr(self.backbone, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1])
+        weight = next(self.backbone.parameters())
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            inputs, outputs = [], []
+            x = self.embed(torch.zeros(1, 3, size, size, dtype=weight.dtype, device=weight.device))
+            for stage_index, stage in enumerate(self.stages):
+                x = self.enter_stage(stage_index, x)
+                for block in range(stage.first_block, stage.last_block + 1):
+                    inputs.append(tuple(x.shape[1:3]))
+                    x = self.run_block(block, x)
+                    outputs.append(tuple(x.shape[1:3]))
+        finally:
+            self.backbone.train(was_training)
+        return inputs, outputs
 
 
 def block_input_name(block: int) -> str:

@@ -49,7 +49,7 @@ def create_backbone(
             pretrained = shipped.file
     if pretrained is True:
         try:
-            return timm.create_model(name, pretrained=True, **kwargs)
+            return _create(name, True, kwargs)
         except Exception as err:  # offline hub: LocalEntryNotFoundError, OSError, HTTP errors
             raise CheckpointError(
                 f"could not fetch pretrained weights for {name!r} from the hub ({type(err).__name__}: {err}). "
@@ -57,9 +57,24 @@ def create_backbone(
                 "e.g. pretrained='/path/to/ViT-B_16.npz' (or .pth/.safetensors)."
             ) from err
 
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    model = _create(name, False, kwargs)
     if pretrained:
         load_checkpoint(model, pretrained)
+    return model
+
+
+def _create(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    """``timm.create_model``; a model that takes any input size (a CNN) has no ``img_size`` argument, so the size
+    it runs at is recorded in its ``pretrained_cfg`` instead (what the token grids and the data are sized by)."""
+    img_size = kwargs.get("img_size")
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as err:
+        if img_size is None or "img_size" not in str(err):
+            raise
+    kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, img_size, img_size)}
     return model
 
 

@@ -14,14 +14,15 @@ from torch import nn
 
 
 class LowRankMap(nn.Module):
-    """x -> x A C with A (d x r) Kaiming-uniform and C (r x d) zero, so a fresh map contributes exactly 0."""
+    """x -> x A C with A (d_in x r) Kaiming-uniform and C (r x d) zero, so a fresh map contributes exactly 0
+    (``out_dim`` d defaults to d_in; they differ only where a block changes the width, e.g. ResNet's)."""
 
-    def __init__(self, dim: int, rank: int):
+    def __init__(self, dim: int, rank: int, out_dim: int | None = None):
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         self.down = nn.Linear(dim, rank, bias=False)
-        self.up = nn.Linear(rank, dim, bias=False)
+        self.up = nn.Linear(rank, dim if out_dim is None else out_dim, bias=False)
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.up.weight)
 

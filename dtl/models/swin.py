@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 from timm.models.swin_transformer import SwinTransformer
 
-from .adapters import BackboneAdapter, StageInfo
+from .adapters import ChannelsLastAdapter, StageInfo
 
 
-class SwinAdapter(BackboneAdapter):
+class SwinAdapter(ChannelsLastAdapter):
     """Stages of blocks on channels-last (B, H, W, C) token grids; no cls token."""
     family = "Swin"
-    paper_defaults = dict(extract_start=4, start_block=14, rank=4, kernel_size=5)
+    paper_defaults = dict(start_block=14, rank=4, kernel_size=5)  # side maps from block 4, M's stage's first
 
     def __init__(self, backbone: SwinTransformer):
         if not isinstance(backbone, SwinTransformer):
@@ -49,9 +49,3 @@ class SwinAdapter(BackboneAdapter):
 
     def grid_size(self, stage: int) -> tuple[int, int]:
         return tuple(self._blocks[self._stages[stage].first_block].input_resolution)
-
-    def to_grid(self, x: torch.Tensor):
-        return x.permute(0, 3, 1, 2), None
-
-    def from_grid(self, grid: torch.Tensor, extra, like: torch.Tensor) -> torch.Tensor:
-        return grid.permute(0, 2, 3, 1)

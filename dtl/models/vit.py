@@ -10,7 +10,7 @@ from .adapters import BackboneAdapter, StageInfo
 class VitAdapter(BackboneAdapter):
     """One stage of N blocks on (B, T, C) tokens; prefix tokens (cls, registers) come first."""
     family = "ViT"
-    paper_defaults = dict(extract_start=0, start_block=6, rank=2, kernel_size=3)
+    paper_defaults = dict(start_block=6, rank=2, kernel_size=3)
 
     def __init__(self, backbone: VisionTransformer):
         if not isinstance(backbone, VisionTransformer):
