@@ -413,29 +413,8 @@ def prepare_prefix_cache(
         _MEMORY.move_to_end(key)
         report.source = "memory"
     elif report.mode == "disk":
-        directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        path = directory / f"{key}.safetensors"
-        report.path = str(path)
-        try:
-            with _file_lock(directory / f"{key}.lock"):
-                if path.is_file():
-                    features = load_features(path, len(dataset), dtype)
-                    report.source = "disk" if features is not None else ""
-                if features is None:
-                    built = build()
-                    if _disk_has_room(directory, built.nbytes):
-                        save_features(path, built, _metadata(model, dataset, built))
-                        features = load_features(path, len(dataset), dtype)  # readers share the mapped pages
-                    else:
-                        report.mode, report.path, report.notice = "memory", None, True
-                        report.reason = f"not enough free disk space in {directory} for {built.nbytes / 2**20:.0f} MiB"
-                    features = features if features is not None else built
-        except OSError as err:
-            if mode == "disk":
-                raise PrefixCacheError(f"training.prefix_cache: disk: cannot use {directory}: {err}") from err
-            report.mode, report.path, report.notice = "memory", None, True
-            report.reason = f"cache folder {directory} unusable ({err})"
-            features = features if features is not None else build()
+        features = _disk_entry(Path(cache_dir).expanduser() if cache_dir else default_cache_dir(), key, mode,
+                               report, build, lambda built: _metadata(model, dataset, built), len(dataset), dtype)
     else:
         features = build()
 
@@ -448,6 +427,39 @@ def prepare_prefix_cache(
     report.num_samples, report.bytes, report.read_bytes = len(features), features.nbytes, selected.nbytes
     report.build_s = time.perf_counter() - started
     return selected, report
+
+
+def _disk_entry(directory: Path, key: str, mode: str, report: CacheReport, build, metadata, count: int,
+                dtype: torch.dtype) -> FrozenFeatures:
+    """Read the entry from ``directory``, or build and write it (once, under a lock shared by every process). A
+    folder that cannot be used (read-only, full mid-write) leaves no partial file and falls back to memory; with
+    ``mode == "disk"`` it is an error instead."""
+    path = directory / f"{key}.safetensors"
+    report.path = str(path)
+    features = built = None
+    try:
+        with _file_lock(directory / f"{key}.lock"):
+            if path.is_file():
+                features = load_features(path, count, dtype)
+                report.source = "disk" if features is not None else ""
+            if features is None:
+                built = build()
+                if not _disk_has_room(directory, built.nbytes):
+                    report.mode, report.path, report.notice = "memory", None, True
+                    report.reason = f"not enough free disk space in {directory} for {built.nbytes / 2**20:.0f} MiB"
+                    return built
+                save_features(path, built, metadata(built))  # atomic: a failed write leaves no file
+                features = load_features(path, count, dtype)  # readers share the mapped pages
+    except OSError as err:
+        needed = f"; the entry needs {built.nbytes / 2**20:.0f} MiB" if built is not None else ""
+        if mode == "disk":
+            raise PrefixCacheError(f"training.prefix_cache: disk: cannot use {path}: {err.strerror or err}"
+                                   f"{needed}") from err
+        report.mode, report.path, report.notice = "memory", None, True
+        report.reason = f"cannot write {path} ({err.strerror or err}{needed})"
+    if features is not None:
+        return features
+    return built if built is not None else build()
 
 
 def place_features(features: FrozenFeatures, device: torch.device) -> FrozenFeatures:

@@ -38,14 +38,6 @@ _TABLE = {
 _COLUMN = {("vit", "dtl"): 0, ("vit", "dtl_plus"): 1, ("swin", "dtl"): 2, ("swin", "dtl_plus"): 3}
 
 
-def backbone_family(backbone: str) -> str:
-    if backbone.startswith("swin"):
-        return "swin"
-    if backbone.startswith("vit"):
-        return "vit"
-    raise ValueError(f"the paper preset covers ViT and Swin backbones, not {backbone!r}")
-
-
 def paper_overrides(family: str, method: str) -> dict[str, dict]:
     """Per-task overrides of the authors' scripts for ``family`` (vit/swin) and ``method`` (dtl/dtl_plus)."""
     if (family, method) not in _COLUMN:

@@ -23,10 +23,12 @@ re-run; in-flight ones start again); a sweep that finished is not run again.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -47,7 +49,8 @@ DEFAULT_EXPERIMENT = "dtl-sweeps"
 RESULTS_FILE = "results.json"
 TRIALS_DIR = "trials"  # the Tune experiment, under <storage>/<name>/
 SCHEDULERS = ("asha", "fifo")
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports a process it interrupted
+EXIT_TERMINATED = 143  # SIGTERM (kill, timeout, a batch scheduler): 128 + 15
 EXIT_FAILED = 1
 
 __all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_STORAGE", "SCHEDULERS", "STATE_FILE", "SweepError", "SweepOptions",
@@ -450,6 +453,7 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
     client = tracking.client(state.tracking_uri)
     outcomes: list[TaskOutcome] = []
     interrupted = False
+    terminated: list[int] = []
     try:
         num_trials = len(tasks) * state.num_samples
         max_concurrent = options.max_concurrent or default_concurrency(total, options.cpus_per_trial, gpus,
@@ -466,7 +470,8 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
         tuner, resuming = build_tuner(state, plans, base_config, options.cpus_per_trial, gpus, max_concurrent,
                                       options, closer, progress, experiment_dir)
         announce(plans, state, max_concurrent, options.cpus_per_trial, gpus, resuming)
-        grid = tuner.fit()
+        with graceful_sigterm() as terminated:
+            grid = tuner.fit()
         outcomes = collect(grid, plans, state, client, closer, experiment_dir)
         interrupted = not all(o.finished for o in outcomes)
     except BaseException as err:  # Ctrl-C outside Tune's own handling, or a crash: leave no run RUNNING
@@ -498,12 +503,44 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
         resume = f"python sweeps/run.py --space {options.space} --resume --name {state.name}"
         if storage != DEFAULT_STORAGE:
             resume += f" --storage-path {storage}"
-        print(f"\nThe sweep was interrupted; finished trials are kept. Resume it with:\n  {resume}", flush=True)
-        return EXIT_INTERRUPTED
+        done = sum(r.status in ("done", "stopped early") for o in outcomes for r in o.rows)
+        cause = "SIGTERM" if terminated else "Ctrl-C"
+        print(f"\nstopped by {cause}: sweep {state.name}, {done} of {len(tasks) * state.num_samples} trials "
+              f"finished and kept; resume with: {resume}", flush=True)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     if not any(o.best for o in outcomes):
         print("\nNo trial trained to the end: nothing was written to the best-configuration file.", flush=True)
         return EXIT_FAILED
     return 0
+
+
+@contextlib.contextmanager
+def graceful_sigterm() -> Iterator[list[int]]:
+    """While Tune runs: SIGTERM stops the sweep as Ctrl-C does (Tune's own graceful stop: running trials end,
+    the experiment state is saved), instead of Ray's native crash report. A second SIGTERM kills at once. Yields
+    a list that holds the signal once one arrived."""
+    received: list[int] = []
+
+    def on_sigterm(signum, frame):
+        if received:  # asked twice: stop now
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        received.append(signum)
+        # Tune registers its stop handler on SIGUSR1 (and SIGINT) once fit() has started; before that there is
+        # nothing to stop gracefully.
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if callable(tune_stop):
+            tune_stop(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)  # after ray.init, so it replaces Ray's native handler
+    try:
+        yield received
+    finally:
+        # None: the previous handler was not Python's (Ray's native one); the default is what a later signal needs
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def announce(plans: Mapping[str, TaskPlan], state: SweepState, max_concurrent: int, cpus: float, gpus: float,

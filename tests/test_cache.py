@@ -277,6 +277,77 @@ def test_a_corrupt_cache_file_is_rebuilt(tmp_path):
     assert report2.source == "built" and len(features) == 4
 
 
+def test_a_disk_that_fills_mid_write_leaves_no_file_and_falls_back_to_memory(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from dtl.data import VTabDataset
+
+    write_task(tmp_path / "data", n=4)
+    data = VTabDataset(tmp_path / "data", "toy", "train800", img_size=32)
+    builds = []
+    real_compute = cache.compute_frozen_features
+
+    def counted(*args, **kwargs):
+        builds.append(1)
+        return real_compute(*args, **kwargs)
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:  # half an entry lands on disk, then the disk is full
+            handle.write(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache, "compute_frozen_features", counted)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    folder = tmp_path / "cache"
+    features, report = prepare_prefix_cache(dtl_plus(), data, mode="auto", cache_dir=folder)
+    assert report.mode == "memory" and report.notice and len(features) == 4 and len(builds) == 1  # built once
+    assert "No space left on device" in report.reason and str(folder) in report.reason and "MiB" in report.reason
+    assert not list(folder.glob("*.safetensors*")) and not list(folder.glob(".*.tmp"))  # nothing partial left
+    cache.clear_memory_cache()
+    with pytest.raises(PrefixCacheError, match=r"disk: cannot use .*\.safetensors: No space left on device; "
+                                               r"the entry needs \d+ MiB"):
+        prepare_prefix_cache(dtl_plus(), data, mode="disk", cache_dir=folder)
+
+
+def _build_entry(data_root: str, cache_dir: str, marker: str) -> None:
+    """One process (a sweep trial) that needs the cache entry; it records whether it computed it."""
+    import torch as torch_
+
+    from dtl import cache as cache_
+    from dtl.data import VTabDataset
+
+    torch_.set_num_threads(1)
+    real = cache_.compute_frozen_features
+
+    def counted(*args, **kwargs):
+        with open(marker, "a") as handle:
+            handle.write("built\n")
+        return real(*args, **kwargs)
+
+    cache_.compute_frozen_features = counted
+    data = VTabDataset(data_root, "toy", "train800", img_size=32)
+    cache_.prepare_prefix_cache(dtl_plus(), data, mode="disk", cache_dir=cache_dir)
+
+
+def test_two_processes_building_one_entry_compute_it_once(tmp_path):
+    import multiprocessing
+
+    write_task(tmp_path / "data", n=8)
+    marker = tmp_path / "builds.txt"
+    context = multiprocessing.get_context("spawn")  # fresh interpreters, as two trials of a sweep
+    workers = [context.Process(target=_build_entry, args=(str(tmp_path / "data"), str(tmp_path / "cache"),
+                                                          str(marker))) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    assert marker.read_text() == "built\n"  # the second waited on the lock, then read the first one's file
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+
 def test_disk_mode_needs_a_dataset_that_identifies_itself(tmp_path):
     with pytest.raises(PrefixCacheError, match="disk needs a dataset that identifies itself.*TensorDataset"):
         prepare_prefix_cache(dtl_plus(), TensorDataset(*images_and_labels()), mode="disk", cache_dir=tmp_path)

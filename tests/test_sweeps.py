@@ -5,8 +5,8 @@ Every sweep here writes to temporary paths only (--params, --best-path, --storag
 RAY_TMPDIR) and runs in its own process group, which the test kills afterwards: no Ray process of anyone else is
 touched (no global `ray stop`).
 
-Fast: everything except the three tests marked slow (resume after SIGKILL, Ctrl-C, --address on a `ray start`
-cluster), which take about a minute each on 2 cores. The incumbent rule, the per-task routers and the schedule
+Fast: everything except the tests marked slow (resume after SIGKILL, Ctrl-C, SIGTERM and a resume compared with
+an uninterrupted sweep, --address on a `ray start` cluster), which take one to three minutes each on 2 cores. The incumbent rule, the per-task routers and the schedule
 each trial trains with are also tested without Ray.
 """
 from __future__ import annotations
@@ -656,6 +656,48 @@ def test_ctrl_c_closes_every_run_with_a_status_and_says_how_to_resume(sweep_fact
     assert parents[0].info.status == "KILLED"
     assert all(c.info.status in ("FINISHED", "KILLED") for c in children), [c.info.status for c in children]
     assert len(children) < 4
+
+
+def sweep_decisions(sweep: Sweep) -> tuple[list, dict, dict]:
+    """(every trial's status, params and val accuracy; the winner's params and whether it replaced the
+    incumbent; best.yaml) of a finished sweep, without its trial ids (which differ from run to run)."""
+    outcome = json.loads((sweep.storage / "tiny" / "sweep.json").read_text())["tasks"][TASK]["outcome"]
+    rows = {row["trial_id"]: row for row in outcome["rows"]}
+    trials = sorted((row["status"], json.dumps(row["params"], sort_keys=True), row["val_accuracy"])
+                    for row in rows.values())
+    winner = outcome["decision"]["winner"]
+    return trials, {"params": rows[winner]["params"], "replaced": outcome["decision"]["replaced"]}, \
+        yaml.safe_load(sweep.best.read_text())
+
+
+@pytest.mark.slow
+def test_sigterm_prints_one_line_and_resume_makes_the_uninterrupted_decisions(sweep_factory, tmp_path, tiny_data):
+    sweep = sweep_factory(PLAIN_SPACE)
+    process = sweep.start("--max-concurrent", "1", "--scheduler", "fifo")
+    wait_for(lambda: len(finished_children(sweep)) >= 1 or process.poll() is not None, 300, "a finished trial")
+    time.sleep(3)  # the next trial is under way
+    process.send_signal(signal.SIGTERM)  # to the driver alone, as `kill` and `timeout` send it
+    process.wait(timeout=120)
+    sweep.kill_group(process)
+    out = (sweep.tmp / "sweep.log").read_text()
+    assert process.returncode == 143, out
+    stops = [line for line in out.splitlines() if line.startswith("stopped by SIGTERM")]
+    assert len(stops) == 1, out
+    assert re.search(r"sweep tiny, [1-3] of 4 trials finished and kept; resume with: python sweeps/run.py "
+                     r"--space \S+ --resume --name tiny --storage-path \S+$", stops[0]), stops[0]
+    assert "SIGTERM received" not in out and "PC: @" not in out  # no native crash report
+    assert [r for r in sweep.runs()[0] if r.info.status == "KILLED"]
+
+    code, again = sweep.run("--resume", log="resume.log")
+    assert code == 0, again
+    (tmp_path / "reference").mkdir()
+    reference = Sweep(tmp_path / "reference", tiny_data, PLAIN_SPACE)
+    try:
+        code, out = reference.run("--max-concurrent", "1", "--scheduler", "fifo")
+    finally:
+        reference.close()
+    assert code == 0, out
+    assert sweep_decisions(sweep) == sweep_decisions(reference)
 
 
 def free_port() -> int:

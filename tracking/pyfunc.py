@@ -22,6 +22,7 @@ from types import SimpleNamespace
 with warnings.catch_warnings():  # importing it warns about its own type hints (MLflow 3.17)
     warnings.simplefilter("ignore", UserWarning)
     import mlflow.pyfunc
+import pandas as pd  # loaded by mlflow.pyfunc already; TaskModel.predict's type hint names it
 
 MODEL_PATH = "model"  # the run's artifact folder of the MLflow Model
 WEIGHTS = "weights"  # the artifact key of the trained weights file
@@ -47,8 +48,9 @@ class TaskModel(mlflow.pyfunc.PythonModel):
         self.model = load_trained(context.artifacts[WEIGHTS], device="cpu")
         self.transform = self.model.trained.transform()
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would turn them into a schema
-        import pandas as pd
+    # A DataFrame hint: MLflow infers no schema from it (the model's signature comes from log_task_model) and,
+    # unlike no hint at all, does not warn at class definition.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         import torch
         from PIL import Image
 
@@ -79,7 +81,6 @@ def log_task_model(run, weights: str | Path, task: str, example_image: str | Pat
                    tags: dict[str, str] | None = None) -> int:
     """Save the pyfunc of ``weights`` (a trained weights file with its settings), log it as ``run``'s artifact
     folder ``model`` and register it as ``dtl-<task>`` (the new version gets ``tags``); returns its number."""
-    import pandas as pd
     from mlflow.models import infer_signature
 
     examples = pd.DataFrame({"image": [encode_image(example_image)]}) if example_image else None

@@ -162,7 +162,28 @@ class BackboneAdapter(nn.Module):
 
 
 class ChannelsLastAdapter(BackboneAdapter):
-    """Families whose tokens are a channels-last ``(B, H, W, C)`` grid with no extra tokens (Swin, the CNNs)."""
+    """Families whose tokens are a channels-last ``(B, H, W, C)`` grid with no extra tokens, in stages of blocks
+    (Swin, the CNNs). Subclasses give ``_layout()``: each stage's blocks and width."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__(backbone)
+        self._blocks: list[nn.Module] = []
+        self._stages: list[StageInfo] = []
+        for blocks, dim in self._layout():
+            first = len(self._blocks)
+            self._blocks.extend(blocks)
+            self._stages.append(StageInfo(first, len(self._blocks) - 1, dim))
+
+    def _layout(self) -> list[tuple[list[nn.Module], int]]:
+        raise NotImplementedError
+
+    @property
+    def blocks(self):
+        return self._blocks
+
+    @property
+    def stages(self):
+        return self._stages
 
     def to_grid(self, x: torch.Tensor):
         return x.permute(0, 3, 1, 2), None
@@ -176,7 +197,7 @@ class ConvAdapter(ChannelsLastAdapter):
     blocks so that side maps are linear maps over channels; the blocks themselves run on the channels-first view
     (a permute, no copy: convolutions take channels-last memory as it is).
 
-    Subclasses give ``_layout()`` (stem, stages as lists of blocks, stage widths) and :meth:`pool`. The token grid
+    Subclasses give ``_layout()``, :meth:`embed`, :meth:`enter_stage` if needed, and :meth:`pool`. The token grid
     of every block is measured once, by one image at the backbone's nominal size (``pretrained_cfg
     input_size``) through the network in eval mode.
     """
@@ -186,24 +207,7 @@ class ConvAdapter(ChannelsLastAdapter):
 
     def __init__(self, backbone: nn.Module):
         super().__init__(backbone)
-        self._blocks: list[nn.Module] = []
-        self._stages: list[StageInfo] = []
-        for blocks, dim in self._layout():
-            first = len(self._blocks)
-            self._blocks.extend(blocks)
-            self._stages.append(StageInfo(first, len(self._blocks) - 1, dim))
         self._input_grids, self._output_grids = self._measure_grids()
-
-    def _layout(self) -> list[tuple[list[nn.Module], int]]:
-        raise NotImplementedError
-
-    @property
-    def blocks(self):
-        return self._blocks
-
-    @property
-    def stages(self):
-        return self._stages
 
     @property
     def paper_defaults(self) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from timm.models.swin_transformer import SwinTransformer
 
-from .adapters import ChannelsLastAdapter, StageInfo
+from .adapters import ChannelsLastAdapter
 
 
 class SwinAdapter(ChannelsLastAdapter):
@@ -22,20 +22,9 @@ class SwinAdapter(ChannelsLastAdapter):
         if not isinstance(backbone, SwinTransformer):
             raise TypeError(f"SwinAdapter needs a timm SwinTransformer, got {type(backbone).__name__}")
         super().__init__(backbone)
-        self._blocks = []
-        self._stages = []
-        for stage in backbone.layers:
-            first = len(self._blocks)
-            self._blocks.extend(stage.blocks)
-            self._stages.append(StageInfo(first, len(self._blocks) - 1, stage.blocks[0].dim))
 
-    @property
-    def blocks(self):
-        return self._blocks
-
-    @property
-    def stages(self):
-        return self._stages
+    def _layout(self):
+        return [(list(stage.blocks), stage.blocks[0].dim) for stage in self.backbone.layers]
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone.patch_embed(images)
