@@ -135,7 +135,7 @@ def test_a_stopped_pretraining_saves_its_state_and_prints_the_resume_command(tmp
 
     out, ckpt = tmp_path / "w.safetensors", tmp_path / "ck.pt"
     command = [sys.executable, str(REPO_ROOT / "tools" / "pretrain_embedded.py"), "--steps", "100000",
-               "--batch-size", "2", "--checkpoint-every", "100000", "--out", str(out), "--checkpoint", str(ckpt)]
+               "--batch-size", "8", "--checkpoint-every", "100000", "--out", str(out), "--checkpoint", str(ckpt)]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     chunks: list[str] = []
