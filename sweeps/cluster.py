@@ -29,34 +29,20 @@ def quiet_environment() -> None:
     warnings.filterwarnings("ignore", message="The reported value is ignored")
 
 
-LOOPBACK = "127.0.0.1"
-
-
-def is_loopback(address: str) -> bool:
-    """Whether a ``host:port`` Ray address (or a bare host) names this machine's loopback interface."""
-    host = address.rsplit(":", 1)[0] if address.count(":") == 1 else address
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 def start_ray(address: str | None) -> None:
     import ray
 
     common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                   configure_logging=True)
     if address:
-        # A cluster on loopback (sweeps.local_cluster) only has nodes at 127.0.0.1; the driver must join as that
-        # node too, or Ray looks for a raylet at the machine's network address.
-        if is_loopback(address):
-            common["_node_ip_address"] = LOOPBACK
         try:
             ray.init(address=address, **common)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise SweepError(f"--address {address}: could not join the Ray cluster ({err}). Start it with "
                              "`ray start --head --port 6379` and pass the address it prints.") from None
     else:
-        # "local" forces a private instance even while another `ray start` cluster runs on this machine; it
-        # serves this process only, so it binds loopback, never the machine's network interface.
-        ray.init(address="local", _node_ip_address=LOOPBACK, **common)
+        # "local" forces a private instance even while another `ray start` cluster runs on this machine.
+        ray.init(address="local", **common)
     # Tune logs every failed trial's full traceback; the sweep prints one line per failure and keeps the
     # traceback in the trial's error file and its MLflow run instead.
     for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):

@@ -24,7 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .cluster import LOOPBACK, quiet_environment
+from .cluster import quiet_environment
 
 
 def free_port() -> int:
@@ -57,13 +57,10 @@ class LocalCluster:
         from ray.cluster_utils import Cluster
 
         try:
-            # Every node on loopback: without an address Ray binds the machine's network interface.
             self.cluster = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": self.head_cpus, "temp_dir": str(self.folder / "ray"), "include_dashboard": False,
-                "node_ip_address": LOOPBACK})
+                "num_cpus": self.head_cpus, "temp_dir": str(self.folder / "ray"), "include_dashboard": False})
             for _ in range(self.workers):
-                self.cluster.add_node(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
-                                      node_ip_address=LOOPBACK)
+                self.cluster.add_node(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker)
             self.cluster.wait_for_nodes()
             if self.with_mlflow:
                 self._start_mlflow()

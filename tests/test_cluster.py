@@ -156,28 +156,3 @@ def test_fractional_gpus_pack_eight_trials_on_two_logical_gpus(tmp_path, data_ro
         runs = children(client)
         assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
         assert all("no CUDA device is visible here: training on the CPU" in r.data.tags["device_note"] for r in runs)
-
-
-@pytest.mark.slow
-def test_the_local_cluster_its_driver_and_a_private_ray_bind_loopback_only():
-    import ray
-
-    from sweeps.cluster import is_loopback, start_ray
-    from sweeps.local_cluster import LocalCluster
-
-    assert is_loopback("127.0.0.1:6379") and is_loopback("localhost") and not is_loopback("10.0.0.5:6379")
-    with LocalCluster(workers=2, cpus_per_worker=1, mlflow=False) as cluster:
-        assert cluster.address.startswith("127.0.0.1:"), cluster.address
-        start_ray(cluster.address)
-        try:
-            nodes = [node for node in ray.nodes() if node["Alive"]]
-            assert len(nodes) == 3  # the head and two workers
-            assert {node["NodeManagerAddress"] for node in nodes} == {"127.0.0.1"}, nodes
-            assert ray.util.get_node_ip_address() == "127.0.0.1"  # the driver joined as a loopback node
-        finally:
-            ray.shutdown()
-    start_ray(None)  # the private instance of a sweep without --address
-    try:
-        assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
-    finally:
-        ray.shutdown()
