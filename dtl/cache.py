@@ -414,7 +414,7 @@ def prepare_prefix_cache(
         report.source = "memory"
     elif report.mode == "disk":
         features = _disk_entry(Path(cache_dir).expanduser() if cache_dir else default_cache_dir(), key, mode,
-                               report, build, lambda built: _metadata(model, dataset, built), len(dataset), dtype)
+                               report, build, model, dataset, dtype)
     else:
         features = build()
 
@@ -429,8 +429,8 @@ def prepare_prefix_cache(
     return selected, report
 
 
-def _disk_entry(directory: Path, key: str, mode: str, report: CacheReport, build, metadata, count: int,
-                dtype: torch.dtype) -> FrozenFeatures:
+def _disk_entry(directory: Path, key: str, mode: str, report: CacheReport, build, model: nn.Module,
+                dataset: Dataset, dtype: torch.dtype) -> FrozenFeatures:
     """Read the entry from ``directory``, or build and write it (once, under a lock shared by every process). A
     folder that cannot be used (read-only, full mid-write) leaves no partial file and falls back to memory; with
     ``mode == "disk"`` it is an error instead."""
@@ -440,7 +440,7 @@ def _disk_entry(directory: Path, key: str, mode: str, report: CacheReport, build
     try:
         with _file_lock(directory / f"{key}.lock"):
             if path.is_file():
-                features = load_features(path, count, dtype)
+                features = load_features(path, len(dataset), dtype)
                 report.source = "disk" if features is not None else ""
             if features is None:
                 built = build()
@@ -448,8 +448,8 @@ def _disk_entry(directory: Path, key: str, mode: str, report: CacheReport, build
                     report.mode, report.path, report.notice = "memory", None, True
                     report.reason = f"not enough free disk space in {directory} for {built.nbytes / 2**20:.0f} MiB"
                     return built
-                save_features(path, built, metadata(built))  # atomic: a failed write leaves no file
-                features = load_features(path, count, dtype)  # readers share the mapped pages
+                save_features(path, built, _metadata(model, dataset, built))  # atomic: a failed write leaves no file
+                features = load_features(path, len(dataset), dtype)  # readers share the mapped pages
     except OSError as err:
         needed = f"; the entry needs {built.nbytes / 2**20:.0f} MiB" if built is not None else ""
         if mode == "disk":

@@ -503,7 +503,7 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
         resume = f"python sweeps/run.py --space {options.space} --resume --name {state.name}"
         if storage != DEFAULT_STORAGE:
             resume += f" --storage-path {storage}"
-        done = sum(r.status in ("done", "stopped early") for o in outcomes for r in o.rows)
+        done = sum(o.counts()["done"] + o.counts()["stopped early"] for o in outcomes)
         cause = "SIGTERM" if terminated else "Ctrl-C"
         print(f"\nstopped by {cause}: sweep {state.name}, {done} of {len(tasks) * state.num_samples} trials "
               f"finished and kept; resume with: {resume}", flush=True)

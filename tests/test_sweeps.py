@@ -6,8 +6,8 @@ RAY_TMPDIR) and runs in its own process group, which the test kills afterwards: 
 touched (no global `ray stop`).
 
 Fast: everything except the tests marked slow (resume after SIGKILL, Ctrl-C, SIGTERM and a resume compared with
-an uninterrupted sweep, --address on a `ray start` cluster), which take one to three minutes each on 2 cores. The incumbent rule, the per-task routers and the schedule
-each trial trains with are also tested without Ray.
+an uninterrupted sweep, --address on a `ray start` cluster), which take one to three minutes each on 2 cores. The
+incumbent rule, the per-task routers and the schedule each trial trains with are also tested without Ray.
 """
 from __future__ import annotations
 
