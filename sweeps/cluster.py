@@ -1,18 +1,42 @@
 """Ray for a sweep: quiet settings, a private instance or a joined cluster, and what the cluster can hold."""
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 
 from .state import SweepError
 
 
-def quiet_environment() -> None:
-    """Settings Ray reads at import/start time: our own progress view instead of Tune's tables, frequent
-    experiment snapshots (little lost after a kill), token authentication for `ray start` clusters."""
+# Ray's switch between a one-machine instance and a cluster node. Off, every node, the GCS and the driver
+# advertise and bind 127.0.0.1; on (Ray's default on Linux), a node takes the machine's network address even
+# when it only ever talks to itself.
+RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def is_loopback(address: str) -> bool:
+    """``127.0.0.1:6379``, ``localhost:6379``, ``[::1]:6379`` (or the bare hosts)."""
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def quiet_environment(address: str | None = None) -> None:
+    """Settings Ray reads at import/start time, so call this before ``import ray``: our own progress view
+    instead of Tune's tables, frequent experiment snapshots (little lost after a kill), token authentication
+    for `ray start` clusters, and loopback only for a private instance (``address`` None or "local") or a
+    cluster joined on a loopback address (e.g. the one of :mod:`sweeps.local_cluster`)."""
+    if address in (None, "local") or is_loopback(address):
+        os.environ.setdefault(RAY_CLUSTER_SWITCH, "0")
+        constants = sys.modules.get("ray._private.ray_constants")
+        if constants is not None and os.environ[RAY_CLUSTER_SWITCH] == "0":
+            constants.ENABLE_RAY_CLUSTER = False  # Ray, imported already, read the switch at its import
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # `ray start` clusters use token authentication; Ray reads this before `ray.init`, so set it first
     # (a driver without it retries ~20 s, then fails). RAY_AUTH_MODE=disabled in the environment still wins.

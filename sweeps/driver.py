@@ -389,7 +389,7 @@ def trial_dirname(trial) -> str:
 def run_sweep(options: SweepOptions, started: float | None = None) -> int:
     """Run (or resume) a sweep; returns the process exit code. ``started``: a ``time.perf_counter()`` taken at
     process start, so the reported wall time includes the imports."""
-    quiet_environment()
+    quiet_environment(options.address)
     started = time.perf_counter() if started is None else started
     space = load_space(options.space)
     check_options(options, study=space.is_study)

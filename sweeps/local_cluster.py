@@ -53,7 +53,7 @@ class LocalCluster:
         return self.cluster.address
 
     def __enter__(self) -> "LocalCluster":
-        quiet_environment()  # the same RAY_AUTH_MODE as the sweep driver that will join
+        quiet_environment("127.0.0.1")  # loopback nodes, and the same RAY_AUTH_MODE as the driver that joins
         from ray.cluster_utils import Cluster
 
         try:

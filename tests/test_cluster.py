@@ -156,3 +156,38 @@ def test_fractional_gpus_pack_eight_trials_on_two_logical_gpus(tmp_path, data_ro
         runs = children(client)
         assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
         assert all("no CUDA device is visible here: training on the CPU" in r.data.tags["device_note"] for r in runs)
+
+
+@pytest.mark.slow
+def test_the_local_cluster_its_tracking_server_and_a_joined_driver_stay_on_loopback():
+    import ipaddress
+
+    import psutil
+
+    from sweeps.local_cluster import LocalCluster
+
+    # (no `import ray` before the cluster starts: Ray reads its authentication mode at import)
+    with LocalCluster(workers=2, cpus_per_worker=1) as cluster:
+        assert ipaddress.ip_address(cluster.address.rsplit(":", 1)[0]).is_loopback
+        nodes = cluster.cluster.list_all_nodes()
+        assert len(nodes) == 3 and all(ipaddress.ip_address(n.node_ip_address).is_loopback for n in nodes)
+        driver = ("import sys; from sweeps.cluster import quiet_environment, start_ray; "
+                  f"quiet_environment({cluster.address!r}); import ray; start_ray({cluster.address!r}); "
+                  "print(ray.util.get_node_ip_address(), *[n['NodeManagerAddress'] for n in ray.nodes()])")
+        joined = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=120,
+                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert joined.returncode == 0, joined.stderr[-2000:]
+        addresses = joined.stdout.split()
+        assert len(addresses) == 4 and all(ipaddress.ip_address(a).is_loopback for a in addresses), joined.stdout
+        started = psutil.Process().children(recursive=True) + [psutil.Process(cluster.server.pid)]
+        listening = set()
+        for process in started:
+            try:
+                listening |= {(process.name(), c.laddr.ip) for c in process.net_connections("inet")
+                              if c.status == psutil.CONN_LISTEN}
+            except psutil.NoSuchProcess:
+                continue
+        assert {"gcs_server", "raylet"} <= {name for name, _ in listening}, listening
+        elsewhere = {(name, ip) for name, ip in listening
+                     if not ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback}
+        assert not elsewhere, elsewhere

@@ -715,7 +715,8 @@ def test_address_joins_a_ray_start_cluster(sweep_factory):
     ray_cli = Path(sys.executable).with_name("ray")
     head = subprocess.Popen([str(ray_cli), "start", "--head", "--port", str(port), "--num-cpus", "2",
                              "--include-dashboard=false", "--node-ip-address", "127.0.0.1", "--temp-dir", head_tmp,
-                             "--disable-usage-stats"], env=sweep.env, start_new_session=True,
+                             "--disable-usage-stats"], start_new_session=True,
+                            env={**sweep.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},  # a loopback-only node
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         head_out, _ = head.communicate(timeout=120)
@@ -787,3 +788,15 @@ def test_a_space_is_checked_against_the_backbone_before_any_trial(tmp_path, edit
                                                                 "image_size": None}})
     with pytest.raises(SweepError, match=re.escape(expected)):
         plan_task(base, TASK, space)
+
+
+@pytest.mark.parametrize("address, loopback", [("127.0.0.1:6379", True), ("localhost:6379", True), ("[::1]:6379", True),
+                                               ("127.0.0.1", True), ("10.0.0.1:6379", False), ("auto", False),
+                                               ("ray://127.0.0.1:10001", False)])
+def test_private_instances_and_loopback_addresses_keep_ray_on_loopback(monkeypatch, address, loopback):
+    from sweeps.cluster import RAY_CLUSTER_SWITCH, is_loopback, quiet_environment
+
+    assert is_loopback(address) == loopback
+    monkeypatch.delenv(RAY_CLUSTER_SWITCH, raising=False)
+    quiet_environment(address)
+    assert (os.environ.get(RAY_CLUSTER_SWITCH) == "0") == loopback
