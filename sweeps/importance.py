@@ -38,11 +38,12 @@ def common_epoch(histories: Sequence[Mapping[int, float]]) -> int | None:
 
 def param_importances(trials: Sequence[tuple[Mapping[str, Any], float]], space) -> dict[str, float]:
     """``trials``: (sampled values, score) pairs; the importance of every parameter of ``space`` that each trial
-    has. Needs at least two trials and one varying parameter."""
+    has. Needs at least two trials, one varying parameter and two different scores (equal scores leave fANOVA
+    no variance to attribute)."""
     import optuna
 
     specs = [spec for spec in space.params if not spec.when and all(spec.name in values for values, _ in trials)]
-    if len(trials) < 2 or not specs:
+    if len(trials) < 2 or not specs or len({float(score) for _, score in trials}) < 2:
         return {}
     study = optuna.create_study(direction="maximize")
     distributions = {spec.name: distribution(spec) for spec in specs}

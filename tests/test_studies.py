@@ -252,3 +252,15 @@ def test_importance_ranks_the_one_parameter_that_matters_first():
     assert sum(found["importance"].values()) == pytest.approx(1.0)
     few = task_importance(rows[:6], histories, space)
     assert not few["reliable"]
+
+
+def test_importance_of_trials_that_all_scored_the_same_is_empty_not_an_error():
+    from sweeps.importance import task_importance
+    from sweeps.results import TrialRow
+
+    space = load_space("dtl_plus").resolve(12)
+    rows = [TrialRow(task=TASK, trial_id=f"t{i}", status="done", epochs=2, val_accuracy=0.1,
+                     params={"method": "dtl", "rank": 1 + i, "start_block": i, "lr": 1e-3 * (i + 1),
+                             "weight_decay": 0.01, "drop_path": 0.0}) for i in range(2)]
+    found = task_importance(rows, {"t0": {2: 0.1}, "t1": {2: 0.1}}, space)  # two trials, one score: no variance
+    assert found["importance"] == {} and found["trials"] == 2 and not found["reliable"]
