@@ -168,7 +168,7 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
         version = log_task_model(run, staging / seed_results[0]["weights"], task, example,
                                  tags={"sweep_settings": json.dumps(winner, sort_keys=True)} if winner else None)
         summary["sweep_winner"] = bool(winner)
-        run.set_tags({"registered_model": f"{registered_name(task)}/{version}"})
+        run.set_tags({"registered_model": f"{registered_name(task)}/{version or 'pending'}"})
         summary["registered_model"] = {"name": registered_name(task), "version": version}
         write_json(staging / "config.json", task_config.to_dict())
         write_json(staging / "summary.json", summary)

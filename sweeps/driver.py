@@ -315,7 +315,7 @@ def build_tuner(state: SweepState, plans: Mapping[str, TaskPlan], base_config, c
     """A new Tuner over every task, or the saved one restored (``--resume``)."""
     from ray import tune
 
-    from .records import status_callback
+    from .records import status_callback, use_sweep_outbox
     from .trainable import train_trial
 
     setups = {task: TrialSetup(
@@ -323,7 +323,8 @@ def build_tuner(state: SweepState, plans: Mapping[str, TaskPlan], base_config, c
         seed=base_config.evaluation.seeds[0], eval_every=plan.grace_epochs, threads=max(1, int(cpus)),
         tracking_uri=state.tracking_uri,
         experiment_id=state.experiment_id, parent_run_id=closer.parents[task], sweep_name=state.name,
-        space_name=plan.space.name, checkpoint_every=options.checkpoint_every) for task, plan in plans.items()}
+        space_name=plan.space.name, checkpoint_every=options.checkpoint_every,
+        outbox=use_sweep_outbox(experiment_dir)) for task, plan in plans.items()}
     trainable = tune.with_resources(tune.with_parameters(train_trial, setups=setups), {"cpu": cpus, "gpu": gpus})
     path = experiment_dir / TRIALS_DIR
     if tune.Tuner.can_restore(str(path)):
@@ -435,7 +436,7 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
     import tracking
 
     from .progress import ProgressView
-    from .records import ChildRunCloser, open_parent_run
+    from .records import TRACKING_WAIT_S, ChildRunCloser, deliver_records, open_parent_run, use_sweep_outbox
 
     start_ray(options.address)
     try:  # the cluster must hold a trial before anything of the sweep is written
@@ -448,6 +449,7 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
         raise
     earlier_wall_time = state.wall_time_s  # of earlier, interrupted runs of this sweep
     experiment_dir = storage / state.name
+    use_sweep_outbox(experiment_dir)  # before the first record: the parent runs
     print(f"sweep {state.name}: results in {experiment_dir}; MLflow experiment {state.experiment!r} at "
           f"{state.tracking_uri}", flush=True)
     client = tracking.client(state.tracking_uri)
@@ -481,10 +483,11 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
             if entry.get("parent_run_id"):
                 for run in child_runs(client, state.experiment_id, entry["parent_run_id"]).values():
                     if run.info.status == "RUNNING":
-                        client.set_tag(run.info.run_id, "interrupted", "true")
-                        client.set_terminated(run.info.run_id, "KILLED")
-                client.set_terminated(entry["parent_run_id"], "KILLED" if isinstance(err, KeyboardInterrupt)
-                                      else "FAILED")
+                        cut = tracking.Run(run.info.run_id, state.tracking_uri)
+                        cut.set_tags({"interrupted": "true"})
+                        cut.finish("KILLED", wait=0)
+                tracking.Run(entry["parent_run_id"], state.tracking_uri).finish(
+                    "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", wait=0)
         if not isinstance(err, KeyboardInterrupt):
             raise
         interrupted = True
@@ -499,6 +502,8 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
         state.finished = True
         state.save()
     report(state, outcomes, experiment_dir, elapsed)
+    # Results and best.yaml are written; the trials' processes are gone, so their journals are free to send.
+    deliver_records(experiment_dir, wait=0 if interrupted else TRACKING_WAIT_S)
     if interrupted:
         resume = f"python sweeps/run.py --space {options.space} --resume --name {state.name}"
         if storage != DEFAULT_STORAGE:

@@ -72,14 +72,14 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _start_mlflow(self) -> None:
-        port = free_port()
+    def _start_mlflow(self, port: int | None = None) -> None:
+        port = port or free_port()
         mlflow = Path(sys.executable).with_name("mlflow")
         command = [str(mlflow) if mlflow.exists() else "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                    "--workers", "1", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
                    "--default-artifact-root", str(self.folder / "mlartifacts")]
         # Its own process group: it spawns workers, and stopping the group stops them all.
-        self.server = subprocess.Popen(command, stdout=open(self.folder / "mlflow.log", "w"),
+        self.server = subprocess.Popen(command, stdout=open(self.folder / "mlflow.log", "a"),
                                        stderr=subprocess.STDOUT, start_new_session=True)
         self.tracking_uri = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -101,7 +101,8 @@ class LocalCluster:
         """Take a worker node away (its trial processes die), as a lost spot instance would."""
         self.cluster.remove_node(node or self.worker_nodes()[0], allow_graceful=False)
 
-    def close(self) -> None:
+    def stop_tracking(self) -> None:
+        """Stop the tracking server (an outage); :meth:`start_tracking` brings it back on the same port and store."""
         if self.server is not None and self.server.poll() is None:
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
@@ -111,6 +112,12 @@ class LocalCluster:
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     continue
         self.server = None
+
+    def start_tracking(self) -> None:
+        self._start_mlflow(int(self.tracking_uri.rsplit(":", 1)[1]))
+
+    def close(self) -> None:
+        self.stop_tracking()
         if self.cluster is not None:
             self.cluster.shutdown()
             self.cluster = None

@@ -14,11 +14,37 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .trainable import METRIC, TAG_KIND, TAG_SWEEP, TAG_TASK, TAG_TRIAL, TASK_KEY, TIME_ATTR
+from .trainable import METRIC, RUN_KEY, TAG_KIND, TAG_SWEEP, TAG_TASK, TAG_TRIAL, TASK_KEY, TIME_ATTR, TRIAL_ERROR
+
+OUTBOX_DIR = "mlflow-outbox"  # the sweep's MLflow journals while the store is unreachable (tracking.outbox)
+# How long a sweep that has ended waits for an unreachable store to take its delayed records before it leaves
+# them in its outbox folder for `python -m tracking.outbox replay`.
+TRACKING_WAIT_S = float(os.environ.get("DTL_TRACKING_WAIT_S", 900))
+
+
+def use_sweep_outbox(experiment_dir: Path) -> str:
+    """Route this process's MLflow records (and the trials', through their setup) via the sweep's own outbox."""
+    from tracking.outbox import OUTBOX_ENV
+
+    os.environ[OUTBOX_ENV] = str(experiment_dir / OUTBOX_DIR)
+    return os.environ[OUTBOX_ENV]
+
+
+def deliver_records(experiment_dir: Path, wait: float = TRACKING_WAIT_S) -> None:
+    """Send every delayed record of the sweep (the driver's own and the journals its trials left), waiting up
+    to ``wait`` s for an unreachable store; what is still not sent stays for the replay command."""
+    from tracking.outbox import flush_all, replay
+
+    deadline = time.monotonic() + wait
+    if flush_all(0, quiet=True) and not any((experiment_dir / OUTBOX_DIR).glob("*.jsonl")):
+        return
+    replay(experiment_dir / OUTBOX_DIR, wait=wait)
+    flush_all(max(1.0, deadline - time.monotonic()))
 
 
 def open_parent_run(experiment_id: str, tracking_uri: str, sweep_name: str, task: str, space, base_config,
@@ -46,8 +72,20 @@ def child_runs(client, experiment_id: str, parent_run_id: str) -> dict[str, Any]
     """trial id -> the trial's child run."""
     from tracking import TAG_PARENT
 
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
-                              max_results=10000)
+    from tracking.outbox import is_transient, outbox_for
+
+    box = outbox_for(client.tracking_uri)
+    parent = box.known(parent_run_id)
+    if parent is None:
+        return {}
+    try:
+        runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent}'",
+                                  max_results=10000)
+    except Exception as err:  # unreachable: the trials' and the driver's own records close the runs later
+        if not is_transient(err):
+            raise
+        box.note_outage(err)
+        return {}
     return {run.data.tags.get(TAG_TRIAL): run for run in runs}
 
 
@@ -72,19 +110,28 @@ class ChildRunCloser:
         self.epochs = dict(epochs)  # task -> epochs of a trial trained to the end
 
     def close(self, trial, status: str) -> None:
+        """Through the outbox: never waits for the store. A trial that trained to the end, or failed on its own,
+        closed its run itself."""
         import tracking
 
         task = (trial.config or {}).get(TASK_KEY)
+        result = trial.last_result or {}
+        epoch = int(result.get(TIME_ATTR, 0) or 0)
+        if status == "FINISHED" and (TRIAL_ERROR in result or epoch >= self.epochs[task]):
+            return
         try:
-            found = tracking.Run.find(self.experiment_id, self.tracking_uri, parent=self.parents[task],
-                                      **{TAG_TRIAL: trial.trial_id})
-            if found is None or found.info.status != "RUNNING":
-                return
-            run = tracking.Run(found.info.run_id, self.tracking_uri)
-            epoch = int((trial.last_result or {}).get(TIME_ATTR, 0) or 0)
-            if status == "FINISHED" and epoch < self.epochs[task]:
+            run_id = result.get(RUN_KEY)
+            if run_id is None:  # it died before its first report: look for its run
+                found = tracking.Run.find(self.experiment_id, self.tracking_uri, parent=self.parents[task],
+                                          **{TAG_TRIAL: trial.trial_id})
+                if found is None or found.info.status != "RUNNING":
+                    return
+                run_id = found.info.run_id
+            run = tracking.Run(run_id, self.tracking_uri)
+            if status == "FINISHED":
                 run.set_tags({"stopped_early": f"epoch {epoch} of {self.epochs[task]} (ASHA)"})
-            run.finish(status, error=(error_summary(trial) or "the trial's worker died") if status == "FAILED" else None)
+            run.finish(status, error=(error_summary(trial) or "the trial's worker died") if status == "FAILED" else None,
+                       wait=0)
         except Exception as err:  # never let bookkeeping stop the sweep; the driver reconciles at the end
             print(f"warning: could not close the MLflow run of trial {trial.trial_id}: {err}", file=sys.stderr)
 
@@ -107,6 +154,7 @@ def reconcile_runs(client, closer: ChildRunCloser, task: str, trials: Sequence[A
     """After ``fit()``: give every child run of ``task`` the status of its trial (KILLED for trials cut off by a
     stop); returns trial id -> run."""
     import tracking
+    import tracking.outbox
 
     parent = closer.parents[task]
     client = client or tracking.client(closer.tracking_uri)
@@ -116,9 +164,9 @@ def reconcile_runs(client, closer: ChildRunCloser, task: str, trials: Sequence[A
         if trial_id not in known and run.info.status == "RUNNING":
             # Started after the last experiment snapshot of a driver that was then killed: Tune does not know
             # this trial and sampled a new one in its place.
-            client.set_tag(run.info.run_id, "lost_trial", "started just before the driver was killed; Tune "
-                                                          "re-ran it as a new trial")
-            client.set_terminated(run.info.run_id, "KILLED")
+            lost = tracking.Run(run.info.run_id, closer.tracking_uri)
+            lost.set_tags({"lost_trial": "started just before the driver was killed; Tune re-ran it as a new trial"})
+            lost.finish("KILLED", wait=0)
     for trial in trials:
         run = runs.get(trial.trial_id)
         if run is None or run.info.status != "RUNNING":
@@ -128,8 +176,12 @@ def reconcile_runs(client, closer: ChildRunCloser, task: str, trials: Sequence[A
         elif trial.status == "ERROR":
             closer.close(trial, "FAILED")
         else:
-            client.set_tag(run.info.run_id, "interrupted", "true")
-            client.set_terminated(run.info.run_id, "KILLED")
+            cut = tracking.Run(run.info.run_id, closer.tracking_uri)
+            cut.set_tags({"interrupted": "true"})
+            cut.finish("KILLED", wait=0)
+    box = tracking.outbox.outbox_for(closer.tracking_uri)
+    if not box.unreachable:
+        box.flush(30)  # the statuses above, before the runs are read back
     return child_runs(client, closer.experiment_id, parent)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .selection import ALPHA, Candidate, Decision, choose_winner, decode_correct
-from .trainable import CORRECT, COST_METRICS, METRIC, TIME_ATTR, TRIAL_ERROR, plain, split_trial_config
+from .trainable import CORRECT, COST_METRICS, METRIC, RUN_KEY, TIME_ATTR, TRIAL_ERROR, plain, split_trial_config
 
 STATUSES = ("done", "stopped early", "failed", "unfinished")
 
@@ -81,7 +81,8 @@ def trial_row(trial, epochs: int, run=None, error: str | None = None) -> TrialRo
         val_accuracy=float(accuracy) if isinstance(accuracy, (int, float)) and math.isfinite(accuracy) else None,
         params=plain(params), incumbent=incumbent,
         cost={k: float(result[k]) for k in COST_METRICS if isinstance(result.get(k), (int, float))},
-        correct=result.get(CORRECT) if status == "done" else None, error=error, run_id=run.info.run_id if run else None,
+        correct=result.get(CORRECT) if status == "done" else None, error=error,
+        run_id=run.info.run_id if run else result.get(RUN_KEY),
         restarts=int(getattr(trial, "num_failures", 0) or 0))
 
 

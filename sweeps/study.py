@@ -225,6 +225,7 @@ def study_tuner(options, state: SweepState, space: SearchSpace, base_config, tas
     from ray import tune
 
     from .driver import TRIALS_DIR, trial_dirname
+    from .records import use_sweep_outbox
     from .trainable import TrialSetup, train_trial
 
     setups = {task: TrialSetup(
@@ -232,7 +233,7 @@ def study_tuner(options, state: SweepState, space: SearchSpace, base_config, tas
         eval_every=base_config.for_task(task).training.eval_every, threads=max(1, int(options.cpus_per_trial)),
         tracking_uri=state.tracking_uri, experiment_id=state.experiment_id, parent_run_id=parent_run_id,
         sweep_name=state.name, space_name=space.name, checkpoint_every=options.checkpoint_every,
-        tags={"study": space.name}, study=True) for task in tasks}
+        tags={"study": space.name}, study=True, outbox=use_sweep_outbox(path.parent)) for task in tasks}
     trainable = tune.with_resources(tune.with_parameters(train_trial, setups=setups),
                                     {"cpu": options.cpus_per_trial, "gpu": gpus})
     if tune.Tuner.can_restore(str(path)):
@@ -256,7 +257,7 @@ def run_study(options, space: SearchSpace, started: float) -> int:
     from .cluster import check_resources, default_concurrency, start_ray
     from .driver import DEFAULT_STORAGE, EXIT_FAILED, EXIT_INTERRUPTED, TRIALS_DIR, load_base, prepare_state
     from .progress import ProgressView
-    from .records import ChildRunCloser, status_callback
+    from .records import ChildRunCloser, deliver_records, status_callback, use_sweep_outbox
     from .state import find_saved_state
 
     storage = Path(options.storage_path).expanduser().resolve()
@@ -293,6 +294,7 @@ def run_study(options, space: SearchSpace, started: float) -> int:
         raise
     state.kind, state.seeds = "study", seeds
     experiment_dir = storage / state.name
+    use_sweep_outbox(experiment_dir)  # before the first record
     parent = open_study_run(state, space, base_config, tasks, seeds)
     for task in tasks:
         state.tasks.setdefault(task, {})["parent_run_id"] = parent.run_id
@@ -333,12 +335,14 @@ def run_study(options, space: SearchSpace, started: float) -> int:
         resume = f"python sweeps/run.py --space {options.space} --resume --name {state.name}"
         print(f"\nThe study was interrupted; finished runs are kept. Resume it with:\n  {resume}"
               + (f" --storage-path {storage}" if storage != DEFAULT_STORAGE else ""), flush=True)
-        parent.finish("KILLED")
+        parent.finish("KILLED", wait=0)
+        deliver_records(experiment_dir, wait=0)
         return EXIT_INTERRUPTED
     state.finished = True
     state.save()
     finished = any(r.status == "done" for r in rows)
-    parent.finish("FINISHED" if finished else "FAILED", error=None if finished else "no point finished")
+    parent.finish("FINISHED" if finished else "FAILED", error=None if finished else "no point finished", wait=0)
+    deliver_records(experiment_dir)
     return 0 if finished else EXIT_FAILED
 
 

@@ -22,6 +22,7 @@ child per trial.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -36,6 +37,8 @@ CORRECT = "val_correct"  # which val images the final model got right (sweeps.se
 # would retry a raised error like a lost node, and retrying cannot fix those.
 TRIAL_ERROR = "trial_error"
 STATE_FILE = "training_state.pt"  # the trial's checkpoint: dtl.engine.TrainingState (kilobytes, no backbone)
+RUN_FILE = "mlflow_run.json"  # beside it: the trial's MLflow run and restarts, known with the store unreachable
+RUN_KEY = "mlflow_run_id"  # in every report: the driver closes a stopped trial's run without searching the store
 # Cost figures of a finished trial (dtl.engine.TrainResult.summary), next to its accuracy.
 COST_METRICS = ("trainable_params", "train_time_s", "cpu_time_s", "saved_bytes_per_batch", "peak_memory_bytes",
                 "images_per_s")
@@ -70,6 +73,7 @@ class TrialSetup:
     sweep_name: str
     space_name: str
     checkpoint_every: float = 60.0  # seconds between checkpoints besides the epochs that score val200 (0: every epoch)
+    outbox: str = ""  # the sweep's MLflow outbox folder (tracking.outbox); "" = the default one
     tags: Mapping[str, str] = field(default_factory=dict)
     # A study trial follows the base's own protocol (VTAB-1K final: train800val200 -> test) and scores every
     # split it reports; a sweep trial follows the selection protocol (val200), never the test split.
@@ -138,20 +142,27 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
     # Workers of a `ray start` cluster do not inherit the driver's environment: make every MLflow call in this
     # process use the sweep's store, never a default file here.
     os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
+    if setup.outbox:
+        from tracking.outbox import OUTBOX_ENV
+
+        os.environ[OUTBOX_ENV] = setup.outbox
     context = tune.get_context()
     trial_id = context.get_trial_id()
-    existing = find_child_run(setup, trial_id)  # its MLflow run, if an earlier attempt opened one
-    # A trial that finished before the sweep stopped is not trained again, whatever checkpoint Tune kept of it.
-    if report_recorded_result(setup, existing):
-        return
-    resume_from = None
+    resume_from, known = None, None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume_from = TrainingState.load(Path(folder) / STATE_FILE)
+            if (Path(folder) / RUN_FILE).exists():
+                known = json.loads((Path(folder) / RUN_FILE).read_text())
+    existing = find_child_run(setup, trial_id)  # its MLflow run, if an attempt opened one (None: unreachable)
+    # A trial that finished before the sweep stopped is not trained again, whatever checkpoint Tune kept of it.
+    if report_recorded_result(setup, existing):
+        return
     folder = Path(tempfile.mkdtemp(prefix="dtl_trial_"))
     try:
-        with child_run(setup, existing, trial_id, context.get_trial_name(), incumbent, resume_from) as run:
+        with child_run(setup, existing, trial_id, context.get_trial_name(), incumbent, resume_from,
+                       known) as (run, restarts):
             from dtl.experiment import run_task, task_num_classes
             from dtl.io import write_json
             from dtl.trained import RECORD_FILE, record
@@ -161,6 +172,7 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
             # Beside every checkpoint's training state: what dtl.load_trained needs to rebuild the trial's model.
             write_json(folder / RECORD_FILE, record(resolved, task, task_num_classes(resolved, task), seed,
                                                     resolved.data.image_size))
+            write_json(folder / RUN_FILE, {"run_id": run.run_id, "restarts": restarts})
             record_trial(run, resolved, params, task)
             note_device(run, resolved.training.device)
             last_epoch = resolved.training.epochs - 1
@@ -186,7 +198,7 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
                     state.save(folder / STATE_FILE)
                     checkpoint = tune.Checkpoint.from_directory(str(folder))
                     latest["checkpointed"] = time.monotonic()
-                tune.report(tune_metrics(epoch, metrics), checkpoint=checkpoint)
+                tune.report({**tune_metrics(epoch, metrics), RUN_KEY: run.run_id}, checkpoint=checkpoint)
 
             task_run = run_task(trial, task, seed=seed, callbacks=[report_epoch], resume_from=resume_from,
                                 save_state=save_state)
@@ -199,6 +211,7 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
                 summary = {**summary, **final}
             else:
                 final[CORRECT] = encode_correct(result.correct["val"].tolist())
+            final[RUN_KEY] = run.run_id
             record_result(run, summary, final.get(CORRECT))
     except Exception as err:  # the child run is closed FAILED with the traceback; Tune must not retry it
         tune.report({TRIAL_ERROR: f"{type(err).__name__}: {err}"[:1000]})
@@ -235,9 +248,16 @@ def report_recorded_result(setup: TrialSetup, run) -> bool:
     import tracking
     from ray import tune
 
+    from tracking.outbox import is_transient
+
     if run is None or run.info.status != "FINISHED" or METRIC not in run.data.metrics:
         return False
-    history = tracking.client(setup.tracking_uri).get_metric_history(run.info.run_id, METRIC)
+    try:
+        history = tracking.client(setup.tracking_uri).get_metric_history(run.info.run_id, METRIC)
+    except Exception as err:  # the store went away meanwhile: train it again, which gives the same result
+        if not is_transient(err):
+            raise
+        return False
     tracking.Run(run.info.run_id, setup.tracking_uri).set_tags({"resumed": "reported from the recorded run, "
                                                                            "not retrained"})
     recorded = {CORRECT: run.data.tags[CORRECT]} if CORRECT in run.data.tags else {}
@@ -300,17 +320,22 @@ def record_result(run, summary: Mapping[str, Any], correct: str) -> None:
 
 
 @contextmanager
-def child_run(setup: TrialSetup, existing, trial_id: str, trial_name: str, incumbent: bool, resume_from=None):
-    """Open (or, for a restarted trial whose run is ``existing``, reopen) the trial's child run and close it with
-    its outcome. A trial restarted from a checkpoint (``resume_from``) keeps its run, and its curve goes on from
-    there. Tune stops a trial by raising SystemExit in ``tune.report`` (an ASHA stop, or the whole sweep
-    stopping): only the driver knows which, so it sets that status."""
+def child_run(setup: TrialSetup, existing, trial_id: str, trial_name: str, incumbent: bool, resume_from=None,
+              known: Mapping[str, Any] | None = None):
+    """Open (or, for a restarted trial, reopen) the trial's child run and close it with its outcome. A trial
+    restarted from a checkpoint (``resume_from``) keeps its run (``existing``, found in the store, else
+    ``known``, the run its checkpoint names), and its curve goes on from there. Tune stops a trial by raising
+    SystemExit in ``tune.report`` (an ASHA stop, or the whole sweep stopping): only the driver knows which, so
+    it sets that status. Yields the run and how often the trial was restarted."""
     import tracking
 
-    if existing is not None:
-        run = tracking.Run.reopen(existing.info.run_id, setup.tracking_uri)
+    restarts = 0
+    if existing is not None or known:
+        run_id = existing.info.run_id if existing is not None else known["run_id"]
+        restarts = 1 + int(existing.data.tags.get("restarts", "0") if existing is not None else known["restarts"])
+        run = tracking.Run.reopen(run_id, setup.tracking_uri)
         # restarted after its worker died: from its last checkpoint, or from scratch if it had none yet
-        run.set_tags({"resumed": "true", "restarts": int(existing.data.tags.get("restarts", "0")) + 1,
+        run.set_tags({"resumed": "true", "restarts": restarts,
                       "restarted_from_epoch": resume_from.epochs_done if resume_from is not None else 0})
     else:
         run = tracking.Run.create(setup.experiment_id, f"{setup.task}-{trial_id}", {
@@ -319,7 +344,7 @@ def child_run(setup: TrialSetup, existing, trial_id: str, trial_name: str, incum
             "incumbent": str(incumbent).lower(),  # the task's current configuration, never stopped early
             **setup.tags}, parent=setup.parent_run_id, uri=setup.tracking_uri)
     with tracking.recorded(run, leave_open=(SystemExit,)):
-        yield run
+        yield run, restarts
 
 
 def plain(values: Mapping[str, Any]) -> dict[str, Any]:

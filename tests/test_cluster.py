@@ -191,3 +191,43 @@ def test_the_local_cluster_its_tracking_server_and_a_joined_driver_stay_on_loopb
         elsewhere = {(name, ip) for name, ip in listening
                      if not ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback}
         assert not elsewhere, elsewhere
+
+
+@pytest.mark.slow
+def test_a_sweep_survives_its_tracking_server_down_for_ten_minutes(tmp_path, data_root):
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.local_cluster import LocalCluster
+
+    outage_s = float(os.environ.get("DTL_TEST_OUTAGE_S", 600))
+    with LocalCluster(workers=3, cpus_per_worker=1) as cluster:
+        client = MlflowClient(cluster.tracking_uri)
+        command = sweep_command(tmp_path, data_root, epochs=8, image_size=32, space=SPACE, address=cluster.address)
+        process = start(command, tmp_path, cluster.tracking_uri)
+        deadline = time.monotonic() + 300
+        while sum(r.info.status == "RUNNING" for r in children(client)) < 3:  # every trial training
+            assert process.poll() is None, (tmp_path / "sweep.log").read_text()
+            assert time.monotonic() < deadline, "no three trials ran within 300 s"
+            time.sleep(1)
+        cluster.stop_tracking()
+        down = time.monotonic()
+        while time.monotonic() - down < outage_s and process.poll() is None:
+            time.sleep(2)
+        ended_during_outage = process.poll() is not None
+        cluster.start_tracking()
+        out = finish(process, tmp_path, timeout=1200)
+        assert process.returncode == 0, out
+        assert not ended_during_outage, out  # the driver waits for the server to take the delayed records
+        assert "is unreachable" in out and "records are delayed" in out
+        results = json.loads((tmp_path / "results" / "cluster" / "results.json").read_text())
+        rows = [row for task in results["tasks"].values() for row in task["rows"]]
+        assert len(rows) == 6 and all(r["status"] in ("done", "stopped early") for r in rows), rows
+        runs = children(MlflowClient(cluster.tracking_uri))
+        assert len(runs) == 6 and {r.data.tags["trial_id"] for r in runs} == {r["trial_id"] for r in rows}
+        assert all(r.info.status == "FINISHED" for r in runs), [(r.data.tags["trial_id"], r.info.status) for r in runs]
+        for row in rows:  # complete: every epoch the trial trained is in its curve
+            run = next(r for r in runs if r.data.tags["trial_id"] == row["trial_id"])
+            steps = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}
+            assert steps == set(range(row["epochs"])), (row, steps)
+        assert not list((tmp_path / "results" / "cluster" / "mlflow-outbox").glob("*.jsonl"))
+        print(out[-3000:])

@@ -36,6 +36,7 @@ TAG_PID, TAG_HOST = "pid", "host"  # of the process that writes the run: a dead 
 # Model-training experiments: MLflow 3's UI then opens them on their runs, not on its GenAI overview.
 TAG_EXPERIMENT_KIND, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 _PARAM_BATCH = 100  # MLflow takes at most 100 params per call
+FINISH_WAIT_S = 30.0
 
 
 def tracking_uri() -> str:
@@ -49,7 +50,20 @@ def client(uri: str | None = None):
 
 
 def init_tracking(experiment: str, uri: str | None = None) -> str:
-    """Create the store's schema and the experiment if needed (call once, before workers write); its id."""
+    """Create the store's schema and the experiment if needed (call once, before workers write); its id. While
+    the server is unreachable: a stand-in id that the outbox resolves by name once it answers."""
+    from .outbox import EXPERIMENT_BY_NAME, is_transient, outbox_for
+
+    try:
+        return _init_experiment(experiment, uri)
+    except Exception as err:
+        if not is_transient(err):
+            raise
+        outbox_for(uri or tracking_uri()).note_outage(err)
+        return EXPERIMENT_BY_NAME + experiment
+
+
+def _init_experiment(experiment: str, uri: str | None) -> str:
     mlflow_client = client(uri)
     found = mlflow_client.get_experiment_by_name(experiment)
     if found:
@@ -108,75 +122,106 @@ def list_digest(path: str | Path) -> str:
 
 
 class Run:
-    """One MLflow run, written with the client API (safe from many processes at once)."""
+    """One MLflow run. Its writes go through the process's outbox (:mod:`tracking.outbox`): they never wait for
+    the store, survive its outages, and are safe from many processes at once."""
 
-    def __init__(self, run_id: str, uri: str | None = None):
-        self.run_id = run_id
+    def __init__(self, run_id: str, uri: str | None = None, outbox: str | Path | None = None):
+        from .outbox import outbox_for
+
+        self.run_id = run_id  # a provisional ``pending-...`` id while the store was unreachable at creation
         self.uri = uri or tracking_uri()
-        self.client = client(self.uri)
+        self.outbox = outbox_for(self.uri, outbox)
         self.closed = False
+
+    @property
+    def client(self):
+        return client(self.uri)
 
     # --- opening ----------------------------------------------------------------------------------------------
     @classmethod
     def create(cls, experiment_id: str, name: str, tags: Mapping[str, Any] | None = None,
                params: Mapping[str, Any] | None = None, parent: "Run | str | None" = None,
-               uri: str | None = None) -> "Run":
+               uri: str | None = None, outbox: str | Path | None = None) -> "Run":
+        """A new run, created at once when the store answers, else as soon as it does (a provisional id meanwhile)."""
+        from .outbox import EXPERIMENT_BY_NAME, PENDING, is_transient, new_pending_id
+
         commit = git_commit()
         all_tags = {"git_commit": commit or "uncommitted", **{k: str(v) for k, v in (tags or {}).items()},
                     TAG_NAME: name, TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname()}
-        if parent is not None:
-            all_tags[TAG_PARENT] = parent.run_id if isinstance(parent, Run) else parent
-        run_id = client(uri).create_run(experiment_id, tags=all_tags).info.run_id
-        run = cls(run_id, uri)
+        parent_id = parent.run_id if isinstance(parent, Run) else parent
+        run = cls(new_pending_id(), uri, outbox)
+        parent_known = run.outbox.known(parent_id) if parent_id else ""  # None: queued for creation itself
+        if not (run.outbox.unreachable or parent_known is None or experiment_id.startswith(EXPERIMENT_BY_NAME)):
+            try:
+                created = run.client.create_run(experiment_id, tags={
+                    **all_tags, **({TAG_PARENT: parent_known} if parent_id else {})})
+                run.run_id = created.info.run_id
+            except Exception as err:
+                if not is_transient(err):
+                    raise
+                run.outbox.note_outage(err)
+        if run.run_id.startswith(PENDING):
+            run.outbox.put({"op": "create", "run": run.run_id, "experiment_id": experiment_id, "tags": all_tags,
+                            "parent": parent_id, "time": _now_ms()})
         if params:
             run.log_params(params)
         return run
 
     @classmethod
-    def reopen(cls, run_id: str, uri: str | None = None) -> "Run":
+    def reopen(cls, run_id: str, uri: str | None = None, outbox: str | Path | None = None) -> "Run":
         """Mark a run RUNNING again (a restarted trial continues its own run)."""
-        run = cls(run_id, uri)
-        run.client.update_run(run_id, status="RUNNING")
+        run = cls(run_id, uri, outbox)
+        run.outbox.put({"op": "status", "run": run_id, "status": "RUNNING"})
         return run
 
     @classmethod
     def find(cls, experiment_id: str, uri: str | None = None, **tags: str):
-        """The newest run of ``experiment_id`` with these tags (``parent=`` matches the parent run id), or None."""
+        """The newest run of ``experiment_id`` with these tags (``parent=`` matches the parent run id), or None
+        (also while the store is unreachable)."""
+        from .outbox import is_transient, outbox_for
+
         parent = tags.pop("parent", None)
+        box = outbox_for(uri or tracking_uri())
+        if parent:
+            parent = box.known(parent)
+            if parent is None:  # a parent not created yet has no children yet
+                return None
         conditions = [f"tags.`{TAG_PARENT}` = '{parent}'"] if parent else []
         conditions += [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
-        found = client(uri).search_runs([experiment_id], filter_string=" and ".join(conditions), max_results=1,
-                                        order_by=["attributes.start_time DESC"])
+        try:
+            found = client(uri).search_runs([experiment_id], filter_string=" and ".join(conditions), max_results=1,
+                                            order_by=["attributes.start_time DESC"])
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            box.note_outage(err)
+            return None
         return found[0] if found else None
 
     def exists(self) -> bool:
+        """False only when the store says there is no such run (an unreachable store cannot tell: True)."""
         from mlflow.exceptions import MlflowException
 
+        run_id = self.outbox.known(self.run_id)
+        if run_id is None:
+            return True  # queued for creation
         try:
-            self.client.get_run(self.run_id)
-        except MlflowException:
-            return False
+            self.client.get_run(run_id)
+        except MlflowException as err:
+            return err.error_code != "RESOURCE_DOES_NOT_EXIST"
         return True
-
-    @property
-    def info(self):
-        return self.client.get_run(self.run_id)
 
     # --- writing ----------------------------------------------------------------------------------------------
     def log_params(self, values: Mapping[str, Any]) -> None:
-        """Flattened params, each key once (a reopened run keeps what it logged before)."""
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(self.run_id).data.params
-        new = [Param(k, "null" if v is None else str(v)[:6000]) for k, v in flatten(values).items()
-               if k not in existing]
+        """Flattened params; one logged before keeps its value (a reopened run)."""
+        new = [[k, "null" if v is None else str(v)[:6000]] for k, v in flatten(values).items()]
         for start in range(0, len(new), _PARAM_BATCH):
-            self.client.log_batch(self.run_id, params=new[start:start + _PARAM_BATCH])
+            self.outbox.put({"op": "params", "run": self.run_id, "params": new[start:start + _PARAM_BATCH]})
 
     def log_metrics(self, values: Mapping[str, Any], step: int = 0) -> None:
-        metrics = finite_metrics(values, step)
+        metrics = [[m.key, m.value, m.timestamp, m.step] for m in finite_metrics(values, step)]
         if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
+            self.outbox.put({"op": "batch", "run": self.run_id, "metrics": metrics})
 
     def epoch_logger(self):
         """An engine callback logging each epoch's metrics at step = epoch."""
@@ -187,32 +232,37 @@ class Run:
         return log
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value)[:5000])
+        if tags:
+            self.outbox.put({"op": "batch", "run": self.run_id,
+                             "tags": [[key, str(value)[:5000]] for key, value in tags.items()]})
 
     def log_dataset(self, name: str, list_file: str | Path, context: str) -> None:
         """A dataset input (the UI's Dataset column): ``name`` (e.g. ``digits/train800``), the list file as its
         source and digest, ``context`` train / validation / test."""
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
-        dataset = Dataset(name=name, digest=list_digest(list_file), source_type="local",
-                          source=str(Path(list_file).resolve()))
-        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+        self.outbox.put({"op": "inputs", "run": self.run_id, "name": name, "digest": list_digest(list_file),
+                         "source": str(Path(list_file).resolve()), "context": context})
 
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        elif path.is_file():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        if path.exists():
+            self.outbox.put({"op": "artifact", "run": self.run_id, "path": str(self.outbox.keep_copy(path)),
+                             "artifact_path": artifact_path})
 
-    def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
+    def finish(self, status: str = "FINISHED", error: str | None = None, wait: float = FINISH_WAIT_S) -> None:
+        """End the run; then wait up to ``wait`` s for this process's records to reach the store, so a run
+        is complete when its stage or trial ends (no wait while the store is unreachable)."""
         if self.closed:
             return
         if error:
-            self.client.set_tag(self.run_id, "error", error[:5000])
-        self.client.set_terminated(self.run_id, status)
+            self.set_tags({"error": error[:5000]})
+        self.outbox.put({"op": "terminate", "run": self.run_id, "status": status, "time": _now_ms()})
         self.closed = True
+        if wait and not self.outbox.unreachable:
+            self.outbox.flush(wait)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def close_orphaned_runs(experiment_id: str, uri: str | None = None, **tags: str) -> int:
@@ -220,9 +270,17 @@ def close_orphaned_runs(experiment_id: str, uri: str | None = None, **tags: str)
     its machine rebooted): KILLED, with a tag saying so. Returns how many."""
     import psutil
 
+    from .outbox import is_transient, outbox_for
+
     conditions = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
     conditions += ["attributes.status = 'RUNNING'", f"tags.`{TAG_HOST}` = '{socket.gethostname()}'"]
-    found = client(uri).search_runs([experiment_id], filter_string=" and ".join(conditions), max_results=1000)
+    try:
+        found = client(uri).search_runs([experiment_id], filter_string=" and ".join(conditions), max_results=1000)
+    except Exception as err:  # an unreachable store: the next stage closes them
+        if not is_transient(err):
+            raise
+        outbox_for(uri or tracking_uri()).note_outage(err)
+        return 0
     closed = 0
     for run in found:
         pid = int(run.data.tags.get(TAG_PID, "0") or 0)

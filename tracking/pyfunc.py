@@ -78,10 +78,13 @@ class TaskModel(mlflow.pyfunc.PythonModel):
 
 
 def log_task_model(run, weights: str | Path, task: str, example_image: str | Path | None = None,
-                   tags: dict[str, str] | None = None) -> int:
+                   tags: dict[str, str] | None = None) -> int | None:
     """Save the pyfunc of ``weights`` (a trained weights file with its settings), log it as ``run``'s artifact
-    folder ``model`` and register it as ``dtl-<task>`` (the new version gets ``tags``); returns its number."""
+    folder ``model`` and register it as ``dtl-<task>`` (the new version gets ``tags``); returns its number, or
+    None while the store is unreachable (the version is then registered when the delayed records are sent)."""
     from mlflow.models import infer_signature
+
+    from .outbox import is_transient
 
     examples = pd.DataFrame({"image": [encode_image(example_image)]}) if example_image else None
     signature = None
@@ -96,27 +99,44 @@ def log_task_model(run, weights: str | Path, task: str, example_image: str | Pat
         mlflow.pyfunc.save_model(str(target), python_model=TaskModel(), artifacts={WEIGHTS: str(weights)},
                                  signature=signature, input_example=examples,
                                  pip_requirements=[], metadata={"task": task})
-        run.client.log_artifacts(run.run_id, str(target), MODEL_PATH)
+        run_id = run.outbox.known(run.run_id)
+        if run_id is not None and not run.outbox.unreachable:
+            try:
+                return register_model(run.client, run_id, target, task, tags)
+            except Exception as err:
+                if not is_transient(err):
+                    raise
+                run.outbox.note_outage(err)
+        run.outbox.put({"op": "model", "run": run.run_id, "path": str(run.outbox.keep_copy(target)), "task": task,
+                        "tags": tags})
+    return None
+
+
+def register_model(client, run_id: str, folder: Path, task: str, tags: dict[str, str] | None) -> int:
+    """Log a saved pyfunc folder as the run's ``model`` artifacts and register it as a new version."""
     from mlflow.exceptions import MlflowException
 
-    name, client = registered_name(task), run.client
+    client.log_artifacts(run_id, str(folder), MODEL_PATH)
+    name = registered_name(task)
     try:
         client.create_registered_model(name, description=f"DTL toolkit: the trained {task} model")
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":  # else an earlier run registered it
             raise
-    source = f"{client.get_run(run.run_id).info.artifact_uri}/{MODEL_PATH}"
-    version = client.create_model_version(name, source, run_id=run.run_id, tags={"task": task, **(tags or {})})
+    source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_PATH}"
+    version = client.create_model_version(name, source, run_id=run_id, tags={"task": task, **(tags or {})})
     return int(version.version)
 
 
 def tag_tested_version(registered: dict, test_accuracy: float, sweep_winner: bool, uri: str | None = None) -> None:
     """After the evaluate stage: the version's test accuracy, and ``sweep_winner: tested`` for a sweep's winner
-    that ``dvc repro`` has now retrained and tested."""
-    from . import client
+    that ``dvc repro`` has now retrained and tested (through the outbox: an unreachable store delays them). A
+    version registered late, from delayed records, has no number here and is left untagged."""
+    from . import tracking_uri
+    from .outbox import outbox_for
 
-    mlflow_client = client(uri)
-    name, version = registered["name"], str(registered["version"])
-    mlflow_client.set_model_version_tag(name, version, "test_accuracy", f"{test_accuracy:.6f}")
-    if sweep_winner:
-        mlflow_client.set_model_version_tag(name, version, "sweep_winner", "tested")
+    if registered.get("version") is None:
+        return
+    tags = {"test_accuracy": f"{test_accuracy:.6f}", **({"sweep_winner": "tested"} if sweep_winner else {})}
+    outbox_for(uri or tracking_uri()).put({"op": "version_tags", "name": registered["name"],
+                                           "version": str(registered["version"]), "tags": tags})
