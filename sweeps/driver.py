@@ -52,6 +52,7 @@ SCHEDULERS = ("asha", "fifo")
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports a process it interrupted
 EXIT_TERMINATED = 143  # SIGTERM (kill, timeout, a batch scheduler): 128 + 15
 EXIT_FAILED = 1
+EXIT_STORAGE_FULL = 75  # the storage folder filled up: free space, then --resume (sysexits' EX_TEMPFAIL)
 
 __all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_STORAGE", "SCHEDULERS", "STATE_FILE", "SweepError", "SweepOptions",
            "TaskPlan", "current_settings", "plan_task", "run_sweep"]
@@ -316,6 +317,7 @@ def build_tuner(state: SweepState, plans: Mapping[str, TaskPlan], base_config, c
     from ray import tune
 
     from .records import status_callback, use_sweep_outbox
+    from .storage import StorageWatch
     from .trainable import train_trial
 
     setups = {task: TrialSetup(
@@ -373,7 +375,7 @@ def build_tuner(state: SweepState, plans: Mapping[str, TaskPlan], base_config, c
             # trial that fails on its own reports the error instead, see sweeps.trainable, and is not retried).
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[status_callback(closer), progress]),
+            callbacks=[status_callback(closer), progress, StorageWatch(experiment_dir)]),
     )
     return tuner, False
 
@@ -438,6 +440,9 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
     from .progress import ProgressView
     from .records import TRACKING_WAIT_S, ChildRunCloser, deliver_records, open_parent_run, use_sweep_outbox
 
+    from .storage import SHORTAGES, check_free_space
+
+    check_free_space(storage)
     start_ray(options.address)
     try:  # the cluster must hold a trial before anything of the sweep is written
         total = check_resources(options.cpus_per_trial, options.gpus_per_trial or 0)
@@ -509,10 +514,12 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
         if storage != DEFAULT_STORAGE:
             resume += f" --storage-path {storage}"
         done = sum(o.counts()["done"] + o.counts()["stopped early"] for o in outcomes)
-        cause = "SIGTERM" if terminated else "Ctrl-C"
-        print(f"\nstopped by {cause}: sweep {state.name}, {done} of {len(tasks) * state.num_samples} trials "
-              f"finished and kept; resume with: {resume}", flush=True)
-        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        full = SHORTAGES[-1] if SHORTAGES and not terminated else None
+        head = "stopped by SIGTERM" if terminated else f"stopped because {full.describe()}" if full else \
+            "stopped by Ctrl-C"
+        print(f"\n{head}: sweep {state.name}, {done} of {len(tasks) * state.num_samples} trials finished and kept; "
+              f"{'free space there, then ' if full else ''}resume with: {resume}", flush=True)
+        return EXIT_TERMINATED if terminated else EXIT_STORAGE_FULL if full else EXIT_INTERRUPTED
     if not any(o.best for o in outcomes):
         print("\nNo trial trained to the end: nothing was written to the best-configuration file.", flush=True)
         return EXIT_FAILED

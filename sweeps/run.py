@@ -141,6 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        import errno
+
+        if err.errno != errno.ENOSPC:
+            raise
+        from sweeps.driver import EXIT_STORAGE_FULL
+
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"error: no space left on device{where}; finished trials are kept: free space there and run the "
+              "same command with --resume", file=sys.stderr)
+        return EXIT_STORAGE_FULL
 
 
 if __name__ == "__main__":

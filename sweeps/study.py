@@ -255,10 +255,12 @@ def run_study(options, space: SearchSpace, started: float) -> int:
     from dtl.experiment import ensure_data
 
     from .cluster import check_resources, default_concurrency, start_ray
-    from .driver import DEFAULT_STORAGE, EXIT_FAILED, EXIT_INTERRUPTED, TRIALS_DIR, load_base, prepare_state
+    from .driver import (DEFAULT_STORAGE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_STORAGE_FULL, TRIALS_DIR, load_base,
+                         prepare_state)
     from .progress import ProgressView
     from .records import ChildRunCloser, deliver_records, status_callback, use_sweep_outbox
     from .state import find_saved_state
+    from .storage import SHORTAGES, StorageWatch, check_free_space
 
     storage = Path(options.storage_path).expanduser().resolve()
     saved = find_saved_state(options.name, storage, space.name) if options.resume else None
@@ -282,6 +284,7 @@ def run_study(options, space: SearchSpace, started: float) -> int:
     except (DataError, KeyError, FileExistsError) as err:
         raise SweepError(f"data ({base_config.data.source} at {base_config.data.root}): {err}") from None
 
+    check_free_space(storage)
     start_ray(options.address)
     try:
         total = check_resources(options.cpus_per_trial, options.gpus_per_trial or 0)
@@ -311,7 +314,8 @@ def run_study(options, space: SearchSpace, started: float) -> int:
     interrupted, rows = False, []
     try:
         tuner = study_tuner(options, state, resolved, base_config, tasks, seeds, gpus, max_concurrent, parent.run_id,
-                            [status_callback(closer), progress], experiment_dir / TRIALS_DIR)
+                            [status_callback(closer), progress, StorageWatch(experiment_dir)],
+                            experiment_dir / TRIALS_DIR)
         print(f"up to {max_concurrent} runs at a time ({options.cpus_per_trial:g} CPU, {gpus:g} GPU each)", flush=True)
         grid = tuner.fit()
         from ray.tune.analysis import ExperimentAnalysis
@@ -333,11 +337,12 @@ def run_study(options, space: SearchSpace, started: float) -> int:
         report_study(state, resolved, base_config, rows, points, tasks, seeds, epochs, experiment_dir, parent)
     if interrupted:
         resume = f"python sweeps/run.py --space {options.space} --resume --name {state.name}"
-        print(f"\nThe study was interrupted; finished runs are kept. Resume it with:\n  {resume}"
+        why = f"stopped because {SHORTAGES[-1].describe()}; free space there" if SHORTAGES else "interrupted"
+        print(f"\nThe study was {why}; finished runs are kept. Resume it with:\n  {resume}"
               + (f" --storage-path {storage}" if storage != DEFAULT_STORAGE else ""), flush=True)
         parent.finish("KILLED", wait=0)
         deliver_records(experiment_dir, wait=0)
-        return EXIT_INTERRUPTED
+        return EXIT_STORAGE_FULL if SHORTAGES else EXIT_INTERRUPTED
     state.finished = True
     state.save()
     finished = any(r.status == "done" for r in rows)

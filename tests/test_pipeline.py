@@ -547,11 +547,12 @@ class RepoCopy:
         else:
             self.dvc("init", "--no-scm")
 
-    def dvc(self, *args: str, timeout: float = 900) -> str:
+    def dvc(self, *args: str, timeout: float = 900, stderr: bool = False) -> str:
+        """Run DVC here; its stdout (and, with ``stderr``, the stages' stderr after it)."""
         out = subprocess.run([self.dvc_path, *args], cwd=self.work, env=self.env, capture_output=True, text=True,
                              timeout=timeout)
         assert out.returncode == 0, out.stdout + out.stderr
-        return out.stdout
+        return out.stdout + out.stderr if stderr else out.stdout
 
     def runs(self) -> list:
         from mlflow.tracking import MlflowClient
@@ -695,7 +696,7 @@ def test_dvc_repro_finishes_with_the_prefix_cache_in_memory_on_a_full_disk(tmp_p
         raw["training"]["prefix_cache_dir"] = str(mount)
         write_yaml(repo.work / "params.yaml", raw)
         repo.env["DTL_CACHE_DIR"] = str(mount)
-        out = repo.dvc("repro")
+        out = repo.dvc("repro", stderr=True)
         assert f"prefix cache memory: not enough free disk space in {mount}" in out or (
             f"prefix cache memory: cannot write {mount}" in out and "No space left on device" in out), out[-3000:]
         assert json.loads((repo.work / "metrics" / "digits.json").read_text())["test_acc"] > 0

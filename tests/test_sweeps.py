@@ -735,6 +735,68 @@ def test_address_joins_a_ray_start_cluster(sweep_factory):
         Sweep.kill_group(head, signal.SIGKILL)
 
 
+def fill_disk(folder: Path, leave_bytes: int) -> Path:
+    """A file that takes all but ``leave_bytes`` of the free space of ``folder``'s file system."""
+    import shutil
+
+    filler = folder / "filler"
+    size = shutil.disk_usage(folder).free - leave_bytes
+    with open(filler, "wb") as f:
+        for _ in range(size // 2**16):
+            f.write(bytes(2**16))
+    return filler
+
+
+@pytest.mark.slow
+def test_a_storage_folder_that_fills_up_stops_the_sweep_in_one_line_and_resume_finishes_it(sweep_factory, tmp_path):
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        sweep = sweep_factory(PLAIN_SPACE)
+        sweep.storage = mount
+        filler = fill_disk(mount, 2 * 2**20)  # too little to start in: refused before anything is written
+        code, out = sweep.run("--max-concurrent", "1", "--scheduler", "fifo")
+        assert code == 2, out
+        assert re.search(rf"^error: --storage-path {mount}: [12]\.\d MiB free, a sweep needs at least 4 MiB",
+                         out, re.M), out
+        assert [p.name for p in mount.iterdir()] == ["filler"]
+        filler.unlink()
+
+        process = sweep.start("--max-concurrent", "1", "--scheduler", "fifo")
+        wait_for(lambda: len(finished_children(sweep)) >= 1 or process.poll() is not None, 300, "a finished trial")
+        filler = fill_disk(mount, 2**19)  # another writer leaves half a MiB: less than the next saves need
+        process.wait(timeout=180)
+        out = (sweep.tmp / "sweep.log").read_text()
+        assert process.returncode == 75, out
+        stops = [line for line in out.splitlines() if line.startswith("stopped because")]
+        assert len(stops) == 1 and "Traceback" not in out, out
+        assert re.match(rf"stopped because {mount}/tiny is nearly full \(0\.\d MiB free; the next checkpoints and "
+                        r"Tune's experiment state need about \d+\.\d MiB\): sweep tiny, [1-3] of 4 trials finished "
+                        r"and kept; free space there, then resume with: python sweeps/run.py --space \S+ --resume "
+                        rf"--name tiny --storage-path {mount}$", stops[0]), stops[0]
+        # nothing truncated for the resumed sweep to read
+        for path in [mount / "tiny" / "sweep.json", *mount.glob("tiny/trials/experiment_state-*.json")]:
+            json.loads(path.read_text())
+        for path in mount.glob("tiny/trials/*/result.json"):  # one JSON object per line
+            [json.loads(line) for line in path.read_text().splitlines()]
+        assert not [p for p in mount.rglob("*") if p.name.endswith(".tmp")]
+
+        filler.unlink()
+        code, again = sweep.run("--resume", log="resume.log")
+        assert code == 0, again
+        state = json.loads((mount / "tiny" / "sweep.json").read_text())
+        rows = state["tasks"][TASK]["outcome"]["rows"]
+        assert state["finished"] and len(rows) == 4, state
+        assert {row["status"] for row in rows} <= {"done", "stopped early"}, rows
+        assert TASK in yaml.safe_load(sweep.best.read_text())
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
 @pytest.mark.parametrize("edit, expected", [
     (lambda s: s.update(method=["dtl"]), "method: expected one of"),
     (lambda s: s.update(num_samples="ten"), "num_samples: expected an integer >= 1"),
@@ -800,3 +862,48 @@ def test_private_instances_and_loopback_addresses_keep_ray_on_loopback(monkeypat
     monkeypatch.delenv(RAY_CLUSTER_SWITCH, raising=False)
     quiet_environment(address)
     assert (os.environ.get(RAY_CLUSTER_SWITCH) == "0") == loopback
+
+
+def test_a_storage_folder_with_too_little_room_is_refused_in_one_line_naming_it(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from sweeps.state import SweepError
+    from sweeps.storage import MIN_FREE_BYTES, check_free_space, free_bytes
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**20, 0, MIN_FREE_BYTES - 2**20))
+    missing = tmp_path / "not" / "yet"
+    assert free_bytes(missing) == MIN_FREE_BYTES - 2**20  # measured on the nearest folder that exists
+    with pytest.raises(SweepError) as err:
+        check_free_space(missing)
+    assert str(err.value) == (f"--storage-path {missing}: 3.0 MiB free, a sweep needs at least 4 MiB there "
+                              "(Tune's experiment state and the trials' checkpoints)")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**20, 0, MIN_FREE_BYTES))
+    check_free_space(missing)  # enough: no error
+
+
+def test_the_storage_watch_stops_tune_once_the_next_saves_would_not_fit(tmp_path, monkeypatch):
+    from sweeps import storage
+
+    (tmp_path / "trials").mkdir()
+    (tmp_path / "trials" / "experiment_state-x.json").write_bytes(bytes(1000))
+    checkpoint = tmp_path / "trials" / "t1" / "checkpoint_000000"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "training_state.pt").write_bytes(bytes(5000))
+    stops = []
+    monkeypatch.setattr(signal, "getsignal", lambda sig: (lambda *a: stops.append(sig)))
+    monkeypatch.setattr(storage, "SHORTAGES", [])
+    trials = [SimpleNamespace(status="RUNNING"), SimpleNamespace(status="RUNNING"), SimpleNamespace(status="PENDING")]
+    watch = storage.StorageWatch(tmp_path, interval_s=0)
+    needed = 2 * 5000 * 2 + 2 * 1000 + storage.SLACK_BYTES
+    monkeypatch.setattr(storage, "free_bytes", lambda path: needed)
+    watch.on_checkpoint(0, trials, trials[0], SimpleNamespace(path=str(checkpoint)))
+    assert watch.largest_checkpoint == 5000 and not stops  # exactly enough room
+    monkeypatch.setattr(storage, "free_bytes", lambda path: needed - 1)
+    watch.on_step_end(1, trials)
+    watch.on_step_end(2, trials)
+    assert stops == [signal.SIGUSR1]  # Tune's graceful stop, asked once
+    assert storage.SHORTAGES == [watch.shortage]
+    assert watch.shortage.describe() == (f"{tmp_path} is nearly full (1.0 MiB free; the next checkpoints and "
+                                         "Tune's experiment state need about 1.0 MiB)")
