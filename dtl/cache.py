@@ -25,7 +25,6 @@ would change the model: a method with no frozen part (LoRA, adapters, full fine-
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -43,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .io import atomic_path, file_lock
 from .methods import PrefixState
 from .models import CachedInputs
 
@@ -291,23 +291,6 @@ def compute_frozen_features(
     return FrozenFeatures(tensors, labels)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive lock between processes (sweep trials) while one of them builds a cache entry."""
-    try:
-        import fcntl
-    except ImportError:  # no fcntl (Windows): the atomic rename still keeps the file whole
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def load_features(path: Path, expected_count: int, dtype: torch.dtype) -> FrozenFeatures | None:
     """The features stored at ``path``, memory-mapped, if they are whole and fit (else None, with a warning)."""
     from safetensors import safe_open
@@ -329,8 +312,6 @@ def load_features(path: Path, expected_count: int, dtype: torch.dtype) -> Frozen
 
 def save_features(path: Path, features: FrozenFeatures, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
-
-    from .io import atomic_path
 
     with atomic_path(path) as tmp:
         save_file({**{k: v.contiguous() for k, v in features.tensors.items()}, _LABELS: features.labels}, str(tmp),
@@ -438,7 +419,7 @@ def _disk_entry(directory: Path, key: str, mode: str, report: CacheReport, build
     report.path = str(path)
     features = built = None
     try:
-        with _file_lock(directory / f"{key}.lock"):
+        with file_lock(directory / f"{key}.lock"):
             if path.is_file():
                 features = load_features(path, len(dataset), dtype)
                 report.source = "disk" if features is not None else ""

@@ -338,20 +338,22 @@ def write_best(best_path: str | Path, entries: Mapping[str, Mapping[str, Any]], 
     comment block at the top. Returns the full new mapping."""
     import yaml
 
-    from .io import write_text
+    from .io import file_lock, write_text
 
     best_path = Path(best_path)
-    current = read_best(best_path)
-    for name, values in entries.items():
-        current[str(name)] = check_override_entry(_plain(values), f"{best_path}: {name}")
-    if params_path is not None and Path(params_path).is_file():
-        experiment, _ = _split_sections(read_yaml(params_path), str(params_path))
-        base = ExperimentConfig.from_dict(experiment, where=str(params_path))
-        for name in entries:
-            _merge_best_entry(base, str(name), current[str(name)], best_path)
-    comment = "".join(f"# {line}".rstrip() + "\n" for line in header.strip().splitlines()) if header else ""
-    body = yaml.safe_dump(current, sort_keys=False, default_flow_style=None, width=120)
-    write_text(best_path, comment + body)
+    # Two sweeps over different tasks may finish at once: each merges into what the other wrote.
+    with file_lock(best_path.with_name(f".{best_path.name}.lock")):
+        current = read_best(best_path)
+        for name, values in entries.items():
+            current[str(name)] = check_override_entry(_plain(values), f"{best_path}: {name}")
+        if params_path is not None and Path(params_path).is_file():
+            experiment, _ = _split_sections(read_yaml(params_path), str(params_path))
+            base = ExperimentConfig.from_dict(experiment, where=str(params_path))
+            for name in entries:
+                _merge_best_entry(base, str(name), current[str(name)], best_path)
+        comment = "".join(f"# {line}".rstrip() + "\n" for line in header.strip().splitlines()) if header else ""
+        body = yaml.safe_dump(current, sort_keys=False, default_flow_style=None, width=120)
+        write_text(best_path, comment + body)  # atomic: a reader (dvc repro) sees the old file or the new one
     return current
 
 

@@ -26,6 +26,25 @@ def current_umask() -> int:
 
 
 @contextmanager
+def file_lock(path: str | Path):
+    """An exclusive lock between processes, held on the file ``path`` (made if missing) while the block runs:
+    for read-modify-write of a shared file, or building a shared cache entry once."""
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): atomic renames still keep each file whole
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename, with the
     permissions an ordinary write would have given it."""

@@ -142,6 +142,39 @@ def test_write_best_replaces_only_given_tasks_and_validates(tmp_path):
     assert read_best(best)["digits"]["lr"] == 0.003  # a rejected update leaves the file as it was
 
 
+WRITER = """
+import os, sys, time
+from dtl.config import write_best
+path, prefix = sys.argv[1], sys.argv[2]
+open(path + "." + prefix + ".ready", "w").close()
+while not os.path.exists(path + ".go"):  # both start writing at once
+    time.sleep(0.01)
+for step in range(1, 11):
+    write_best(path, {f"{prefix}{i}": {"lr": step * 1e-4, "rank": i + 1} for i in range(100)}, header="x" * 2000)
+"""
+
+
+def test_two_writers_of_best_yaml_keep_each_others_entries_and_a_reader_never_sees_half_a_file(tmp_path):
+    best = write_yaml(tmp_path / "best.yaml", {"digits": {}})
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(best), prefix], env=env) for prefix in "ab"]
+    while not all(Path(f"{best}.{prefix}.ready").exists() for prefix in "ab"):
+        assert all(w.poll() is None for w in writers)
+    Path(f"{best}.go").touch()
+    reads = 0
+    while any(w.poll() is None for w in writers):  # as dvc repro reads it while sweeps write it
+        entries = read_best(best)  # raises on a truncated file
+        for prefix in "ab":
+            mine = [entries[k] for k in entries if k.startswith(prefix)]
+            assert len(mine) in (0, 100), len(mine)  # a writer's update lands whole
+            assert len({e["lr"] for e in mine}) <= 1
+        reads += 1
+    assert [w.returncode for w in writers] == [0, 0] and reads > 1
+    final = read_best(best)
+    assert final["digits"] == {} and len(final) == 201  # neither writer lost the other's entries
+    assert {final[f"{p}{i}"]["lr"] for p in "ab" for i in range(100)} == {10e-4}
+
+
 def test_write_best_turns_numpy_scalars_into_plain_numbers(tmp_path):
     np = pytest.importorskip("numpy")
     best = tmp_path / "best.yaml"
