@@ -75,7 +75,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     baseline = peak_bytes(device)  # the interpreter, torch and timm: the same for both variants
     models = build(args.backbone, args.tasks, device)
-    size = models[next(iter(models))].adapter.backbone.patch_embed.img_size[0]
+    size = models[next(iter(models))].family.backbone.patch_embed.img_size[0]
     images = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     if args.variant == "shared":
         multi = MultiTaskModel(models).eval()

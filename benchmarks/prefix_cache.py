@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.workdir or Path(scratch)
         generate_synthetic_suite(workdir / "data", tasks=[args.task], num_test=100)
         probe = dtl.create_model(args.backbone, args.method, 10)
-        img_size = args.img_size or int(probe.adapter.backbone.patch_embed.img_size[0])
+        img_size = args.img_size or int(probe.family.backbone.patch_embed.img_size[0])
         del probe
         data = VTabDataset(workdir / "data", args.task, "train800val200", img_size=img_size, preload=True)
         device = resolve_device(args.device)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             start, cpu_start = time.perf_counter(), time.process_time()
             result = train_and_evaluate(model, data, {}, config)
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-            report = result.prefix_cache
+            report = result.cache_report
             row = {
                 "run": run, "wall_s": wall, "cpu_s": cpu if device.type == "cpu" else None, "train_s": result.train_time_s, "images_per_s": result.images_per_s,
                 "cache_source": report.get("source") or None, "cache_bytes": report.get("bytes", 0),

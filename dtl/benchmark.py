@@ -189,8 +189,8 @@ def saved_bytes_breakdown(model: nn.Module, forward: Callable[[], torch.Tensor])
     """The bytes kept for backward during ``forward()`` by block (``"0"``, ``"1"``..., ``"outside blocks"``) and,
     within each, by kind (:data:`BREAKDOWN_KINDS`). The sum equals :func:`saved_tensor_bytes`."""
     names = {id(module): name for name, module in model.named_modules()}
-    adapter = getattr(model, "adapter", None)
-    prefixes = [names[id(block)] for block in getattr(adapter, "blocks", [])]
+    family = getattr(model, "family", None)
+    prefixes = [names[id(block)] for block in getattr(family, "blocks", [])]
     with SavedBytesByModule(model) as counter:
         output = forward()
     del output

@@ -7,7 +7,7 @@ module computes them once, keeps them in memory or on disk, and serves shuffled 
 which then runs only the trained part (for DTL: blocks M+1..N-1, the CSN and the head).
 
 **One cache for every start block.** For DTL the cache holds every block's input and every stage's output
-(:meth:`~dtl.models.BackboneAdapter.block_states`, the ``blocks`` layout), not only what one M needs: the key
+(:meth:`~dtl.models.BackboneFamily.block_states`, the ``blocks`` layout), not only what one M needs: the key
 depends on the backbone, its weights, the image size, the split and the dtype, never on M, the rank or the side
 maps, so trials with M = 2 and M = 9 read the same file (each takes the tensors its M needs). The linear probe
 caches the pooled features (the ``pooled`` layout, one vector per image).
@@ -159,7 +159,7 @@ def cache_refusal(model: nn.Module, dataset: Dataset | None = None) -> str | Non
         return (f"the prefix cache needs a model with a frozen part (dtl, dtl_plus or linear), not {method!r}: "
                 "its other methods train parameters inside every block")
     frozen = model.frozen_blocks
-    randomness = model.adapter.stochastic_modules(frozen)
+    randomness = model.family.stochastic_modules(frozen)
     if randomness:
         part = f"embedding and blocks 0..{frozen[-1]}" if len(frozen) else "embedding"
         return (f"the frozen part ({part}) is stochastic: {', '.join(randomness[:4])}"
@@ -209,10 +209,10 @@ def dataset_fingerprint(dataset: Dataset) -> str | None:
 def backbone_fingerprint(model: nn.Module) -> str:
     """The frozen backbone's architecture and weights (hashed): all that the cached features depend on."""
     digest = hashlib.blake2b(digest_size=16)
-    backbone = model.adapter.backbone
+    backbone = model.family.backbone
     name = (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture", type(backbone).__name__)
-    digest.update(f"{name}|{type(model.adapter).__name__}".encode())
-    for key, tensor in sorted(model.adapter.state_dict().items()):
+    digest.update(f"{name}|{type(model.family).__name__}".encode())
+    for key, tensor in sorted(model.family.state_dict().items()):
         tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"|{key}:{tensor.dtype}:{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy())
@@ -221,7 +221,7 @@ def backbone_fingerprint(model: nn.Module) -> str:
 
 def storage_dtype(model: nn.Module, precision: str) -> torch.dtype:
     """The dtype the frozen part computes in, so storing in it loses nothing but the autocast's fp32 residual."""
-    backbone_dtype = next(model.adapter.parameters()).dtype
+    backbone_dtype = next(model.family.parameters()).dtype
     if backbone_dtype != torch.float32:
         return backbone_dtype
     return _AUTOCAST_DTYPES.get(precision, torch.float32)
@@ -464,7 +464,7 @@ def _disk_has_room(directory: Path, nbytes: int) -> bool:
 
 
 def _metadata(model: nn.Module, dataset: Dataset, features: FrozenFeatures) -> dict[str, str]:
-    backbone = model.adapter.backbone
+    backbone = model.family.backbone
     return {
         "format": str(FORMAT_VERSION),
         "layout": str(model.cache_layout),

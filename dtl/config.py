@@ -193,7 +193,7 @@ class ExperimentConfig:
             raise ConfigError(f"{where}: {err}") from None
         for task, values in self.overrides.items():
             check_override_entry(values, f"{where}: overrides.{task}")
-            self.for_task(task, where)  # the merged settings must validate too
+            self.for_task(task, where=where)  # the merged settings must validate too
 
     def _check_protocol(self) -> None:
         protocol, source = self.evaluation.protocol, self.data.source
@@ -208,9 +208,11 @@ class ExperimentConfig:
             _need(bool(self.data.targets), "data.targets", "at least one target domain (domain_generalization)",
                   self.data.targets)
 
-    def for_task(self, task: str, where: str = "config") -> "ExperimentConfig":
-        """This experiment with ``overrides[task]`` applied (unknown tasks get the global settings)."""
-        values = self.overrides.get(task) or {}
+    def for_task(self, task: str, entry: Mapping[str, Any] | None = None,
+                 where: str = "config") -> "ExperimentConfig":
+        """This experiment with ``overrides[task]`` applied (unknown tasks get the global settings); ``entry`` (flat
+        override keys: a sweep trial's values, a best-file entry) is laid over that task's overrides first."""
+        values = {**(self.overrides.get(task) or {}), **(entry or {})}
         model = {k: v for k, v in values.items() if OVERRIDE_KEYS[k] == "model"}
         training = {k: v for k, v in values.items() if OVERRIDE_KEYS[k] == "training"}
         try:
@@ -301,8 +303,7 @@ def _merge_best_entry(base: ExperimentConfig, task: str, values: Mapping[str, An
     an error naming the best file and the task."""
     combined = {**base.overrides.get(task, {}), **values}
     try:
-        ExperimentConfig(data=base.data, model=base.model, training=base.training,
-                         evaluation=base.evaluation, overrides={task: combined}).for_task(task, where="")
+        base.for_task(task, values, where="")
     except ConfigError as err:
         reason = str(err).split(f"overrides.{task}: ", 1)[-1]
         raise ConfigError(f"{best_path}: {task}: {reason}") from None

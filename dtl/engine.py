@@ -160,7 +160,7 @@ class TrainResult:
     peak_rss_bytes: int = 0  # the process's peak resident memory (CPU)
     device: str = "cpu"
     precision: str = "fp32"
-    prefix_cache: dict = field(default_factory=dict)  # dtl.cache.CacheReport of the training split, as a dict
+    cache_report: dict = field(default_factory=dict)  # dtl.cache.CacheReport of the training split, as a dict
     # Bytes autograd kept for backward in the first training step: the activation memory a method needs per
     # batch (DTL's saving, and how it shrinks as M moves later), measurable on any device.
     saved_bytes_per_batch: int = 0
@@ -516,7 +516,7 @@ def train_and_evaluate(
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_scale,
         device=str(device),
         precision=precision,
-        prefix_cache=cache_report.to_dict(),
+        cache_report=cache_report.to_dict(),
         saved_bytes_per_batch=saved_bytes,
         cpu_time_s=cpu_before + time.process_time() - cpu_started,
         correct=per_image_correct,

@@ -138,7 +138,7 @@ def open_split(config: ExperimentConfig, task: str, split: str, *, num_classes: 
     root = Path(config.data.root)
     if not uses_list_files(config):
         return VTabDataset(root, task, split, img_size=img_size, num_classes=num_classes, preload=config.data.preload)
-    cfg = (getattr(model.adapter.backbone, "pretrained_cfg", None) or {}) if model is not None else {}
+    cfg = (getattr(model.family.backbone, "pretrained_cfg", None) or {}) if model is not None else {}
     normalise = {key: tuple(cfg[key]) for key in ("mean", "std") if key in cfg}
     if split.startswith(TARGET_PREFIX):
         return FewShotDataset(root, split[len(TARGET_PREFIX):], "test", img_size=img_size, num_classes=num_classes,
@@ -173,7 +173,7 @@ class TaskRun:
             "num_classes": self.num_classes,
             "device": self.result.device,
             "precision": self.result.precision,
-            "prefix_cache": self.result.prefix_cache.get("mode", "off"),
+            "prefix_cache": self.result.cache_report.get("mode", "off"),
             **self.result.summary(),
         }
 
@@ -302,9 +302,9 @@ def check_run(config: ExperimentConfig, task: str, train_images: int, num_classe
 
 
 def backbone_image_size(model: nn.Module) -> int:
-    cfg = getattr(model.adapter.backbone, "pretrained_cfg", None) or {}
+    cfg = getattr(model.family.backbone, "pretrained_cfg", None) or {}
     size = cfg.get("input_size", (3, 224, 224))[-1]
-    patch_embed = getattr(model.adapter.backbone, "patch_embed", None)
+    patch_embed = getattr(model.family.backbone, "patch_embed", None)
     img_size = getattr(patch_embed, "img_size", None)
     return int(img_size[0]) if img_size else int(size)
 

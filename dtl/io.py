@@ -107,6 +107,8 @@ def load_trainable(model: nn.Module, path: str | Path, state: dict[str, torch.Te
 
     if state is None:
         state = load_file(str(path))
+    # Files written before the backbone interface was named ``family`` call its tensors ``adapter.*``.
+    state = {f"family.{k[len('adapter.'):]}" if k.startswith("adapter.") else k: v for k, v in state.items()}
     expected = {name: tuple(t.shape) for name, t in trainable_state_dict(model).items()}
     if set(state) != set(expected):
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

@@ -33,18 +33,18 @@ class MultiTaskModel(nn.Module):
         self.shared_tasks = shared_tasks
         if shared_tasks:
             first = models[shared_tasks[0]]
-            reference = first.adapter.state_dict()
+            reference = first.family.state_dict()
             for task in shared_tasks[1:]:
                 model = models[task]
-                if type(model.adapter) is not type(first.adapter) or not _same_tensors(model.adapter.state_dict(),
+                if type(model.family) is not type(first.family) or not _same_tensors(model.family.state_dict(),
                                                                                         reference):
                     raise ValueError(f"task {task!r}: its frozen backbone differs from task {shared_tasks[0]!r}'s "
                                      "(another backbone, checkpoint or dtype); tasks that share the pass need one")
-                model.adapter = first.adapter  # one copy in memory; it is frozen, so nothing diverges
+                model.family = first.family  # one copy in memory; it is frozen, so nothing diverges
 
     @property
-    def shared_adapter(self):
-        return self.tasks[self.shared_tasks[0]].adapter if self.shared_tasks else None
+    def shared_family(self):
+        return self.tasks[self.shared_tasks[0]].family if self.shared_tasks else None
 
     @property
     def shared_blocks(self) -> int:

@@ -215,7 +215,7 @@ def load_trained(path: str | Path, *, seed: int | None = None, device: str | tor
         raise TrainedModelError(f"{where}: {err}") from None
     model.to(target).eval()
     image_size = int(entry.get("image_size") or config.data.image_size or backbone_image_size(model))
-    cfg = getattr(model.adapter.backbone, "pretrained_cfg", None) or {}
+    cfg = getattr(model.family.backbone, "pretrained_cfg", None) or {}
     model.trained = TrainedInfo(task=task, config=config, num_classes=num_classes, seed=run_seed,
                                 image_size=image_size, source=weights_path,
                                 class_names=read_class_names(config, task, num_classes), precision=precision,

@@ -140,9 +140,9 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
                 summary = {**result.summary(), "seed": seed, "weights": weights.name,
                            "head_params": head_parameters(result.model), "mlflow_run_id": seed_run.run_id}
                 summary["trainable_params_excl_head"] = summary["trainable_params"] - summary["head_params"]
-                cache = getattr(result.result, "prefix_cache", None)
+                cache = result.result.cache_report
                 if cache:  # which variant trained (docs/design.md: the cache and drop-path)
-                    summary["prefix_cache"] = cache
+                    summary["cache_report"] = cache
                     seed_run.set_tags({"prefix_cache": cache.get("mode", "?")})
                 seed_run.log_metrics({k: v for k, v in summary.items() if k in COST_KEYS})
             seed_results.append(summary)

@@ -39,7 +39,8 @@ from .results import (TaskOutcome, cost_plot, decide, decisions_table, format_pa
 from .selection import ALPHA
 from .space import SearchSpace, load_space
 from .state import STATE_FILE, SweepError, SweepState, find_saved_state
-from .trainable import METRIC, TIME_ATTR, TrialSetup, plain
+from .keys import METRIC, TIME_ATTR
+from .trainable import TrialSetup, plain
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"  # the DVC pipeline's params: the sweep starts from what it trains
@@ -135,18 +136,18 @@ def load_base(options: SweepOptions):
 
 
 def task_backbone(config, task: str):
-    """The task's backbone (random weights) seen through its family adapter: its number of blocks fixes the
+    """The task's backbone (random weights) seen through its family interface: its number of blocks fixes the
     symbolic bound ``last_block``, and each method's defaults for it say what a ``null`` option means."""
-    from dtl.models import adapter_for, create_backbone
+    from dtl.models import family_for, create_backbone
 
     resolved = config.for_task(task)
-    return adapter_for(create_backbone(resolved.model.backbone, False, img_size=config.data.image_size))
+    return family_for(create_backbone(resolved.model.backbone, False, img_size=config.data.image_size))
 
 
-def current_settings(config, task: str, space: SearchSpace, adapter) -> dict[str, Any]:
+def current_settings(config, task: str, space: SearchSpace, family) -> dict[str, Any]:
     """What the task trains with now (params.yaml, its overrides and any earlier sweep winner) as flat override
     keys with the defaults filled in: the sweep's first trial. A space with a fixed method of its own (lora,
-    adapter) starts from the current lr, weight decay and drop-path with that method's default options."""
+    adaptformer) starts from the current lr, weight decay and drop-path with that method's default options."""
     from dtl.methods import canonical_name, get_method
 
     from .space import METHOD_SPECIFIC
@@ -158,20 +159,18 @@ def current_settings(config, task: str, space: SearchSpace, adapter) -> dict[str
         values.update(dict.fromkeys(METHOD_SPECIFIC))  # another method's options do not carry over
     spec = get_method(canonical_name(method))
     options = spec.make_options({k: values[k] for k in spec.options.names() if values.get(k) is not None})
-    values.update(options.resolved(adapter))
+    values.update(options.resolved(family))
     return values
 
 
 def plan_task(config, task: str, space: SearchSpace, scheduler: str = "asha") -> TaskPlan:
     """Fail before any trial starts if the base settings + the space's schedule do not validate; else the plan."""
-    from dtl.config import ConfigError, ExperimentConfig
+    from dtl.config import ConfigError
     from dtl.experiment import PROTOCOLS
 
-    overrides = {**config.overrides.get(task, {}), **space.training, **space.constants()}
-    probe = ExperimentConfig(data=config.data, model=config.model, training=config.training,
-                             evaluation=config.evaluation, overrides={task: overrides})
+    schedule = {**space.training, **space.constants()}  # what every trial of the space trains with
     try:
-        training = probe.for_task(task, where=f"{space.path} training + base config").training
+        training = config.for_task(task, schedule, where=f"{space.path} training + base config").training
         final_epochs = config.for_task(task).training.epochs
     except ConfigError as err:
         raise SweepError(str(err)) from None
@@ -186,11 +185,11 @@ def plan_task(config, task: str, space: SearchSpace, scheduler: str = "asha") ->
         raise SweepError(f"{space.path}: scheduler.grace_period ({space.grace_period}: epoch {grace} of "
                          f"{training.epochs}) must exceed the trials' warmup_epochs ({training.warmup_epochs}): "
                          "ASHA's first rung would compare models still warming up. Raise grace_period")
-    check_validation_list(probe, task)
-    adapter = task_backbone(config, task)
-    resolved_space = space.resolve(len(adapter.blocks))
-    start, why_not = resolved_space.start_point(current_settings(config, task, space, adapter))
-    check_space_bounds(probe, task, resolved_space)
+    check_validation_list(config, task)
+    family = task_backbone(config, task)
+    resolved_space = space.resolve(len(family.blocks))
+    start, why_not = resolved_space.start_point(current_settings(config, task, space, family))
+    check_space_bounds(config, task, resolved_space, schedule)
     return TaskPlan(task=task, space=resolved_space, epochs=training.epochs, final_epochs=final_epochs,
                     grace_epochs=grace, start=start, why_not=why_not)
 
@@ -207,7 +206,7 @@ def check_validation_list(config, task: str) -> None:
                          "held-out source images there (lines 'relative/path label'), never target or test images")
 
 
-def check_space_bounds(probe, task: str, space: SearchSpace) -> None:
+def check_space_bounds(config, task: str, space: SearchSpace, schedule: Mapping[str, Any]) -> None:
     """Every value a trial may draw must be a valid setting for the task's backbone: each parameter's low and high
     (each choice of a categorical one) is validated against the schema, and those of model options by building
     the model once with random weights (the start block against the backbone's blocks, the kernel against its
@@ -220,19 +219,16 @@ def check_space_bounds(probe, task: str, space: SearchSpace) -> None:
         bounds = ([("choices", choice) for choice in spec.choices] if spec.type == "categorical"
                   else [("low", spec.low), ("high", spec.high)])
         for which, value in bounds:
-            entry = {**probe.overrides.get(task, {}), **enabling, spec.name: value}
-            trial = type(probe)(data=probe.data, model=probe.model, training=probe.training,
-                                evaluation=probe.evaluation, overrides={task: entry})
             try:
-                resolved = trial.for_task(task, where="")
+                resolved = config.for_task(task, {**schedule, **enabling, spec.name: value}, where="")
                 if spec.name in all_option_names() or spec.name == "method":
                     _check_model_cached(resolved)
             except ConfigError as err:
-                # the schema's message without the probe's own location ("overrides.<task>: training.<key>: ",
+                # the schema's message without the check's own location ("overrides.<task>: training.<key>: ",
                 # "model (<method> on <backbone>): "): the bound named above is the location
                 reason = re.sub(r"^:?\s*((overrides\.[^:\s]+|[a-z_]+\.[a-z_]+|model \([^)]*\)): )*", "", str(err))
                 raise SweepError(f"{space.path}: params.{spec.name}.{which}: {value!r} cannot be trained with "
-                                 f"{probe.model.backbone}: {reason}") from None
+                                 f"{config.model.backbone}: {reason}") from None
 
 
 _CHECKED_MODELS: set[str] = set()
@@ -579,7 +575,7 @@ def collect(grid, plans: Mapping[str, TaskPlan], state: SweepState, client, clos
 
     from .records import error_summary, reconcile_runs, record_decision
     
-    from .trainable import TASK_KEY
+    from .keys import TASK_KEY
 
     trials = ExperimentAnalysis(grid.experiment_path).trials
     outcomes = []

@@ -15,7 +15,7 @@ from typing import IO
 
 from ray.tune import Callback
 
-from .trainable import INCUMBENT_KEY, METRIC, TASK_KEY, TIME_ATTR, TRIAL_ERROR
+from .keys import INCUMBENT_KEY, METRIC, TASK_KEY, TIME_ATTR, TRIAL_ERROR
 
 
 def format_duration(seconds: float) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .trainable import METRIC, RUN_KEY, TAG_KIND, TAG_SWEEP, TAG_TASK, TAG_TRIAL, TASK_KEY, TIME_ATTR, TRIAL_ERROR
+from .keys import METRIC, RUN_KEY, TAG_KIND, TAG_SWEEP, TAG_TASK, TAG_TRIAL, TASK_KEY, TIME_ATTR, TRIAL_ERROR
 
 OUTBOX_DIR = "mlflow-outbox"  # the sweep's MLflow journals while the store is unreachable (tracking.outbox)
 # How long a sweep that has ended waits for an unreachable store to take its delayed records before it leaves

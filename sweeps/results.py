@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .selection import ALPHA, Candidate, Decision, choose_winner, decode_correct
-from .trainable import CORRECT, COST_METRICS, METRIC, RUN_KEY, TIME_ATTR, TRIAL_ERROR, plain, split_trial_config
+from .keys import CORRECT, COST_METRICS, METRIC, RUN_KEY, TIME_ATTR, TRIAL_ERROR
+from .trainable import plain, split_trial_config
 
 STATUSES = ("done", "stopped early", "failed", "unfinished")
 

@@ -25,7 +25,7 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from .trainable import INCUMBENT_KEY, TASK_KEY, TRIAL_ERROR
+from .keys import INCUMBENT_KEY, TASK_KEY, TRIAL_ERROR
 
 
 class TaskSearch(Searcher):

@@ -30,7 +30,8 @@ from typing import Any
 
 from .space import SearchSpace
 from .state import SweepError, SweepState
-from .trainable import SEED_KEY, STUDY_METRIC, TASK_KEY, TIME_ATTR, TRIAL_ERROR, plain, split_trial_config
+from .keys import SEED_KEY, STUDY_METRIC, TASK_KEY, TIME_ATTR, TRIAL_ERROR
+from .trainable import plain, split_trial_config
 
 STUDY_FILES = ("study.json", "study.md", "study.png")
 # Per trial, what a study keeps next to its test accuracy (from dtl.engine.TrainResult and the peak figure).
@@ -194,9 +195,8 @@ def plan_study(base_config, space: SearchSpace, tasks: Sequence[str]) -> dict[st
     for task in tasks:
         resolved = space.resolve(len(task_backbone(base_config, task).blocks))
         for label, entry in resolved.grid_points():
-            probe = replace(base_config, overrides={task: {**base_config.overrides.get(task, {}), **entry}})
             try:
-                _check_model_cached(probe.for_task(task, where=""))
+                _check_model_cached(base_config.for_task(task, entry, where=""))
             except ConfigError as err:
                 raise SweepError(f"{space.path}: the point {label} cannot be trained on {task}: {err}") from None
         plans[task] = (resolved, base_config.for_task(task).training.epochs)

@@ -6,7 +6,7 @@ explicit shortened schedule, if it has one + the sampled parameters, trained by 
 ``dtl.experiment.run_task`` under the base protocol's selection protocol (VTAB-1K: train on train800, score val200
 at ASHA's rungs and at the end; few-shot and domain generalisation: train on one k-shot list, score
 ``val_meta.list``): the test split and the target domains are never used for selection. One Tuner runs the
-trials of every task: the trial's config names its task (``sweeps.search.split_trial_config``).
+trials of every task: the trial's config names its task (:func:`split_trial_config`).
 
 Every epoch is logged to the trial's MLflow child run as it happens; the epochs that score val200 (every
 ``eval_every`` epochs, so at each of ASHA's rungs, and the last) are reported to Tune (``epoch`` = epochs completed,
@@ -30,29 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-METRIC = "val_accuracy"  # the objective: val200 accuracy after training on train800
-TIME_ATTR = "epoch"  # epochs completed; ASHA's time attribute
-CORRECT = "val_correct"  # which val images the final model got right (sweeps.selection.encode_correct)
-# A trial that fails on its own (a bad configuration, a NaN loss, out of memory) reports this key and ends; Tune
-# would retry a raised error like a lost node, and retrying cannot fix those.
-TRIAL_ERROR = "trial_error"
-STATE_FILE = "training_state.pt"  # the trial's checkpoint: dtl.engine.TrainingState (kilobytes, no backbone)
-RUN_FILE = "mlflow_run.json"  # beside it: the trial's MLflow run and restarts, known with the store unreachable
-RUN_KEY = "mlflow_run_id"  # in every report: the driver closes a stopped trial's run without searching the store
-# Cost figures of a finished trial (dtl.engine.TrainResult.summary), next to its accuracy.
-COST_METRICS = ("trainable_params", "train_time_s", "cpu_time_s", "saved_bytes_per_batch", "peak_memory_bytes",
-                "images_per_s")
-
-# Keys of a trial's config next to the sampled values: its task, and whether it is the task's incumbent.
-TASK_KEY = "task"
-INCUMBENT_KEY = "incumbent"
-SEED_KEY = "seed"  # a study trial's training seed (a sweep trains every trial with the base's first seed)
-STUDY_METRIC = "test_accuracy"  # what a study reports per point: the final protocol's test split
-
-TAG_KIND = "kind"
-TAG_SWEEP = "sweep"
-TAG_TASK = "task"
-TAG_TRIAL = "trial_id"
+from .keys import (CHECKPOINT_FILE, CORRECT, COST_METRICS, INCUMBENT_KEY, METRIC, RUN_FILE, RUN_KEY, SEED_KEY,
+                   TAG_KIND, TAG_SWEEP, TAG_TASK, TAG_TRIAL, TASK_KEY, TIME_ATTR, TRIAL_ERROR)
 
 
 @dataclass(frozen=True)
@@ -152,7 +131,7 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            resume_from = TrainingState.load(Path(folder) / STATE_FILE)
+            resume_from = TrainingState.load(Path(folder) / CHECKPOINT_FILE)
             if (Path(folder) / RUN_FILE).exists():
                 known = json.loads((Path(folder) / RUN_FILE).read_text())
     existing = find_child_run(setup, trial_id)  # its MLflow run, if an attempt opened one (None: unreachable)
@@ -195,7 +174,7 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
                 state = latest["state"]
                 checkpoint = None
                 if state is not None and state.epochs_done == epoch + 1:
-                    state.save(folder / STATE_FILE)
+                    state.save(folder / CHECKPOINT_FILE)
                     checkpoint = tune.Checkpoint.from_directory(str(folder))
                     latest["checkpointed"] = time.monotonic()
                 tune.report({**tune_metrics(epoch, metrics), RUN_KEY: run.run_id}, checkpoint=checkpoint)

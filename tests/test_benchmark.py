@@ -43,7 +43,7 @@ def test_counting_a_forward_frees_its_graph():
 
     model = dtl.create_model(MICRO, "full", num_classes=10, pretrained=False)
     kept = []
-    model.adapter.backbone.blocks[0].mlp.act.register_forward_hook(lambda m, a, out: kept.append(weakref.ref(out)))
+    model.family.backbone.blocks[0].mlp.act.register_forward_hook(lambda m, a, out: kept.append(weakref.ref(out)))
     assert saved(model, torch.randn(4, 3, 32, 32)) > 0
     gc.collect()
     assert kept and kept[0]() is None  # the GELU output fc2 saved is gone with the graph

@@ -87,7 +87,7 @@ def test_bf16_cache_matches_the_fp32_weights_amp_path_within_bf16_tolerance():
 
 def test_bf16_backbone_cache_is_exact():
     model = dtl_plus(backbone_dtype="bf16")
-    assert next(model.adapter.parameters()).dtype == torch.bfloat16 and model.head.weight.dtype == torch.float32
+    assert next(model.family.parameters()).dtype == torch.bfloat16 and model.head.weight.dtype == torch.float32
     images, labels = images_and_labels()
     reference_logits, reference_grads = logits_and_grads(model, images, labels, "bf16")
     features = compute_frozen_features(model, TensorDataset(images, labels), precision="bf16")
@@ -128,11 +128,11 @@ def test_training_from_the_cache_equals_training_from_images():
     plain = train_and_evaluate(uncached, data, {"val": data}, TrainConfig(**config, prefix_cache="off"))
     fast = train_and_evaluate(cached, data, {"val": data}, TrainConfig(**config, prefix_cache="memory"))
 
-    assert plain.prefix_cache["mode"] == "off"
-    assert fast.prefix_cache["mode"] == "memory" and fast.prefix_cache["num_samples"] == 48
+    assert plain.cache_report["mode"] == "off"
+    assert fast.cache_report["mode"] == "memory" and fast.cache_report["num_samples"] == 48
     # the entry holds x_0..x_11 and the final tokens (fp32) and the labels; M = 6 reads x_0..x_7
-    assert fast.prefix_cache["bytes"] == 48 * (13 * 65 * 96 * 4 + 8)
-    assert fast.prefix_cache["read_bytes"] == 48 * (8 * 65 * 96 * 4 + 8) and fast.prefix_cache["layout"] == "blocks"
+    assert fast.cache_report["bytes"] == 48 * (13 * 65 * 96 * 4 + 8)
+    assert fast.cache_report["read_bytes"] == 48 * (8 * 65 * 96 * 4 + 8) and fast.cache_report["layout"] == "blocks"
     for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
         assert fast.metrics[key] == pytest.approx(plain.metrics[key], rel=1e-4, abs=1e-5), key
     for (name, a), (_, b) in zip(uncached.named_parameters(), cached.named_parameters()):
@@ -153,7 +153,7 @@ def test_drop_path_in_the_prefix_is_refused_with_the_reason():
 
 def test_dropout_in_the_embedding_is_refused_too():
     model = dtl.create_model(MICRO, "dtl", num_classes=5)
-    model.adapter.backbone.pos_drop.p = 0.1
+    model.family.backbone.pos_drop.p = 0.1
     assert model.prefix_randomness() == ["pos_drop (Dropout 0.1)"]
     with pytest.raises(PrefixCacheError, match="pos_drop"):
         prepare_prefix_cache(model, TensorDataset(*images_and_labels()), mode="disk")
@@ -161,7 +161,7 @@ def test_dropout_in_the_embedding_is_refused_too():
 
 def test_drop_path_only_after_the_prefix_is_allowed():
     model = dtl.create_model(MICRO, "dtl_plus", num_classes=5)
-    for block in model.adapter.blocks[7:]:
+    for block in model.family.blocks[7:]:
         block.drop_path1.drop_prob = 0.1  # blocks after M may be stochastic: they are not cached
     assert model.prefix_is_deterministic
     assert cache.cache_refusal(model) is None
@@ -406,7 +406,7 @@ def test_the_linear_probe_trains_from_cached_pooled_features_as_from_images():
         model = dtl.create_model(MICRO, "linear", num_classes=5)
         runs[mode] = (model, train_and_evaluate(model, data, {"val": data}, TrainConfig(**config, prefix_cache=mode)))
     fast = runs["memory"][1]
-    assert fast.prefix_cache["layout"] == "pooled" and fast.prefix_cache["bytes"] == 40 * (96 * 4 + 8)
+    assert fast.cache_report["layout"] == "pooled" and fast.cache_report["bytes"] == 40 * (96 * 4 + 8)
     for key in ("train/loss", "val/accuracy", "val/loss"):
         assert fast.metrics[key] == pytest.approx(runs["off"][1].metrics[key], rel=1e-5, abs=1e-6), key
     torch.testing.assert_close(runs["memory"][0].head.weight, runs["off"][0].head.weight, rtol=1e-5, atol=1e-6)

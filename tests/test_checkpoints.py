@@ -64,7 +64,7 @@ def test_local_checkpoint_round_trips(tmp_path, source, fmt):
         path = tmp_path / "ViT-micro.npz"
         export_original_vit_npz(source, path)
     model = dtl.create_model(MICRO, "dtl_plus", num_classes=5, pretrained=str(path))
-    loaded = model.adapter.backbone.state_dict()
+    loaded = model.family.backbone.state_dict()
     for key, value in source.state_dict().items():
         assert torch.allclose(loaded[key], value, atol=1e-6), key
     assert model.head.out_features == 5

@@ -9,7 +9,7 @@ from conftest import randomised
 from dtl import cache
 from dtl.benchmark import saved_tensor_bytes
 from dtl.cache import prepare_prefix_cache
-from dtl.models import CachedInputs, ConvNeXtAdapter, ResNetAdapter, adapter_for, create_backbone
+from dtl.models import CachedInputs, ConvNeXtFamily, ResNetFamily, family_for, create_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 64  # grids 16-8-4-2: every stage fits DTL+'s kernel of 3
@@ -31,16 +31,16 @@ def model_for(backbone: str, method: str, seed: int = 0, **options):
 
 
 def test_families_number_blocks_across_stages_with_the_widths_and_grids_of_timm():
-    resnet = adapter_for(create_backbone("resnet26", img_size=SIZE))
-    assert isinstance(resnet, ResNetAdapter) and len(resnet.blocks) == 8
+    resnet = family_for(create_backbone("resnet26", img_size=SIZE))
+    assert isinstance(resnet, ResNetFamily) and len(resnet.blocks) == 8
     assert [(s.first_block, s.last_block, s.dim) for s in resnet.stages] == [
         (0, 1, 256), (2, 3, 512), (4, 5, 1024), (6, 7, 2048)]
     # the first block of stages 1..3 halves the grid and reads the previous stage's width
     assert [resnet.block_stride(b) for b in range(8)] == [1, 1, 2, 1, 2, 1, 2, 1]
     assert [resnet.block_input_dim(b) for b in (0, 1, 2, 3)] == [64, 256, 256, 512]
     assert [resnet.grid_size(s) for s in range(4)] == [(16, 16), (8, 8), (4, 4), (2, 2)]
-    convnext = adapter_for(create_backbone("convnext_atto", img_size=SIZE))
-    assert isinstance(convnext, ConvNeXtAdapter)
+    convnext = family_for(create_backbone("convnext_atto", img_size=SIZE))
+    assert isinstance(convnext, ConvNeXtFamily)
     assert [(s.first_block, s.last_block, s.dim) for s in convnext.stages] == [
         (0, 1, 40), (2, 3, 80), (4, 9, 160), (10, 11, 320)]
     # the defaults put M in the middle of the third stage; side maps start at that stage's first block
@@ -54,11 +54,11 @@ def test_an_untrained_model_equals_its_backbone_plus_head_in_train_mode(backbone
     model = model_for(backbone, method).train()
     x = images()
     with torch.no_grad():
-        expected = model.head(model.adapter.backbone.forward_head(model.adapter.backbone.forward_features(x),
+        expected = model.head(model.family.backbone.forward_head(model.family.backbone.forward_features(x),
                                                                    pre_logits=True))
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
     # batch norms do not train, so they ran on their running statistics and left them as they were
-    for module in model.adapter.modules():
+    for module in model.family.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             assert not module.training and int(module.num_batches_tracked) == 0
 
@@ -66,13 +66,13 @@ def test_an_untrained_model_equals_its_backbone_plus_head_in_train_mode(backbone
 @pytest.mark.parametrize("backbone", CNNS)
 def test_only_the_side_network_and_the_head_get_gradients(backbone):
     model = randomised(model_for(backbone, "dtl_plus"))
-    frozen = {n: p.detach().clone() for n, p in model.adapter.named_parameters()}
+    frozen = {n: p.detach().clone() for n, p in model.family.named_parameters()}
     model(images()).logsumexp(dim=1).sum().backward()
     trained = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None}
     assert trained == {"side_maps", "side_convs", "head"}
     assert all(p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
-    assert all(p.grad is None for p in model.adapter.parameters())
-    assert all(torch.equal(p, frozen[n]) for n, p in model.adapter.named_parameters())
+    assert all(p.grad is None for p in model.family.parameters())
+    assert all(torch.equal(p, frozen[n]) for n, p in model.family.named_parameters())
 
 
 def test_a_resnet_first_block_map_projects_from_the_wider_grid():

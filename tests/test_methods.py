@@ -30,7 +30,7 @@ def test_every_registered_method_keeps_the_contract(tmp_path, method, backbone, 
         assert "\n" not in str(error.value)
         return
     model = dtl.create_model(backbone, method, num_classes=5, img_size=size)
-    frozen = {n: p.detach().clone() for n, p in model.adapter.named_parameters() if not p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in model.family.named_parameters() if not p.requires_grad}
     assert model.head.out_features == 5 and model.head.weight.requires_grad  # every method keeps model.head
     images, labels = torch.randn(3, 3, size, size), torch.tensor([0, 1, 4])
     logits = model.train()(images)
@@ -40,7 +40,7 @@ def test_every_registered_method_keeps_the_contract(tmp_path, method, backbone, 
         assert (param.grad is not None) == param.requires_grad or not param.requires_grad, name
         if not param.requires_grad:
             assert param.grad is None, f"{method}: frozen {name} got a gradient"
-    expected = {"linear": 0, "full": sum(p.numel() for p in model.adapter.parameters())}.get(method)
+    expected = {"linear": 0, "full": sum(p.numel() for p in model.family.parameters())}.get(method)
     count = trainable_without_head(model)
     assert count == expected if expected is not None else count > 0
     # the saved trainable weights rebuild the trained model exactly (frozen backbone from the same seed)
@@ -54,7 +54,7 @@ def test_every_registered_method_keeps_the_contract(tmp_path, method, backbone, 
     load_trainable(rebuilt, tmp_path / "weights.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(images), model.eval()(images))
-    assert all(torch.equal(p, frozen[n]) for n, p in rebuilt.adapter.named_parameters() if n in frozen)
+    assert all(torch.equal(p, frozen[n]) for n, p in rebuilt.family.named_parameters() if n in frozen)
     assert set(spec.searchable) <= set(spec.options.names())
 
 
@@ -67,7 +67,7 @@ def test_the_three_baselines_train_the_published_parameter_counts_on_vit_b16(met
     model = dtl.create_model("vit_base_patch16_224", method, num_classes=100)
     assert trainable_without_head(model) == expected and dtl.trainable_parameters(model) == expected + VIT_B_HEAD
     assert round(expected / 1e6, 2) == {"bitfit": 0.10, "ssf": 0.21, "vpt": 0.09}[method]
-    backbone = [n for n, p in model.adapter.named_parameters() if p.requires_grad]
+    backbone = [n for n, p in model.family.named_parameters() if p.requires_grad]
     if method == "bitfit":
         assert backbone and all(n.endswith("bias") for n in backbone)
     elif method == "ssf":
@@ -83,13 +83,13 @@ def test_vpt_prompts_are_left_out_of_the_pooled_mean_and_shallow_prompts_feed_th
     assert deep.prompts.shape == (12, 4, 96) and shallow.prompts.shape == (1, 4, 96)
     images = torch.randn(2, 3, 32, 32)
     seen = []
-    hook = deep.adapter.backbone.norm.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    hook = deep.family.backbone.norm.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
     deep.eval()(images)
     hook.remove()
     assert seen == [(2, 96)]  # the final norm sees the mean of the 64 patch tokens only
     tokens = []
     hooks = [block.register_forward_pre_hook(lambda module, args: tokens.append(args[0].shape[1]))
-             for block in deep.adapter.blocks]
+             for block in deep.family.blocks]
     deep(images)
     for hook in hooks:
         hook.remove()

@@ -25,7 +25,7 @@ def randomise_side_network(model: DTLModel, seed: int = 0) -> None:
 
 def reference_dtl_forward(model: DTLModel, images: torch.Tensor) -> torch.Tensor:
     """docs/design.md section 1 written out literally for a ViT, independent of DTLModel's prefix/suffix split."""
-    vit = model.adapter.backbone
+    vit = model.family.backbone
     beta = model.side_activation.beta
     x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
     h = torch.zeros_like(x)
@@ -83,12 +83,12 @@ def test_dtl_at_init_equals_frozen_backbone_plus_head(method):
     model = dtl.create_model(MICRO, method, num_classes=7).eval()
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        expected = model.head(model.adapter.forward_features(images))
+        expected = model.head(model.family.forward_features(images))
         # forward_features must itself be the timm backbone: patch-mean, then the pretrained final norm.
-        vit = model.adapter.backbone
+        vit = model.family.backbone
         tokens = vit.forward_features(images)  # ends with vit.norm per token
         assert torch.allclose(vit.norm(vit.blocks(vit.norm_pre(vit.patch_drop(vit._pos_embed(
-            vit.patch_embed(images)))))[:, 1:].mean(1)), model.adapter.forward_features(images))
+            vit.patch_embed(images)))))[:, 1:].mean(1)), model.family.forward_features(images))
         assert tokens.shape == (3, 65, 96)
         assert torch.equal(model(images), expected)
 
@@ -99,7 +99,7 @@ def test_swin_dtl_at_init_equals_frozen_backbone():
                              extract_start=4).eval()
     images = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        swin = model.adapter.backbone
+        swin = model.family.backbone
         features = swin.forward_head(swin.forward_features(images), pre_logits=True)
         assert torch.allclose(model(images), model.head(features), atol=1e-5)
 
@@ -112,7 +112,7 @@ def test_dtl_forward_matches_the_written_out_math(method, start_block):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ours, reference = model(images), reference_dtl_forward(model, images)
-        plain = model.head(model.adapter.forward_features(images))
+        plain = model.head(model.family.forward_features(images))
     assert torch.allclose(ours, reference, atol=1e-5)
     assert not torch.allclose(ours, plain, atol=1e-3)  # the side network really changes the output
 
@@ -123,7 +123,7 @@ def test_no_gradient_reaches_frozen_weights():
     randomise_side_network(model)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     for name, param in model.named_parameters():
-        if name.startswith("adapter."):
+        if name.startswith("family."):
             assert not param.requires_grad and param.grad is None, name
         else:
             assert param.grad is not None and param.grad.abs().sum() > 0, name
@@ -187,7 +187,7 @@ def test_grad_checkpointing_gives_the_same_gradients_with_fewer_saved_bytes():
 def test_suffix_drop_path_scope_changes_nothing_in_blocks_up_to_m(backbone, start_block):
     def drop_rates(model):
         return [max((getattr(m, "drop_prob", 0.0) for m in block.modules()), default=0.0)
-                for block in model.adapter.blocks]
+                for block in model.family.blocks]
 
     kwargs = dict(num_classes=3, drop_path_rate=0.2, start_block=start_block)
     torch.manual_seed(0)
@@ -200,7 +200,7 @@ def test_suffix_drop_path_scope_changes_nothing_in_blocks_up_to_m(backbone, star
     assert rates[start_block + 1:] == expected[start_block + 1:]  # blocks after M: timm's rates, unchanged
     assert suffix.prefix_is_deterministic and not everywhere.prefix_is_deterministic
 
-    size = suffix.adapter.backbone.patch_embed.img_size[0]
+    size = suffix.family.backbone.patch_embed.img_size[0]
     images = torch.randn(2, 3, size, size)
     suffix.train()
     first, again = suffix.forward_prefix(images), suffix.forward_prefix(images)

@@ -164,13 +164,13 @@ def test_space_define_by_run_pickles_for_resume():
 
 def test_the_current_configuration_is_the_first_point_when_it_lies_in_the_space():
     from dtl.config import ExperimentConfig
-    from dtl.models import EMBEDDED_BACKBONE, adapter_for, create_backbone
+    from dtl.models import EMBEDDED_BACKBONE, family_for, create_backbone
     from sweeps.driver import current_settings
 
     params = {**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "root": "/abs/data"}}
     space = load_space("dtl_plus").resolve(12)
     # a ViT, whose paper settings are rank 2, M 6, kernel 3
-    paper = adapter_for(create_backbone(EMBEDDED_BACKBONE))
+    paper = family_for(create_backbone(EMBEDDED_BACKBONE))
     base = ExperimentConfig.from_dict({**params, "overrides": {TASK: {"lr": 0.002, "kernel_size": 5}}})
     point, why_not = space.start_point(current_settings(base, TASK, space, paper))
     # null rank/start block take the paper's values; overrides win; only the space's parameters are kept

@@ -163,7 +163,7 @@ def test_multi_task_predictions_equal_the_single_task_models_exactly():
         expected = {task: model(images) for task, model in models.items()}
     multi = MultiTaskModel(models)
     assert multi.shared_blocks == 10 and multi.shared_tasks == ["early", "late", "default"]
-    assert all(models[t].adapter is multi.shared_adapter for t in multi.shared_tasks)  # one backbone in memory
+    assert all(models[t].family is multi.shared_family for t in multi.shared_tasks)  # one backbone in memory
     got = multi(images)
     assert list(got) == list(models)
     for task in models:

@@ -6,7 +6,7 @@ scenes from ``dtl.data.scenes``. The source task asks for everything a scene is 
 global heads on the pooled tokens (shape, count, colour, 3x3 position, background, size, orientation of the
 largest object) and dense heads on every token of the last block's grid (shape and colour of the object under
 it; ViT: each 4 px patch, the ConvNeXt: each 8 px cell of its 4 x 4 last stage); the dense heads were the
-largest gain measured. The backbone is read the way DTL reads it (``dtl.models.adapter_for``: the same pooling
+largest gain measured. The backbone is read the way DTL reads it (``dtl.models.family_for``: the same pooling
 and final norm). The result is written as fp16 safetensors (backbone only, timm key names) to
 ``outputs/pretrain/<model>.safetensors`` (``--out``) with a JSON record of the run next to it; the
 script then says how to install it as the shipped backbone (``dtl/weights/``), which it never overwrites unless
@@ -56,10 +56,10 @@ from dtl.data.scenes import (  # noqa: E402
     BACKGROUNDS, DEFAULT_RADIUS_RANGE, PALETTE, SHAPES, orientation_bins, render_scenes,
 )
 from dtl.io import atomic_path, write_text  # noqa: E402
-from dtl.models import adapter_for  # noqa: E402
-from dtl.models.adapters import BackboneAdapter  # noqa: E402
+from dtl.models import family_for  # noqa: E402
+from dtl.models.family import BackboneFamily  # noqa: E402
 from dtl.models.embedded import EMBEDDED_BACKBONE, EMBEDDED_MODELS  # noqa: E402  (registers the models)
-from dtl.models.vit import VitAdapter  # noqa: E402
+from dtl.models.vit import VitFamily  # noqa: E402
 
 OUT_DIR = REPO_ROOT / "outputs" / "pretrain"
 
@@ -88,7 +88,7 @@ RANDOM_INIT_SEEDS = (0, 1)
 class PretrainModel(nn.Module):
     """The backbone plus the source-task heads; the heads are thrown away after pretraining.
 
-    Pooling is DTL's (the family adapter's ``pool``: for the ViT the mean of the patch tokens of the last block,
+    Pooling is DTL's (the family interface's ``pool``: for the ViT the mean of the patch tokens of the last block,
     then the final norm; for the ConvNeXt the mean, then its head's norm). The dense heads read every token of
     the last block through the same norm.
     """
@@ -97,8 +97,8 @@ class PretrainModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         # Not a submodule: it wraps the same backbone, and the state dict keeps timm's "backbone.*" keys once.
-        self.__dict__["adapter"] = adapter_for(backbone)
-        width = self.adapter.num_features
+        self.__dict__["adapter"] = family_for(backbone)
+        width = self.family.num_features
         self.heads = nn.ModuleDict({k: nn.Linear(width, c) for k, c in GLOBAL_HEADS.items()})
         self.dense_heads = nn.ModuleDict({k: nn.Linear(width, c) for k, c in DENSE_HEADS.items()})
 
@@ -109,30 +109,30 @@ class PretrainModel(nn.Module):
     @property
     def patch(self) -> int:
         """Pixels per token of the last block's grid (what the dense targets are sampled at)."""
-        return 32 // self.adapter.grid_size(len(self.adapter.stages) - 1)[0]
+        return 32 // self.family.grid_size(len(self.family.stages) - 1)[0]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        last = len(self.adapter.blocks) - 1
-        tokens = self.adapter.block_states(x, last_block=last)[self.adapter.block_output_name(last)]
-        pooled = self.adapter.pool(tokens)
-        per_patch = token_features(self.adapter, tokens)
+        last = len(self.family.blocks) - 1
+        tokens = self.family.block_states(x, last_block=last)[self.family.block_output_name(last)]
+        pooled = self.family.pool(tokens)
+        per_patch = token_features(self.family, tokens)
         logits = {k: head(pooled) for k, head in self.heads.items()}
         logits.update({k: head(per_patch) for k, head in self.dense_heads.items()})
         return logits
 
 
-def token_features(adapter: BackboneAdapter, tokens: torch.Tensor) -> torch.Tensor:
+def token_features(family: BackboneFamily, tokens: torch.Tensor) -> torch.Tensor:
     """Every grid token of the last block through the final norm, as (B, L, D) in row-major grid order."""
-    if isinstance(adapter, VitAdapter):
-        return adapter.backbone.norm(tokens[:, adapter.num_prefix_tokens:])
-    grid = adapter.backbone.head.norm(tokens.permute(0, 3, 1, 2))  # ConvNeXt: the head's channels-first norm
+    if isinstance(family, VitFamily):
+        return family.backbone.norm(tokens[:, family.num_prefix_tokens:])
+    grid = family.backbone.head.norm(tokens.permute(0, 3, 1, 2))  # ConvNeXt: the head's channels-first norm
     return grid.flatten(2).transpose(1, 2)
 
 
-def mean_token(adapter: BackboneAdapter, tokens: torch.Tensor) -> torch.Tensor:
+def mean_token(family: BackboneFamily, tokens: torch.Tensor) -> torch.Tensor:
     """The mean grid token (no norm): a middle block's probe feature."""
-    if isinstance(adapter, VitAdapter):
-        return tokens[:, adapter.num_prefix_tokens:].mean(dim=1)
+    if isinstance(family, VitFamily):
+        return tokens[:, family.num_prefix_tokens:].mean(dim=1)
     return tokens.mean(dim=(1, 2))
 
 
@@ -405,13 +405,13 @@ def probe_features(backbone: nn.Module, images: np.ndarray, block: int,
     """Frozen features: 'final' = DTL's head input (the pooled, normed last block), 'block<i>' = the mean token of
     block ``block``'s output."""
     backbone.eval()
-    adapter = adapter_for(backbone)
-    last = len(adapter.blocks) - 1
+    family = family_for(backbone)
+    last = len(family.blocks) - 1
     final, middle = [], []
     for chunk in np.array_split(images, max(len(images) // batch_size, 1)):
-        states = adapter.block_states(to_tensor(chunk))
-        final.append(adapter.pool(states[adapter.block_output_name(last)]).numpy())
-        middle.append(mean_token(adapter, states[adapter.block_output_name(block)]).numpy())
+        states = family.block_states(to_tensor(chunk))
+        final.append(family.pool(states[family.block_output_name(last)]).numpy())
+        middle.append(mean_token(family, states[family.block_output_name(block)]).numpy())
     return {"final": np.concatenate(final), f"block{block}": np.concatenate(middle)}
 
 

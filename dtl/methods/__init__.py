@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import adapter_for, create_backbone
-from ..models.adapters import DROP_PATH_SCOPES
+from ..models import family_for, create_backbone
+from ..models.family import DROP_PATH_SCOPES
 from .dtl import DTLModel, PrefixState
 from .registry import (BACKBONE_DTYPES, Method, MethodOptions, OptionError, all_option_names, available_methods,
                        canonical_name, float_option_names, get_method, method_options, register_method, resolve_dtype)
@@ -74,15 +74,15 @@ def create_model(
         capable = [name for name in available_methods() if get_method(name).low_precision_backbone]
         raise ValueError(f"backbone_dtype={backbone_dtype!r} is supported for {', '.join(capable)} only; method "
                          f"{spec.name!r} keeps fp32 weights (use autocast through the training precision)")
-    adapter = adapter_for(create_backbone(backbone, pretrained, img_size=img_size, drop_path_rate=drop_path_rate))
-    if spec.families and not isinstance(adapter, spec.families):
-        families = ", ".join(f.family for f in spec.families)
+    family = family_for(create_backbone(backbone, pretrained, img_size=img_size, drop_path_rate=drop_path_rate))
+    if spec.families and not isinstance(family, spec.families):
+        families = ", ".join(f.name for f in spec.families)
         needs = f" (it needs {spec.needs})" if spec.needs else ""
         raise ValueError(f"method {spec.name!r} is implemented for {families} backbones only{needs}; "
-                         f"{backbone} is a {adapter.family}")
-    model = spec.build(adapter, num_classes, method_options_, dtype)
+                         f"{backbone} is a {family.name}")
+    model = spec.build(family, num_classes, method_options_, dtype)
     if drop_path_scope == "suffix":
-        adapter.disable_drop_path(model.frozen_blocks)
+        family.disable_drop_path(model.frozen_blocks)
     return model
 
 

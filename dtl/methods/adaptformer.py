@@ -2,7 +2,7 @@
 
 ``x + MLP(LN(x)) + s * up(relu(down(x)))`` with the up-projection zero-initialised (the model starts equal to the
 backbone) and ``s = 0.1``. Registered as ``adaptformer``; the older name ``adapter`` still works, with a
-deprecation warning (the word names the backbone-family adapters of ``dtl.models`` too).
+deprecation warning.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..models.vit import VitAdapter
+from ..models.vit import VitFamily
 from .base import HeadModel
 from .registry import Method, MethodOptions, is_int, register_method
 
@@ -25,7 +25,7 @@ class AdaptFormerOptions(MethodOptions):
 
     checks = {"rank": (is_int(1), "an integer >= 1")}
 
-    def defaults(self, adapter) -> dict:
+    def defaults(self, family) -> dict:
         return {"rank": DEFAULT_BOTTLENECK}
 
 
@@ -52,12 +52,12 @@ class ParallelAdapterBlock(nn.Module):
 class AdaptFormerModel(HeadModel):
     method = "adaptformer"
 
-    def __init__(self, adapter, num_classes: int, rank: int):
+    def __init__(self, family, num_classes: int, rank: int):
         self.bottleneck = rank
-        super().__init__(adapter, num_classes)
+        super().__init__(family, num_classes)
 
     def _prepare(self) -> None:
-        blocks = self.adapter.blocks
+        blocks = self.family.blocks
         for index, block in enumerate(blocks):
             if not isinstance(block, Block):
                 raise ValueError("method 'adaptformer' is implemented for ViT backbones only")
@@ -66,7 +66,7 @@ class AdaptFormerModel(HeadModel):
 
 register_method(Method(
     name="adaptformer", description="AdaptFormer: a bottleneck adapter beside every MLP", options=AdaptFormerOptions,
-    build=lambda adapter, num_classes, options, dtype: AdaptFormerModel(adapter, num_classes,
-                                                                        **options.resolved(adapter)),
-    families=(VitAdapter,), needs="the MLP branch of transformer blocks", searchable=("rank",)),
-    aliases={"adapter": "the AdaptFormer method was renamed; 'adapter' also names the backbone-family adapters"})
+    build=lambda family, num_classes, options, dtype: AdaptFormerModel(family, num_classes,
+                                                                        **options.resolved(family)),
+    families=(VitFamily,), needs="the MLP branch of transformer blocks", searchable=("rank",)),
+    aliases={"adapter": "the AdaptFormer method was renamed; use 'adaptformer'"})

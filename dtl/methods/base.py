@@ -1,4 +1,4 @@
-"""What every method's model shares: the backbone (behind its family adapter), DTL's pooling and a linear head.
+"""What every method's model shares: the backbone (behind its family interface), DTL's pooling and a linear head.
 
 The head is ``model.head`` for every method, so trainable counts can be quoted without it (as the paper does),
 and the pooling is the same for all (for ViT: the mean of the patch tokens, then the backbone's pretrained final
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.adapters import BackboneAdapter, CachedInputs
+from ..models.family import BackboneFamily, CachedInputs
 
 
 class HeadModel(nn.Module):
@@ -23,18 +23,18 @@ class HeadModel(nn.Module):
     method: str = ""
     cache_layout: str | None = None
 
-    def __init__(self, adapter: BackboneAdapter, num_classes: int):
+    def __init__(self, family: BackboneFamily, num_classes: int):
         super().__init__()
-        self.adapter = adapter
-        adapter.requires_grad_(False)
+        self.family = family
+        family.requires_grad_(False)
         self._prepare()
-        self.head = nn.Linear(adapter.num_features, num_classes)
+        self.head = nn.Linear(family.num_features, num_classes)
 
     def _prepare(self) -> None:
-        """Change or unfreeze parts of ``self.adapter`` (called before the head exists)."""
+        """Change or unfreeze parts of ``self.family`` (called before the head exists)."""
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.adapter.forward_features(images)
+        return self.family.forward_features(images)
 
     def forward(self, inputs: torch.Tensor | CachedInputs) -> torch.Tensor:
         if isinstance(inputs, CachedInputs):
@@ -48,7 +48,7 @@ class HeadModel(nn.Module):
 
     @torch.no_grad()
     def compute_frozen(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"pooled": self.adapter.forward_features(images)}
+        return {"pooled": self.family.forward_features(images)}
 
     def cached_names(self) -> list[str]:
         return ["pooled"]

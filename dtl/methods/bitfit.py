@@ -16,11 +16,11 @@ class BitFitModel(HeadModel):
     method = "bitfit"
 
     def _prepare(self) -> None:
-        for name, param in self.adapter.named_parameters():
+        for name, param in self.family.named_parameters():
             if name.endswith(".bias") or name == "bias":
                 param.requires_grad_(True)
 
 
 register_method(Method(
     name="bitfit", description="BitFit: every bias of the backbone trains", options=BitFitOptions,
-    build=lambda adapter, num_classes, options, dtype: BitFitModel(adapter, num_classes)))
+    build=lambda family, num_classes, options, dtype: BitFitModel(family, num_classes)))

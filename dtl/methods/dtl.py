@@ -9,7 +9,7 @@ The forward pass is split in two so the frozen prefix can be cached (see ``dtl.c
   parameter, so nothing of it is kept for backward.
 * :meth:`DTLModel.forward_suffix` adds the side output after block M and runs blocks M+1..N-1 and the head.
 
-The prefix cache stores :meth:`BackboneAdapter.block_states` (every block's input, whatever M), so one cache
+The prefix cache stores :meth:`BackboneFamily.block_states` (every block's input, whatever M), so one cache
 serves models with any start block: :meth:`DTLModel.state_from_cache` picks the tensors this model's M reads.
 
 Memory (what is kept for backward): the frozen blocks after M carry no weight gradients, so their linear
@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..models.adapters import BackboneAdapter, CachedInputs, block_input_name
+from ..models.family import BackboneFamily, CachedInputs, block_input_name
 from ..models.side_network import DepthwiseGridConv, LowRankMap, SharpSwish
 from .registry import Method, MethodOptions, is_int, register_method
 
@@ -55,7 +55,7 @@ class DTLModel(nn.Module):
 
     def __init__(
         self,
-        adapter: BackboneAdapter,
+        family: BackboneFamily,
         num_classes: int,
         *,
         rank: int,
@@ -67,13 +67,13 @@ class DTLModel(nn.Module):
         backbone_dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        num_blocks = len(adapter.blocks)
+        num_blocks = len(family.blocks)
         if not 0 <= start_block < num_blocks:
             raise ValueError(f"start_block must be in 0..{num_blocks - 1} for this backbone, got {start_block}")
         if not 0 <= extract_start < num_blocks:
             raise ValueError(f"extract_start must be in 0..{num_blocks - 1} for this backbone, got {extract_start}")
-        start_stage = adapter.stage_of(start_block)
-        first_useful = adapter.stages[start_stage].first_block
+        start_stage = family.stage_of(start_block)
+        first_useful = family.stages[start_stage].first_block
         if extract_start < first_useful:
             # The side state resets at each stage, so maps in stages before M's would feed no add-back block.
             raise ValueError(
@@ -81,7 +81,7 @@ class DTLModel(nn.Module):
                 f"which lie in stages before start_block={start_block}'s stage and would feed nothing; "
                 f"use extract_start >= {first_useful}"
             )
-        self.adapter = adapter
+        self.family = family
         self.method = "dtl" if kernel_size is None else "dtl_plus"
         self.start_block = start_block
         self.extract_start = extract_start
@@ -92,28 +92,28 @@ class DTLModel(nn.Module):
                              f"got {grad_checkpointing!r}")
         self.grad_checkpointing = grad_checkpointing
         self.num_blocks = num_blocks
-        self._block_stage = [adapter.stage_of(b) for b in range(num_blocks)]
+        self._block_stage = [family.stage_of(b) for b in range(num_blocks)]
 
         self.side_maps = nn.ModuleDict({
-            str(b): LowRankMap(adapter.block_input_dim(b), rank, adapter.stages[self._block_stage[b]].dim)
+            str(b): LowRankMap(family.block_input_dim(b), rank, family.stages[self._block_stage[b]].dim)
             for b in range(extract_start, num_blocks)
         })
         self.side_activation = SharpSwish(beta)
         self.side_convs = nn.ModuleDict()
         if kernel_size is not None:
-            smallest = min(min(adapter.grid_size(stage)) for stage in range(start_stage, len(adapter.stages)))
+            smallest = min(min(family.grid_size(stage)) for stage in range(start_stage, len(family.stages)))
             # With 'same' padding a kernel of 2n - 1 already reaches every position of an n-wide grid from any
             # other; taps beyond that only ever see padding.
             if kernel_size > 2 * smallest - 1:
                 raise ValueError(f"kernel_size={kernel_size} is too large for the smallest token grid it runs over "
                                  f"({smallest} x {smallest} tokens: taps beyond {2 * smallest - 1} only see padding); "
                                  f"use at most {2 * smallest - 1} (the paper: 3, 4 or 5)")
-            for stage in range(start_stage, len(adapter.stages)):
-                self.side_convs[str(stage)] = DepthwiseGridConv(adapter.stages[stage].dim, kernel_size)
-        self.head = nn.Linear(adapter.num_features, num_classes)
-        adapter.requires_grad_(False)
+            for stage in range(start_stage, len(family.stages)):
+                self.side_convs[str(stage)] = DepthwiseGridConv(family.stages[stage].dim, kernel_size)
+        self.head = nn.Linear(family.num_features, num_classes)
+        family.requires_grad_(False)
         if backbone_dtype is not None:
-            adapter.to(backbone_dtype)  # floating-point tensors only; the CSN and the head stay fp32
+            family.to(backbone_dtype)  # floating-point tensors only; the CSN and the head stay fp32
 
     # --- the two halves ---------------------------------------------------------------------------------
     @property
@@ -124,7 +124,7 @@ class DTLModel(nn.Module):
     @property
     def backbone_dtype(self) -> torch.dtype:
         """The dtype the frozen backbone is stored (and run) in."""
-        return next(self.adapter.parameters()).dtype
+        return next(self.family.parameters()).dtype
 
     def _frozen_context(self, x: torch.Tensor):
         """A low-precision backbone runs as stored: autocast would only add fp32 LayerNorm copies."""
@@ -134,19 +134,19 @@ class DTLModel(nn.Module):
 
     @torch.no_grad()
     def forward_prefix(self, images: torch.Tensor) -> PrefixState:
-        adapter, M = self.adapter, self.start_block
+        family, M = self.family, self.start_block
         mapped = set(self.prefix_map_blocks)
         side_inputs = []
         with self._frozen_context(images):
-            x = adapter.embed(images.to(self.backbone_dtype))
-            for stage_index, stage in enumerate(adapter.stages):
+            x = family.embed(images.to(self.backbone_dtype))
+            for stage_index, stage in enumerate(family.stages):
                 if stage.first_block > M:
                     break
-                x = adapter.enter_stage(stage_index, x)
+                x = family.enter_stage(stage_index, x)
                 for block in range(stage.first_block, min(stage.last_block, M) + 1):
                     if block in mapped:
                         side_inputs.append(x)
-                    x = adapter.run_block(block, x)
+                    x = family.run_block(block, x)
         return PrefixState(tuple(side_inputs), x)
 
     def forward_suffix(self, state: PrefixState) -> torch.Tensor:
@@ -174,16 +174,16 @@ class DTLModel(nn.Module):
 
     def _run_suffix(self, x: torch.Tensor, codes: list[torch.Tensor]) -> torch.Tensor:
         """Blocks M+1..N-1 and the head, from block M's output and the rank-r codes of M's stage so far."""
-        adapter, M, dtype = self.adapter, self.start_block, self.backbone_dtype
+        family, M, dtype = self.family, self.start_block, self.backbone_dtype
         coded_blocks = list(self.prefix_map_blocks)
         if codes:
             x = x + self._side_step(self._block_stage[M], coded_blocks, codes)
         for block in range(M + 1, self.num_blocks):
             stage = self._block_stage[block]
             x = x.to(dtype)
-            if block == adapter.stages[stage].first_block:
+            if block == family.stages[stage].first_block:
                 with self._frozen_context(x):
-                    x = adapter.enter_stage(stage, x)
+                    x = family.enter_stage(stage, x)
                 codes, coded_blocks = [], []  # the width changes: each stage has its own side state
             if str(block) in self.side_maps:
                 codes = [*codes, self._code(block, x)]
@@ -192,18 +192,18 @@ class DTLModel(nn.Module):
             if codes:
                 x = x + self._side_step(stage, coded_blocks, codes)
         with self._frozen_context(x):
-            features = adapter.pool(x.to(dtype))
+            features = family.pool(x.to(dtype))
         return self.head(self._side_cast(features, self.head.weight))
 
     def _run_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
         with self._frozen_context(x):
             if self.grad_checkpointing is True and torch.is_grad_enabled():
-                return checkpoint(self.adapter.run_block, block, x, use_reentrant=False)
-            module = self.adapter.blocks[block]
+                return checkpoint(self.family.run_block, block, x, use_reentrant=False)
+            module = self.family.blocks[block]
             if self.grad_checkpointing == "mlp" and torch.is_grad_enabled() and _mlp_is_recomputable(module):
                 x = x + module.drop_path1(module.ls1(module.attn(module.norm1(x))))
                 return x + module.drop_path2(module.ls2(_RecomputedMlp.apply(x, module)))
-            return self.adapter.run_block(block, x)
+            return self.family.run_block(block, x)
 
     @staticmethod
     def _side_cast(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -213,7 +213,7 @@ class DTLModel(nn.Module):
     def _code(self, block: int, x: torch.Tensor) -> torch.Tensor:
         """z_b = x_b A_b, the (B, T, r) code of block b's side map (on the grid of block b's output)."""
         down = self.side_maps[str(block)].down
-        return self.adapter.resample_code(block, down(self._side_cast(x, down.weight)))
+        return self.family.resample_code(block, down(self._side_cast(x, down.weight)))
 
     def _side_step(self, stage: int, blocks: list[int], codes: list[torch.Tensor]) -> torch.Tensor:
         """g(theta(h)) with h = sum_j z_j C_j, recomputed in backward so that h is never kept."""
@@ -234,12 +234,12 @@ class DTLModel(nn.Module):
         conv = self.side_convs[str(stage)] if str(stage) in self.side_convs else None
         if conv is not None:
             out = self._side_cast(out, conv.conv.weight)
-            grid, extra = self.adapter.to_grid(out)
-            out = self.adapter.from_grid(conv(grid), extra, out)
+            grid, extra = self.family.to_grid(out)
+            out = self.family.from_grid(conv(grid), extra, out)
         return out
 
     # --- the prefix cache -----------------------------------------------------------------------------------
-    cache_layout = "blocks"  # what dtl.cache stores for this model: every block's input (see BackboneAdapter)
+    cache_layout = "blocks"  # what dtl.cache stores for this model: every block's input (see BackboneFamily)
 
     @property
     def frozen_blocks(self) -> range:
@@ -251,11 +251,11 @@ class DTLModel(nn.Module):
         """What the prefix cache stores for ``images``: the frozen backbone's block states, independent of M
         (``last_block``: only those up to that block, e.g. the largest M of several tasks sharing the pass)."""
         with self._frozen_context(images):
-            return self.adapter.block_states(images.to(self.backbone_dtype), last_block)
+            return self.family.block_states(images.to(self.backbone_dtype), last_block)
 
     def cached_names(self) -> list[str]:
         """The block states this model reads: the inputs of the mapped blocks up to M and block M's output."""
-        return [*map(block_input_name, self.prefix_map_blocks), self.adapter.block_output_name(self.start_block)]
+        return [*map(block_input_name, self.prefix_map_blocks), self.family.block_output_name(self.start_block)]
 
     def state_from_cache(self, inputs: CachedInputs) -> PrefixState:
         names = self.cached_names()
@@ -269,7 +269,7 @@ class DTLModel(nn.Module):
 
     def prefix_randomness(self) -> list[str]:
         """Names of the stochastic modules (rate > 0) that the frozen prefix runs, e.g. ``blocks.3.drop_path1``."""
-        return self.adapter.stochastic_modules(self.frozen_blocks)
+        return self.family.stochastic_modules(self.frozen_blocks)
 
 
 def _mlp_is_recomputable(block: nn.Module) -> bool:
@@ -328,18 +328,18 @@ class DTLOptions(MethodOptions):
         "grad_checkpointing": (lambda v: isinstance(v, bool) or v == "mlp", 'false, true or "mlp"'),
     }
 
-    def defaults(self, adapter) -> dict:
-        paper = adapter.paper_defaults
+    def defaults(self, family) -> dict:
+        paper = family.paper_defaults
         return {"rank": paper["rank"], "start_block": paper["start_block"], "beta": 100.0, "grad_checkpointing": False}
 
-    def resolved(self, adapter) -> dict:
-        settings = super().resolved(adapter)
+    def resolved(self, family) -> dict:
+        settings = super().resolved(family)
         start_block = settings["start_block"]
         if self.extract_start is None:
             # Side maps on every block of M's stage up to M (the side state resets per stage, so maps in earlier
             # stages would feed nothing): ViT's 0 and Swin-B's 4 at the paper's M.
-            inside = 0 <= start_block < len(adapter.blocks)
-            settings["extract_start"] = adapter.stages[adapter.stage_of(start_block)].first_block if inside else 0
+            inside = 0 <= start_block < len(family.blocks)
+            settings["extract_start"] = family.stages[family.stage_of(start_block)].first_block if inside else 0
         return settings
 
 
@@ -349,22 +349,22 @@ class DTLPlusOptions(DTLOptions):
 
     checks = {**DTLOptions.checks, "kernel_size": (is_int(1), "an integer >= 1")}
 
-    def defaults(self, adapter) -> dict:
-        return {**super().defaults(adapter), "kernel_size": adapter.paper_defaults["kernel_size"]}
+    def defaults(self, family) -> dict:
+        return {**super().defaults(family), "kernel_size": family.paper_defaults["kernel_size"]}
 
 
-def _build(adapter, num_classes: int, options: DTLOptions, backbone_dtype) -> DTLModel:
-    settings = options.resolved(adapter)
-    return DTLModel(adapter, num_classes, kernel_size=settings.pop("kernel_size", None), backbone_dtype=backbone_dtype,
+def _build(family, num_classes: int, options: DTLOptions, backbone_dtype) -> DTLModel:
+    settings = options.resolved(family)
+    return DTLModel(family, num_classes, kernel_size=settings.pop("kernel_size", None), backbone_dtype=backbone_dtype,
                     **settings)
 
 
 _SEARCHABLE = ("rank", "start_block", "extract_start", "beta")
 register_method(Method(
     name="dtl", description="DTL: the Compact Side Network on a frozen backbone", options=DTLOptions, build=_build,
-    prefix_cache=True, low_precision_backbone=True, searchable=_SEARCHABLE))
+    low_precision_backbone=True, searchable=_SEARCHABLE))
 register_method(Method(
     name="dtl_plus", description="DTL+: DTL with a depthwise convolution on the side output", options=DTLPlusOptions,
-    build=_build, prefix_cache=True, low_precision_backbone=True, searchable=(*_SEARCHABLE, "kernel_size"),
+    build=_build, low_precision_backbone=True, searchable=(*_SEARCHABLE, "kernel_size"),
     benchmark_variants={"dtl_plus_mlp": {"grad_checkpointing": "mlp"}, "dtl_plus_ckpt": {"grad_checkpointing": True},
                         "dtl_plus_cached": {"cached": True}}))

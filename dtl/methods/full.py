@@ -16,9 +16,9 @@ class FullFineTuning(HeadModel):
     method = "full"
 
     def _prepare(self) -> None:
-        self.adapter.requires_grad_(True)
+        self.family.requires_grad_(True)
 
 
 register_method(Method(
     name="full", description="full fine-tuning: every weight of the backbone trains",
-    options=FullOptions, build=lambda adapter, num_classes, options, dtype: FullFineTuning(adapter, num_classes)))
+    options=FullOptions, build=lambda family, num_classes, options, dtype: FullFineTuning(family, num_classes)))

@@ -23,10 +23,9 @@ class LinearProbe(HeadModel):
 
     @property
     def frozen_blocks(self) -> range:
-        return range(len(self.adapter.blocks))
+        return range(len(self.family.blocks))
 
 
 register_method(Method(
     name="linear", description="linear probe: a trained head on the frozen backbone's pooled features",
-    options=LinearOptions, build=lambda adapter, num_classes, options, dtype: LinearProbe(adapter, num_classes),
-    prefix_cache=True))
+    options=LinearOptions, build=lambda family, num_classes, options, dtype: LinearProbe(family, num_classes)))

@@ -12,7 +12,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..models.vit import VitAdapter
+from ..models.vit import VitFamily
 from .base import HeadModel
 from .registry import Method, MethodOptions, is_int, register_method
 
@@ -25,7 +25,7 @@ class LoRAOptions(MethodOptions):
 
     checks = {"rank": (is_int(1), "an integer >= 1")}
 
-    def defaults(self, adapter) -> dict:
+    def defaults(self, family) -> dict:
         return {"rank": DEFAULT_RANK}
 
 
@@ -48,12 +48,12 @@ class LoRALinear(nn.Module):
 class LoRAModel(HeadModel):
     method = "lora"
 
-    def __init__(self, adapter, num_classes: int, rank: int):
+    def __init__(self, family, num_classes: int, rank: int):
         self.rank = rank
-        super().__init__(adapter, num_classes)
+        super().__init__(family, num_classes)
 
     def _prepare(self) -> None:
-        for block in self.adapter.blocks:
+        for block in self.family.blocks:
             if not isinstance(block, Block):
                 raise ValueError("method 'lora' is implemented for ViT backbones only")
             block.attn.qkv = LoRALinear(block.attn.qkv, self.rank)
@@ -61,5 +61,5 @@ class LoRAModel(HeadModel):
 
 register_method(Method(
     name="lora", description="LoRA: a low-rank update of every attention qkv projection", options=LoRAOptions,
-    build=lambda adapter, num_classes, options, dtype: LoRAModel(adapter, num_classes, **options.resolved(adapter)),
-    families=(VitAdapter,), needs="the attention qkv projections of transformer blocks", searchable=("rank",)))
+    build=lambda family, num_classes, options, dtype: LoRAModel(family, num_classes, **options.resolved(family)),
+    families=(VitFamily,), needs="the attention qkv projections of transformer blocks", searchable=("rank",)))

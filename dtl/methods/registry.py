@@ -5,10 +5,10 @@ A method says what it needs and what it can do, so that nothing else in the tool
 * ``options``: a dataclass of the method's own settings (``rank``, ``start_block``...), every field defaulting to
   ``None`` = "the method's default for this backbone" (:meth:`MethodOptions.resolved`), validated on creation
   with errors that name ``model.<field>``;
-* ``build(adapter, num_classes, options, backbone_dtype)``: the model, with ``model.head`` its classifier;
-* capabilities: ``prefix_cache`` (trains from the frozen-part cache of ``dtl.cache``), ``low_precision_backbone``
-  (can store the frozen backbone in bf16/fp16), ``families`` (backbone families it supports; empty: any),
-  ``searchable`` (options a sweep may search), ``benchmark_variants`` (extra rows of ``dtl.benchmark``).
+* ``build(family, num_classes, options, backbone_dtype)``: the model, with ``model.head`` its classifier;
+* capabilities: ``low_precision_backbone`` (can store the frozen backbone in bf16/fp16), ``families`` (backbone
+  families it supports; empty: any), ``searchable`` (options a sweep may search), ``benchmark_variants`` (extra
+  rows of ``dtl.benchmark``).
 
 ``dtl.create_model``, the experiment schema (``dtl.config``: the model options and the per-task override keys),
 the benchmark rows and the sweeps' method checks are all derived from here. A new method is one module of
@@ -46,13 +46,13 @@ class MethodOptions:
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
 
-    def defaults(self, adapter) -> dict[str, Any]:
+    def defaults(self, family) -> dict[str, Any]:
         """The values of unset (None) options for this backbone; override in methods with family defaults."""
         return {}
 
-    def resolved(self, adapter) -> dict[str, Any]:
-        """Every option with a value: the ones set, the method's defaults for ``adapter`` for the others."""
-        defaults = self.defaults(adapter)
+    def resolved(self, family) -> dict[str, Any]:
+        """Every option with a value: the ones set, the method's defaults for ``family`` for the others."""
+        defaults = self.defaults(family)
         values = {name: getattr(self, name) for name in self.names()}
         return {name: defaults.get(name) if value is None else value for name, value in values.items()}
 
@@ -68,10 +68,9 @@ class Method:
     name: str
     description: str
     options: type[MethodOptions]
-    build: Callable[..., nn.Module]  # (adapter, num_classes, options, backbone_dtype) -> model
-    prefix_cache: bool = False
+    build: Callable[..., nn.Module]  # (family, num_classes, options, backbone_dtype) -> model
     low_precision_backbone: bool = False
-    families: tuple[type, ...] = ()  # backbone adapter classes it supports; empty: every family
+    families: tuple[type, ...] = ()  # backbone family classes it supports; empty: every family
     needs: str = ""  # what of the backbone it modifies, for the refusal on other families ("attention qkv ...")
     searchable: tuple[str, ...] = ()
     benchmark_variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # row -> options (+cached)

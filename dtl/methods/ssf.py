@@ -56,14 +56,14 @@ class SSFModel(HeadModel):
     method = "ssf"
 
     def _prepare(self) -> None:
-        targets = [(name, module) for name, module in self.adapter.backbone.named_modules()
+        targets = [(name, module) for name, module in self.family.backbone.named_modules()
                    if isinstance(module, WRAPPED)]
         for name, module in targets:
             parent_name, _, child = name.rpartition(".")
-            parent = self.adapter.backbone.get_submodule(parent_name) if parent_name else self.adapter.backbone
+            parent = self.family.backbone.get_submodule(parent_name) if parent_name else self.family.backbone
             setattr(parent, child, ScaleShift(module, _channels(module)))
 
 
 register_method(Method(
     name="ssf", description="SSF: a learned scale and shift after every linear layer and norm", options=SSFOptions,
-    build=lambda adapter, num_classes, options, dtype: SSFModel(adapter, num_classes)))
+    build=lambda family, num_classes, options, dtype: SSFModel(family, num_classes)))

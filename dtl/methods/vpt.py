@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.vit import VitAdapter
+from ..models.vit import VitFamily
 from .base import HeadModel
 from .registry import Method, MethodOptions, is_int, register_method
 
@@ -29,40 +29,40 @@ class VPTOptions(MethodOptions):
     checks = {"prompt_length": (is_int(1), "an integer >= 1"),
               "prompt_depth": (lambda value: value in DEPTHS, "deep or shallow")}
 
-    def defaults(self, adapter) -> dict:
+    def defaults(self, family) -> dict:
         return {"prompt_length": 10, "prompt_depth": "deep"}
 
 
 class VPTModel(HeadModel):
     method = "vpt"
 
-    def __init__(self, adapter: VitAdapter, num_classes: int, prompt_length: int, prompt_depth: str):
+    def __init__(self, family: VitFamily, num_classes: int, prompt_length: int, prompt_depth: str):
         self.prompt_length, self.deep = prompt_length, prompt_depth == "deep"
-        super().__init__(adapter, num_classes)
+        super().__init__(family, num_classes)
 
     def _prepare(self) -> None:
-        vit = self.adapter.backbone
+        vit = self.family.backbone
         patch = vit.patch_embed.patch_size[0]
         bound = math.sqrt(6.0 / (3 * patch * patch + vit.embed_dim))
-        layers = len(self.adapter.blocks) if self.deep else 1
+        layers = len(self.family.blocks) if self.deep else 1
         self.prompts = nn.Parameter(torch.empty(layers, self.prompt_length, vit.embed_dim).uniform_(-bound, bound))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        adapter, length = self.adapter, self.prompt_length
-        first = adapter.num_prefix_tokens  # prompts go right after the class (and register) tokens
-        x = adapter.embed(images)
-        for block in range(len(adapter.blocks)):
+        family, length = self.family, self.prompt_length
+        first = family.num_prefix_tokens  # prompts go right after the class (and register) tokens
+        x = family.embed(images)
+        for block in range(len(family.blocks)):
             if block == 0 or self.deep:
                 prompts = self.prompts[block if self.deep else 0].expand(x.shape[0], -1, -1).to(x.dtype)
                 rest = x[:, first + (length if block else 0):]
                 x = torch.cat([x[:, :first], prompts, rest], dim=1)
-            x = adapter.run_block(block, x)
-        return adapter.pool(torch.cat([x[:, :first], x[:, first + length:]], dim=1))
+            x = family.run_block(block, x)
+        return family.pool(torch.cat([x[:, :first], x[:, first + length:]], dim=1))
 
 
 register_method(Method(
     name="vpt", description="VPT: learned prompt tokens (deep: at every block; shallow: at the first)",
     options=VPTOptions,
-    build=lambda adapter, num_classes, options, dtype: VPTModel(adapter, num_classes, **options.resolved(adapter)),
-    families=(VitAdapter,), needs="a token sequence to insert prompt tokens into",
+    build=lambda family, num_classes, options, dtype: VPTModel(family, num_classes, **options.resolved(family)),
+    families=(VitFamily,), needs="a token sequence to insert prompt tokens into",
     searchable=("prompt_length", "prompt_depth")))

@@ -1,6 +1,6 @@
-"""Backbones: timm models behind one small interface per family (``BackboneAdapter``), and their weights.
+"""Backbones: timm models behind one small interface per family (``BackboneFamily``), and their weights.
 
-Backbone families are registered as (timm model class -> adapter class); a new family is one adapter module
+Backbone families are registered as (timm model class -> family class); a new family is one module
 plus one :func:`register_family` call. The PETL methods that wrap a backbone are in ``dtl.methods``.
 """
 from __future__ import annotations
@@ -12,36 +12,36 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from . import embedded  # noqa: F401  (registers the embedded backbone with timm)
-from .adapters import DROP_PATH_SCOPES, BackboneAdapter, CachedInputs, ConvAdapter
+from .family import DROP_PATH_SCOPES, BackboneFamily, CachedInputs, ConvFamily
 from .backbone import CheckpointError, create_backbone, load_checkpoint
-from .convnext import ConvNeXtAdapter
+from .convnext import ConvNeXtFamily
 from .embedded import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
-from .resnet import ResNetAdapter
-from .swin import SwinAdapter
-from .vit import VitAdapter
+from .resnet import ResNetFamily
+from .swin import SwinFamily
+from .vit import VitFamily
 
-_FAMILIES: list[tuple[type[nn.Module], type[BackboneAdapter]]] = [
-    (VisionTransformer, VitAdapter),
-    (SwinTransformer, SwinAdapter),
-    (ConvNeXt, ConvNeXtAdapter),
-    (ResNet, ResNetAdapter),
+_FAMILIES: list[tuple[type[nn.Module], type[BackboneFamily]]] = [
+    (VisionTransformer, VitFamily),
+    (SwinTransformer, SwinFamily),
+    (ConvNeXt, ConvNeXtFamily),
+    (ResNet, ResNetFamily),
 ]
 
 
-def register_family(model_class: type[nn.Module], adapter_class: type[BackboneAdapter]) -> None:
+def register_family(model_class: type[nn.Module], family_class: type[BackboneFamily]) -> None:
     """Teach ``dtl.create_model`` a new backbone family."""
-    _FAMILIES.insert(0, (model_class, adapter_class))
+    _FAMILIES.insert(0, (model_class, family_class))
 
 
-def adapter_for(backbone: nn.Module) -> BackboneAdapter:
-    for model_class, adapter_class in _FAMILIES:
+def family_for(backbone: nn.Module) -> BackboneFamily:
+    for model_class, family_class in _FAMILIES:
         if isinstance(backbone, model_class):
-            return adapter_class(backbone)
+            return family_class(backbone)
     supported = ", ".join(m.__name__ for m, _ in _FAMILIES)
-    raise ValueError(f"no DTL adapter for {type(backbone).__name__}; supported families: {supported}")
+    raise ValueError(f"no DTL backbone family for {type(backbone).__name__}; supported families: {supported}")
 
 
 __all__ = [
-    "DROP_PATH_SCOPES", "BackboneAdapter", "CachedInputs", "CheckpointError", "ConvAdapter", "ConvNeXtAdapter",
-    "EMBEDDED_BACKBONE", "EMBEDDED_WEIGHTS", "ResNetAdapter", "SwinAdapter", "VitAdapter", "adapter_for", "create_backbone", "load_checkpoint", "register_family",
+    "DROP_PATH_SCOPES", "BackboneFamily", "CachedInputs", "CheckpointError", "ConvFamily", "ConvNeXtFamily",
+    "EMBEDDED_BACKBONE", "EMBEDDED_WEIGHTS", "ResNetFamily", "SwinFamily", "VitFamily", "family_for", "create_backbone", "load_checkpoint", "register_family",
 ]

@@ -9,16 +9,16 @@ from __future__ import annotations
 import torch
 from timm.models.convnext import ConvNeXt
 
-from .adapters import ConvAdapter
+from .family import ConvFamily
 
 
-class ConvNeXtAdapter(ConvAdapter):
+class ConvNeXtFamily(ConvFamily):
     """Stem -> [downsample -> blocks]* -> the head's pooling and norm, on channels-last token maps."""
-    family = "ConvNeXt"
+    name = "ConvNeXt"
 
     def __init__(self, backbone: ConvNeXt):
         if not isinstance(backbone, ConvNeXt):
-            raise TypeError(f"ConvNeXtAdapter needs a timm ConvNeXt, got {type(backbone).__name__}")
+            raise TypeError(f"ConvNeXtFamily needs a timm ConvNeXt, got {type(backbone).__name__}")
         super().__init__(backbone)
 
     def _layout(self):

@@ -6,23 +6,23 @@ shortcut), so that block's input has the previous stage's width and twice its gr
 place where the maps differ: the down-projection reads the wider-grid input (its own input width), and the
 rank-r code is averaged over each output position's 2 x 2 window before the up-projection to the stage's
 width. Every other block's map is the usual one. The side state resets per stage. Batch norms stay in eval
-mode wherever they do not train (see ``BackboneAdapter.train``).
+mode wherever they do not train (see ``BackboneFamily.train``).
 """
 from __future__ import annotations
 
 import torch
 from timm.models.resnet import ResNet
 
-from .adapters import ConvAdapter
+from .family import ConvFamily
 
 
-class ResNetAdapter(ConvAdapter):
+class ResNetFamily(ConvFamily):
     """Stem (conv, norm, act, max-pool) -> layer1..layer4 -> global average, on channels-last token maps."""
-    family = "ResNet"
+    name = "ResNet"
 
     def __init__(self, backbone: ResNet):
         if not isinstance(backbone, ResNet):
-            raise TypeError(f"ResNetAdapter needs a timm ResNet, got {type(backbone).__name__}")
+            raise TypeError(f"ResNetFamily needs a timm ResNet, got {type(backbone).__name__}")
         super().__init__(backbone)
 
     def _layout(self):

@@ -10,17 +10,17 @@ from __future__ import annotations
 import torch
 from timm.models.swin_transformer import SwinTransformer
 
-from .adapters import ChannelsLastAdapter
+from .family import ChannelsLastFamily
 
 
-class SwinAdapter(ChannelsLastAdapter):
+class SwinFamily(ChannelsLastFamily):
     """Stages of blocks on channels-last (B, H, W, C) token grids; no cls token."""
-    family = "Swin"
+    name = "Swin"
     paper_defaults = dict(start_block=14, rank=4, kernel_size=5)  # side maps from block 4, M's stage's first
 
     def __init__(self, backbone: SwinTransformer):
         if not isinstance(backbone, SwinTransformer):
-            raise TypeError(f"SwinAdapter needs a timm SwinTransformer, got {type(backbone).__name__}")
+            raise TypeError(f"SwinFamily needs a timm SwinTransformer, got {type(backbone).__name__}")
         super().__init__(backbone)
 
     def _layout(self):

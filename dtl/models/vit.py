@@ -4,17 +4,17 @@ from __future__ import annotations
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from .adapters import BackboneAdapter, StageInfo
+from .family import BackboneFamily, StageInfo
 
 
-class VitAdapter(BackboneAdapter):
+class VitFamily(BackboneFamily):
     """One stage of N blocks on (B, T, C) tokens; prefix tokens (cls, registers) come first."""
-    family = "ViT"
+    name = "ViT"
     paper_defaults = dict(start_block=6, rank=2, kernel_size=3)
 
     def __init__(self, backbone: VisionTransformer):
         if not isinstance(backbone, VisionTransformer):
-            raise TypeError(f"VitAdapter needs a timm VisionTransformer, got {type(backbone).__name__}")
+            raise TypeError(f"VitFamily needs a timm VisionTransformer, got {type(backbone).__name__}")
         super().__init__(backbone)
         self._stages = [StageInfo(0, len(backbone.blocks) - 1, backbone.embed_dim)]
         self.num_prefix_tokens = backbone.num_prefix_tokens

@@ -1,9 +1,9 @@
 """What DTL needs to know about a backbone family, behind one small interface.
 
-A new family is one subclass of :class:`BackboneAdapter`: it says how to embed an image into tokens, which
+A new family is one subclass of :class:`BackboneFamily`: it says how to embed an image into tokens, which
 blocks exist (numbered globally) and in which stage each lies, what happens when a stage starts (e.g. Swin's
 patch merging, ConvNeXt's downsampling), how tokens map to a 2-D grid (for DTL+'s conv) and how the final
-tokens are pooled into one feature vector. Convolutional families (:class:`ConvAdapter`) see the feature map
+tokens are pooled into one feature vector. Convolutional families (:class:`ConvFamily`) see the feature map
 at each spatial position as a token: their tokens are channels-last ``(B, H, W, C)`` maps.
 """
 from __future__ import annotations
@@ -24,11 +24,11 @@ class StageInfo:
     dim: int
 
 
-class BackboneAdapter(nn.Module):
+class BackboneFamily(nn.Module):
     """A frozen backbone seen as: embed -> [enter_stage -> blocks]* -> pool."""
 
     #: how messages name the family
-    family: str = ""
+    name: str = ""
     #: DTL's defaults for this family: start block M, rank, DTL+ kernel (the paper's for ViT and Swin). Side maps
     #: start at the first block of M's stage unless ``extract_start`` is set.
     paper_defaults: dict = {}
@@ -141,7 +141,7 @@ class BackboneAdapter(nn.Module):
                 found.append(f"{name} ({type(module).__name__} {rate:g})")
         return found
 
-    def train(self, mode: bool = True) -> "BackboneAdapter":
+    def train(self, mode: bool = True) -> "BackboneFamily":
         """Batch norms with nothing trainable stay in eval mode: their running statistics are part of the frozen
         backbone (batch statistics would make a frozen block depend on the batch and drift its buffers)."""
         super().train(mode)
@@ -161,7 +161,7 @@ class BackboneAdapter(nn.Module):
                     module.drop_prob = 0.0
 
 
-class ChannelsLastAdapter(BackboneAdapter):
+class ChannelsLastFamily(BackboneFamily):
     """Families whose tokens are a channels-last ``(B, H, W, C)`` grid with no extra tokens, in stages of blocks
     (Swin, the CNNs). Subclasses give ``_layout()``: each stage's blocks and width."""
 
@@ -192,7 +192,7 @@ class ChannelsLastAdapter(BackboneAdapter):
         return grid.permute(0, 2, 3, 1)
 
 
-class ConvAdapter(ChannelsLastAdapter):
+class ConvFamily(ChannelsLastFamily):
     """A CNN seen as DTL sees it: every spatial position of a feature map is a token, kept channels-last between
     blocks so that side maps are linear maps over channels; the blocks themselves run on the channels-first view
     (a permute, no copy: convolutions take channels-last memory as it is).

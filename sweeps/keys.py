@@ -1,0 +1,30 @@
+"""The names a sweep's parts share: what a trial reports to Tune, the files of its checkpoint, its MLflow tags.
+
+The trial (``sweeps.trainable``) writes them; the driver, the searchers, the scheduler, the progress view, the
+results and the MLflow records read them.
+"""
+from __future__ import annotations
+
+METRIC = "val_accuracy"  # the objective: val200 accuracy after training on train800
+TIME_ATTR = "epoch"  # epochs completed; ASHA's time attribute
+CORRECT = "val_correct"  # which val images the final model got right (sweeps.selection.encode_correct)
+# A trial that fails on its own (a bad configuration, a NaN loss, out of memory) reports this key and ends; Tune
+# would retry a raised error like a lost node, and retrying cannot fix those.
+TRIAL_ERROR = "trial_error"
+CHECKPOINT_FILE = "training_state.pt"  # the trial's checkpoint: dtl.engine.TrainingState (kilobytes, no backbone)
+RUN_FILE = "mlflow_run.json"  # beside it: the trial's MLflow run and restarts, known with the store unreachable
+RUN_KEY = "mlflow_run_id"  # in every report: the driver closes a stopped trial's run without searching the store
+# Cost figures of a finished trial (dtl.engine.TrainResult.summary), next to its accuracy.
+COST_METRICS = ("trainable_params", "train_time_s", "cpu_time_s", "saved_bytes_per_batch", "peak_memory_bytes",
+                "images_per_s")
+
+# Keys of a trial's config next to the sampled values: its task, and whether it is the task's incumbent.
+TASK_KEY = "task"
+INCUMBENT_KEY = "incumbent"
+SEED_KEY = "seed"  # a study trial's training seed (a sweep trains every trial with the base's first seed)
+STUDY_METRIC = "test_accuracy"  # what a study reports per point: the final protocol's test split
+
+TAG_KIND = "kind"
+TAG_SWEEP = "sweep"
+TAG_TASK = "task"
+TAG_TRIAL = "trial_id"
