@@ -10,7 +10,7 @@ from PIL import Image
 
 from dtl.data.domain_generalization import masked_predictions
 from dtl.data.few_shot import FewShotDataset, check_few_shot_root, list_file
-from dtl.data.vtab import DataError
+from dtl.data.lists import DataError
 
 CLASSES = 4
 

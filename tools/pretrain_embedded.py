@@ -97,7 +97,7 @@ class PretrainModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         # Not a submodule: it wraps the same backbone, and the state dict keeps timm's "backbone.*" keys once.
-        self.__dict__["adapter"] = family_for(backbone)
+        self.__dict__["family"] = family_for(backbone)
         width = self.family.num_features
         self.heads = nn.ModuleDict({k: nn.Linear(width, c) for k, c in GLOBAL_HEADS.items()})
         self.dense_heads = nn.ModuleDict({k: nn.Linear(width, c) for k, c in DENSE_HEADS.items()})

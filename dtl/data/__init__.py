@@ -1,7 +1,8 @@
 """Data for DTL: VTAB-1K folders (``vtab``), few-shot folders in the NOAH layout (``few_shot``), the
 domain-generalisation source and targets and their 200-class mask (``domain_generalization``), the embedded
 suites of the three experiments (``synthetic``, ``synthetic_few_shot``, ``synthetic_domain_shift``) and the scene
-renderer they and the embedded backbone's pretraining use (``dtl.data.scenes``)."""
+renderer they and the embedded backbone's pretraining use (``dtl.data.scenes``). The list-file format all of
+them read, and its checks, are in ``dtl.data.lists``."""
 from dtl.data.domain_generalization import DG_TARGETS, check_domain_root, masked_predictions
 from dtl.data.few_shot import FEW_SHOT_DATASETS, FewShotDataset, check_few_shot_root
 from dtl.data.synthetic_domain_shift import generate_domain_shift_suite
@@ -14,11 +15,11 @@ from dtl.data.synthetic import (
     generate_synthetic_suite,
     sample_task,
 )
+from dtl.data.lists import DataError
 from dtl.data.vtab import (
     SPLITS,
     TASK_GROUPS,
     VTAB_TASKS,
-    DataError,
     VTabDataset,
     check_vtab_root,
     resolve_num_classes,

@@ -25,11 +25,15 @@ from pathlib import Path
 
 import torch
 
+from .few_shot import CLASS_COUNTS, check_lists, data_set_classes, run_lists
+from .lists import DataError, Problem, raise_problems
+
 SOURCE = "imagenet"
 # target -> images in its test list
 DG_TARGETS: dict[str, int] = {
     "imagenet": 50_000, "imagenet-v2": 10_000, "imagenet-sketch": 50_889, "imagenet-a": 7_500, "imagenet-r": 30_000,
 }
+CLASS_COUNTS.update(dict.fromkeys(DG_TARGETS, 1000))  # every domain keeps ImageNet's 1000 classes
 
 
 def masked_predictions(logits: torch.Tensor, classes: Iterable[int]) -> torch.Tensor:
@@ -45,10 +49,7 @@ def check_domain_root(root: str | os.PathLike[str], source: str, targets: Iterab
     """Validate the source's training, validation and test lists and every target's test list (labels checked
     against the source's classes); return ``{"source": {...counts...}, "targets": {target: {"test": n,
     "classes_seen": {"test": m}}}}``. Every problem of every list is collected into ONE
-    :class:`~dtl.data.vtab.DataError`, each naming its file and line."""
-    from .few_shot import check_lists, data_set_classes, run_lists
-    from .vtab import DataError, Problem, raise_problems
-
+    :class:`~dtl.data.lists.DataError`, each naming its file and line."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"domain-generalisation root {root} does not exist or is not a folder")

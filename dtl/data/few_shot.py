@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .vtab import DataError, Problem, _parse_list, _summarise, check_list, raise_problems
+from .lists import DataError, Problem, check_list, parse_list, raise_problems, summarise
 
 # The five data sets of the paper's few-shot experiment and their class counts ("standford-cars" is the
 # release's own spelling of the folder).
@@ -38,6 +38,8 @@ FEW_SHOT_DATASETS: dict[str, int] = {
 SHOTS: tuple[int, ...] = (1, 2, 4, 8, 16)
 SEEDS: tuple[int, ...] = (0, 1, 2)
 FEW_SHOT_SPLITS: tuple[str, ...] = ("train", "val", "test")
+# Data sets whose class count is known without a meta.json; dtl.data.domain_generalization adds its domains.
+CLASS_COUNTS: dict[str, int] = dict(FEW_SHOT_DATASETS)
 
 
 def list_file(root: str | os.PathLike[str], dataset: str, split: str, shots: int | None = None,
@@ -56,8 +58,6 @@ def list_file(root: str | os.PathLike[str], dataset: str, split: str, shots: int
 def few_shot_num_classes(dataset: str, num_classes: int | None = None, folder: Path | None = None) -> int:
     """The class count: ``num_classes`` if given, else the folder's ``meta.json`` ``{"num_classes": K}``, else the
     paper's table (the five few-shot data sets; 1000 for ImageNet and its shifted versions)."""
-    from .domain_generalization import DG_TARGETS
-
     if num_classes is not None:
         return num_classes
     meta = folder / "meta.json" if folder is not None else None
@@ -66,12 +66,10 @@ def few_shot_num_classes(dataset: str, num_classes: int | None = None, folder: P
             return int(json.loads(meta.read_text())["num_classes"])
         except (ValueError, KeyError, TypeError) as err:
             raise DataError(f"{meta}: expected {{\"num_classes\": <integer>}} ({type(err).__name__}: {err})") from None
-    if dataset in FEW_SHOT_DATASETS:
-        return FEW_SHOT_DATASETS[dataset]
-    if dataset in DG_TARGETS:
-        return 1000
+    if dataset in CLASS_COUNTS:
+        return CLASS_COUNTS[dataset]
     raise DataError(f"cannot tell how many classes data set {dataset!r} has: it is not one of "
-                    f"{', '.join([*FEW_SHOT_DATASETS, *DG_TARGETS])} and {folder or dataset}/meta.json is missing; "
+                    f"{', '.join(CLASS_COUNTS)} and {folder or dataset}/meta.json is missing; "
                     "set data.num_classes")
 
 
@@ -108,7 +106,7 @@ def _posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
 
 
 def _in_folder(image: Path, list_path: Path, folder: Path) -> Path:
-    """``_parse_list`` resolves a line's path next to its list; few-shot lines are relative to the data set's
+    """``parse_list`` resolves a line's path next to its list; few-shot lines are relative to the data set's
     folder (one level up, beside ``annotations/``)."""
     return image if image.is_absolute() and not image.is_relative_to(list_path.parent) else \
         folder / image.relative_to(list_path.parent)
@@ -128,10 +126,10 @@ class FewShotDataset(Dataset):
         self.list_file = list_file(root, dataset, split, shots, seed)
         if not self.list_file.is_file():
             raise DataError(f"list file {self.list_file} does not exist (expected lines 'relative/path label')")
-        samples, self._line_numbers, problems = _parse_list(self.list_file, self.num_classes)
+        samples, self._line_numbers, problems = parse_list(self.list_file, self.num_classes)
         self.samples = [(_in_folder(path, self.list_file, folder), label) for path, label in samples]
         if problems:
-            raise DataError(_summarise(problems, f"{self.list_file}: {len(problems)} malformed line(s)"))
+            raise DataError(summarise(problems, f"{self.list_file}: {len(problems)} malformed line(s)"))
         if not self.samples:
             raise DataError(f"{self.list_file} lists no images")
         # the recipe augments the training lists only; ``augment`` overrides that

@@ -1,0 +1,55 @@
+"""The layering of docs/design.md (Architecture): what each package may import, and no import cycle in dtl/."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def module_imports(package: str) -> dict[str, set[str]]:
+    """module -> the modules it imports anywhere in its file (top level and inside functions)."""
+    files = {}
+    for path in (REPO / package).rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    imports = {}
+    for name, path in files.items():
+        package_name = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package_name.split(".")[:len(package_name.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([node.module] if node.module else []))
+                found |= {base, *(f"{base}.{alias.name}" for alias in node.names)}
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+        imports[name] = found
+    return imports
+
+
+def test_the_library_imports_none_of_the_outer_layers():
+    outer = ("pipeline", "sweeps", "tracking", "ray", "mlflow", "optuna", "dvc")
+    offending = {module: sorted(t for t in targets if t.split(".")[0] in outer)
+                 for module, targets in module_imports("dtl").items()}
+    assert not {m: t for m, t in offending.items() if t}
+
+
+def test_no_import_cycle_inside_the_library():
+    imports = module_imports("dtl")
+    graph = {module: {t for t in targets if t in imports and t != module} for module, targets in imports.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            assert state.get(target) != 1, " -> ".join([*path[path.index(target):], target])
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
