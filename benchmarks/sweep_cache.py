@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sweep_cache_"))
     rows = [run_once(mode, args, workdir) for mode in modes]
-    print(f"\n| prefix cache | wall s | machine CPU s | trials' training CPU s | trials (done / stopped early) |")
+    print("\n| prefix cache | wall s | machine CPU s | trials' training CPU s | trials (done / stopped early) |")
     print("|---|---:|---:|---:|---|")
     for row in rows:
         print(f"| {row['prefix_cache']} | {row['wall_s']:.0f} | {row['machine_cpu_s']:.0f} | {row['trial_cpu_s']:.0f} "

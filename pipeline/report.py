@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dtl.config import load_config
-from dtl.data.vtab import GROUP_ORDER, group_summary as summarise
+from dtl.data.vtab import group_summary as summarise
 from dtl.io import atomic_path, write_json, write_text
 
 from .params import load_pipeline_settings

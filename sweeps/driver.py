@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import check_resources, default_concurrency, quiet_environment, start_ray
+from .keys import METRIC, TIME_ATTR
 from .results import (TaskOutcome, cost_plot, decide, decisions_table, format_params, trial_row, trials_table)
 from .selection import ALPHA
 from .space import SearchSpace, load_space
 from .state import STATE_FILE, SweepError, SweepState, find_saved_state
-from .keys import METRIC, TIME_ATTR
 from .trainable import TrialSetup, plain
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +138,7 @@ def load_base(options: SweepOptions):
 def task_backbone(config, task: str):
     """The task's backbone (random weights) seen through its family interface: its number of blocks fixes the
     symbolic bound ``last_block``, and each method's defaults for it say what a ``null`` option means."""
-    from dtl.models import family_for, create_backbone
+    from dtl.models import create_backbone, family_for
 
     resolved = config.for_task(task)
     return family_for(create_backbone(resolved.model.backbone, False, img_size=config.data.image_size))
@@ -435,7 +435,6 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
 
     from .progress import ProgressView
     from .records import TRACKING_WAIT_S, ChildRunCloser, deliver_records, open_parent_run, use_sweep_outbox
-
     from .storage import SHORTAGES, check_free_space
 
     check_free_space(storage)

@@ -9,7 +9,7 @@ from conftest import randomised
 from dtl import cache
 from dtl.benchmark import saved_tensor_bytes
 from dtl.cache import prepare_prefix_cache
-from dtl.models import CachedInputs, ConvNeXtFamily, ResNetFamily, family_for, create_backbone
+from dtl.models import CachedInputs, ConvNeXtFamily, ResNetFamily, create_backbone, family_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 64  # grids 16-8-4-2: every stage fits DTL+'s kernel of 3

@@ -54,7 +54,7 @@ def test_paper_params_files_are_the_presets_and_load(method):
     from pipeline.paper_params import PAPER_FILES, paper_params, render
 
     path = PAPER_FILES[method]
-    assert path.read_text() == render(method), f"regenerate with: python -m pipeline.paper_params"
+    assert path.read_text() == render(method), "regenerate with: python -m pipeline.paper_params"
     assert yaml.safe_load(path.read_text()) == paper_params(method)
     check_dvc_entries(path)  # 19 tasks, each with both templated entries
     config = load_params(path)

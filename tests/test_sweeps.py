@@ -164,7 +164,7 @@ def test_space_define_by_run_pickles_for_resume():
 
 def test_the_current_configuration_is_the_first_point_when_it_lies_in_the_space():
     from dtl.config import ExperimentConfig
-    from dtl.models import EMBEDDED_BACKBONE, family_for, create_backbone
+    from dtl.models import EMBEDDED_BACKBONE, create_backbone, family_for
     from sweeps.driver import current_settings
 
     params = {**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "root": "/abs/data"}}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import family_for, create_backbone
+from ..models import create_backbone, family_for
 from ..models.family import DROP_PATH_SCOPES
 from .dtl import DTLModel, PrefixState
 from .registry import (BACKBONE_DTYPES, Method, MethodOptions, OptionError, all_option_names, available_methods,

@@ -43,5 +43,6 @@ def family_for(backbone: nn.Module) -> BackboneFamily:
 
 __all__ = [
     "DROP_PATH_SCOPES", "BackboneFamily", "CachedInputs", "CheckpointError", "ConvFamily", "ConvNeXtFamily",
-    "EMBEDDED_BACKBONE", "EMBEDDED_WEIGHTS", "ResNetFamily", "SwinFamily", "VitFamily", "family_for", "create_backbone", "load_checkpoint", "register_family",
+    "EMBEDDED_BACKBONE", "EMBEDDED_WEIGHTS", "ResNetFamily", "SwinFamily", "VitFamily", "create_backbone",
+    "family_for", "load_checkpoint", "register_family",
 ]
