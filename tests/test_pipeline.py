@@ -714,26 +714,18 @@ def test_experiments_compare_and_the_default_comes_back_from_the_cache(tmp_path)
 
 
 @pytest.mark.slow
-def test_dvc_repro_finishes_with_the_prefix_cache_in_memory_on_a_full_disk(tmp_path):
+def test_dvc_repro_finishes_with_the_prefix_cache_in_memory_on_a_full_disk(tmp_path, small_disk):
     """``DTL_CACHE_DIR`` on a tmpfs far smaller than one cache entry: every stage finishes, one line says the
     cache lives in memory and why, and the folder holds no partial entry."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        repo = RepoCopy(tmp_path, tasks=("digits",))
-        raw = yaml.safe_load((repo.work / "params.yaml").read_text())
-        raw["training"]["prefix_cache_dir"] = str(mount)
-        write_yaml(repo.work / "params.yaml", raw)
-        repo.env["DTL_CACHE_DIR"] = str(mount)
-        out = repo.dvc("repro", stderr=True)
-        assert f"prefix cache memory: not enough free disk space in {mount}" in out or (
-            f"prefix cache memory: cannot write {mount}" in out and "No space left on device" in out), out[-3000:]
-        assert json.loads((repo.work / "metrics" / "digits.json").read_text())["test_acc"] > 0
-        left = [p for p in mount.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
-        assert not left, left  # no partial or temporary entry for a later run to read
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    mount = small_disk("4m")
+    repo = RepoCopy(tmp_path, tasks=("digits",))
+    raw = yaml.safe_load((repo.work / "params.yaml").read_text())
+    raw["training"]["prefix_cache_dir"] = str(mount)
+    write_yaml(repo.work / "params.yaml", raw)
+    repo.env["DTL_CACHE_DIR"] = str(mount)
+    out = repo.dvc("repro", stderr=True)
+    assert f"prefix cache memory: not enough free disk space in {mount}" in out or (
+        f"prefix cache memory: cannot write {mount}" in out and "No space left on device" in out), out[-3000:]
+    assert json.loads((repo.work / "metrics" / "digits.json").read_text())["test_acc"] > 0
+    left = [p for p in mount.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert not left, left  # no partial or temporary entry for a later run to read

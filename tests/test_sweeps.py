@@ -748,53 +748,45 @@ def fill_disk(folder: Path, leave_bytes: int) -> Path:
 
 
 @pytest.mark.slow
-def test_a_storage_folder_that_fills_up_stops_the_sweep_in_one_line_and_resume_finishes_it(sweep_factory, tmp_path):
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        sweep = sweep_factory(PLAIN_SPACE)
-        sweep.storage = mount
-        filler = fill_disk(mount, 2 * 2**20)  # too little to start in: refused before anything is written
-        code, out = sweep.run("--max-concurrent", "1", "--scheduler", "fifo")
-        assert code == 2, out
-        assert re.search(rf"^error: --storage-path {mount}: [12]\.\d MiB free, a sweep needs at least 4 MiB",
-                         out, re.M), out
-        assert [p.name for p in mount.iterdir()] == ["filler"]
-        filler.unlink()
+def test_a_storage_folder_that_fills_up_stops_the_sweep_in_one_line_and_resume_finishes_it(sweep_factory, small_disk):
+    mount = small_disk("8m")
+    sweep = sweep_factory(PLAIN_SPACE)
+    sweep.storage = mount
+    filler = fill_disk(mount, 2 * 2**20)  # too little to start in: refused before anything is written
+    code, out = sweep.run("--max-concurrent", "1", "--scheduler", "fifo")
+    assert code == 2, out
+    assert re.search(rf"^error: --storage-path {mount}: [12]\.\d MiB free, a sweep needs at least 4 MiB",
+                     out, re.M), out
+    assert [p.name for p in mount.iterdir()] == ["filler"]
+    filler.unlink()
 
-        process = sweep.start("--max-concurrent", "1", "--scheduler", "fifo")
-        wait_for(lambda: len(finished_children(sweep)) >= 1 or process.poll() is not None, 300, "a finished trial")
-        filler = fill_disk(mount, 2**19)  # another writer leaves half a MiB: less than the next saves need
-        process.wait(timeout=180)
-        out = (sweep.tmp / "sweep.log").read_text()
-        assert process.returncode == 75, out
-        stops = [line for line in out.splitlines() if line.startswith("stopped because")]
-        assert len(stops) == 1 and "Traceback" not in out, out
-        assert re.match(rf"stopped because {mount}/tiny is nearly full \(0\.\d MiB free; the next checkpoints and "
-                        r"Tune's experiment state need about \d+\.\d MiB\): sweep tiny, [1-3] of 4 trials finished "
-                        r"and kept; free space there, then resume with: python sweeps/run.py --space \S+ --resume "
-                        rf"--name tiny --storage-path {mount}$", stops[0]), stops[0]
-        # nothing truncated for the resumed sweep to read
-        for path in [mount / "tiny" / "sweep.json", *mount.glob("tiny/trials/experiment_state-*.json")]:
-            json.loads(path.read_text())
-        for path in mount.glob("tiny/trials/*/result.json"):  # one JSON object per line
-            [json.loads(line) for line in path.read_text().splitlines()]
-        assert not [p for p in mount.rglob("*") if p.name.endswith(".tmp")]
+    process = sweep.start("--max-concurrent", "1", "--scheduler", "fifo")
+    wait_for(lambda: len(finished_children(sweep)) >= 1 or process.poll() is not None, 300, "a finished trial")
+    filler = fill_disk(mount, 2**19)  # another writer leaves half a MiB: less than the next saves need
+    process.wait(timeout=180)
+    out = (sweep.tmp / "sweep.log").read_text()
+    assert process.returncode == 75, out
+    stops = [line for line in out.splitlines() if line.startswith("stopped because")]
+    assert len(stops) == 1 and "Traceback" not in out, out
+    assert re.match(rf"stopped because {mount}/tiny is nearly full \(0\.\d MiB free; the next checkpoints and "
+                    r"Tune's experiment state need about \d+\.\d MiB\): sweep tiny, [1-3] of 4 trials finished "
+                    r"and kept; free space there, then resume with: python sweeps/run.py --space \S+ --resume "
+                    rf"--name tiny --storage-path {mount}$", stops[0]), stops[0]
+    # nothing truncated for the resumed sweep to read
+    for path in [mount / "tiny" / "sweep.json", *mount.glob("tiny/trials/experiment_state-*.json")]:
+        json.loads(path.read_text())
+    for path in mount.glob("tiny/trials/*/result.json"):  # one JSON object per line
+        [json.loads(line) for line in path.read_text().splitlines()]
+    assert not [p for p in mount.rglob("*") if p.name.endswith(".tmp")]
 
-        filler.unlink()
-        code, again = sweep.run("--resume", log="resume.log")
-        assert code == 0, again
-        state = json.loads((mount / "tiny" / "sweep.json").read_text())
-        rows = state["tasks"][TASK]["outcome"]["rows"]
-        assert state["finished"] and len(rows) == 4, state
-        assert {row["status"] for row in rows} <= {"done", "stopped early"}, rows
-        assert TASK in yaml.safe_load(sweep.best.read_text())
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    filler.unlink()
+    code, again = sweep.run("--resume", log="resume.log")
+    assert code == 0, again
+    state = json.loads((mount / "tiny" / "sweep.json").read_text())
+    rows = state["tasks"][TASK]["outcome"]["rows"]
+    assert state["finished"] and len(rows) == 4, state
+    assert {row["status"] for row in rows} <= {"done", "stopped early"}, rows
+    assert TASK in yaml.safe_load(sweep.best.read_text())
 
 
 @pytest.mark.parametrize("edit, expected", [
