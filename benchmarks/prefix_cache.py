@@ -33,7 +33,8 @@ import torch  # noqa: E402
 
 import dtl  # noqa: E402
 from dtl import cache  # noqa: E402
-from dtl.engine import TrainConfig, resolve_device, train_and_evaluate  # noqa: E402
+from dtl.config import TrainConfig  # noqa: E402
+from dtl.engine import resolve_device, train_and_evaluate  # noqa: E402
 from dtl.io import write_json  # noqa: E402
 
 RUNS = ("off", "cold", "warm")

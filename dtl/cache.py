@@ -42,11 +42,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .config import CACHE_MODES
 from .io import atomic_path, file_lock
 from .methods import PrefixState
 from .models import CachedInputs
 
-CACHE_MODES = ("auto", "memory", "disk", "off")
 FORMAT_VERSION = 2
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Transform class names that draw random numbers (torchvision v1/v2, timm).

@@ -15,10 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .engine import TrainConfig
 from .methods import (BACKBONE_DTYPES, all_option_names, available_methods, canonical_name, float_option_names,
                       get_method, method_options)
-from .models import DROP_PATH_SCOPES
+from .validation import ConfigError, describe_number, is_int, is_number, need
 
 DATA_SOURCES = ("synthetic", "vtab1k", "few_shot", "domain_generalization")
 PROTOCOLS = ("final", "val", "few_shot", "domain_generalization")
@@ -27,8 +26,11 @@ SOURCE_PROTOCOLS = {"vtab1k": ("final", "val"), "few_shot": ("few_shot",),
                     "domain_generalization": ("domain_generalization",)}
 
 
-class ConfigError(ValueError):
-    """A configuration value is unknown or invalid; the message names the key."""
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# DTL's frozen-prefix feature cache (dtl.cache): auto = use it when it is exact, memory/disk = require it, off
+CACHE_MODES = ("auto", "memory", "disk", "off")
+# where drop-path applies: every block (timm's rule) or only the blocks gradients flow through (dtl.methods)
+DROP_PATH_SCOPES = ("all", "suffix")
 
 
 @dataclass
@@ -52,25 +54,25 @@ class DataConfig:
     targets: list[str] = field(default_factory=list)  # domain_generalization: the target domain folders
 
     def validate(self) -> None:
-        _need(self.source in DATA_SOURCES, "data.source", f"one of {', '.join(DATA_SOURCES)}", self.source)
-        _need(isinstance(self.root, str) and self.root, "data.root", "a folder path", self.root)
-        _need(isinstance(self.tasks, list) and self.tasks and all(isinstance(t, str) and t for t in self.tasks),
+        need(self.source in DATA_SOURCES, "data.source", f"one of {', '.join(DATA_SOURCES)}", self.source)
+        need(isinstance(self.root, str) and self.root, "data.root", "a folder path", self.root)
+        need(isinstance(self.tasks, list) and self.tasks and all(isinstance(t, str) and t for t in self.tasks),
               "data.tasks", "a non-empty list of task folder names", self.tasks)
-        _need(len(set(self.tasks)) == len(self.tasks), "data.tasks", "no repeated task", self.tasks)
-        _need(self.image_size is None or (isinstance(self.image_size, int) and self.image_size >= 8),
+        need(len(set(self.tasks)) == len(self.tasks), "data.tasks", "no repeated task", self.tasks)
+        need(self.image_size is None or (isinstance(self.image_size, int) and self.image_size >= 8),
               "data.image_size", "null or an integer >= 8", self.image_size)
-        _need(isinstance(self.num_test, int) and self.num_test >= 1, "data.num_test", "an integer >= 1", self.num_test)
-        _need(isinstance(self.generator_seed, int) and not isinstance(self.generator_seed, bool), "data.generator_seed",
+        need(isinstance(self.num_test, int) and self.num_test >= 1, "data.num_test", "an integer >= 1", self.num_test)
+        need(isinstance(self.generator_seed, int) and not isinstance(self.generator_seed, bool), "data.generator_seed",
               "an integer", self.generator_seed)
-        _need(isinstance(self.preload, bool), "data.preload", "true or false", self.preload)
-        _need(isinstance(self.num_classes, dict) and all(
+        need(isinstance(self.preload, bool), "data.preload", "true or false", self.preload)
+        need(isinstance(self.num_classes, dict) and all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
             for k, v in self.num_classes.items()), "data.num_classes",
               "a mapping of task -> number of classes (an integer >= 1), e.g. {my_task: 12}", self.num_classes)
-        _need(isinstance(self.shots, list) and self.shots and len(set(self.shots)) == len(self.shots) and all(
+        need(isinstance(self.shots, list) and self.shots and len(set(self.shots)) == len(self.shots) and all(
             isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.shots), "data.shots",
               "a non-empty list of distinct shot counts (integers >= 1), e.g. [1, 2, 4, 8, 16]", self.shots)
-        _need(isinstance(self.targets, list) and all(isinstance(t, str) and t for t in self.targets)
+        need(isinstance(self.targets, list) and all(isinstance(t, str) and t for t in self.targets)
               and len(set(self.targets)) == len(self.targets), "data.targets",
               "a list of distinct target domain folder names", self.targets)
 
@@ -82,24 +84,24 @@ class _ModelSection:
     method's options are config keys and per-task override keys without touching this file."""
 
     def validate(self) -> None:
-        _need(isinstance(self.method, str) and self.method in method_options(), "model.method",
+        need(isinstance(self.method, str) and self.method in method_options(), "model.method",
               f"one of {', '.join(available_methods())}", self.method)
-        _need(isinstance(self.backbone, str) and self.backbone, "model.backbone", "a timm model name", self.backbone)
-        _need(isinstance(self.checkpoint, (bool, str)), "model.checkpoint", "true, false or a file path",
+        need(isinstance(self.backbone, str) and self.backbone, "model.backbone", "a timm model name", self.backbone)
+        need(isinstance(self.checkpoint, (bool, str)), "model.checkpoint", "true, false or a file path",
               self.checkpoint)
         checks = _option_checks()
         for name in all_option_names():  # every option that is set, whichever method it belongs to
             value = getattr(self, name)
-            if value is not None and name in checks and not checks[name][0](value):
-                raise ConfigError(f"model.{name}: expected null or {checks[name][1]}, got {value!r}")
-        _need(isinstance(self.drop_path, (int, float)) and 0 <= self.drop_path < 1, "model.drop_path",
+            if value is not None and name in checks:
+                need(checks[name][0](value), f"model.{name}", f"null or {checks[name][1]}", value)
+        need(isinstance(self.drop_path, (int, float)) and 0 <= self.drop_path < 1, "model.drop_path",
               "a number in [0, 1)", self.drop_path)
-        _need(self.drop_path_scope in DROP_PATH_SCOPES, "model.drop_path_scope", f"one of {', '.join(DROP_PATH_SCOPES)}",
+        need(self.drop_path_scope in DROP_PATH_SCOPES, "model.drop_path_scope", f"one of {', '.join(DROP_PATH_SCOPES)}",
               self.drop_path_scope)
-        _need(isinstance(self.backbone_dtype, str) and self.backbone_dtype in BACKBONE_DTYPES, "model.backbone_dtype",
+        need(isinstance(self.backbone_dtype, str) and self.backbone_dtype in BACKBONE_DTYPES, "model.backbone_dtype",
               f"one of {', '.join(BACKBONE_DTYPES)}", self.backbone_dtype)
         capable = [m for m in available_methods() if get_method(m).low_precision_backbone]
-        _need(self.backbone_dtype == "fp32" or canonical_name(self.method) in capable, "model.backbone_dtype",
+        need(self.backbone_dtype == "fp32" or canonical_name(self.method) in capable, "model.backbone_dtype",
               f"fp32 for method {self.method!r} (low-precision backbones are for {', '.join(capable)})",
               self.backbone_dtype)
 
@@ -132,6 +134,82 @@ ModelConfig.__doc__ = _ModelSection.__doc__
 
 
 @dataclass
+class TrainConfig:
+    """Optimisation settings for one run; the defaults are the paper's recipe (the official VTAB-1K scripts:
+    AdamW, weight decay 0.05 except on 1-D parameters, batch 32 with drop_last, timm's cosine schedule with 10
+    warm-up epochs stepped per epoch, 100 cosine + 10 cool-down epochs, seed 42). Validated on construction;
+    errors name the field (``training.lr``)."""
+
+    epochs: int = 110  # total epochs run; the last ``cooldown_epochs`` sit at ``min_lr``
+    warmup_epochs: int = 10
+    cooldown_epochs: int = 10
+    lr: float = 1e-3
+    min_lr: float = 1e-8
+    warmup_lr: float = 1e-7
+    weight_decay: float = 0.05
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    seed: int = 42
+    device: str = "auto"  # auto: cuda if available, else cpu
+    num_workers: int = 0
+    eval_every: int = 0  # evaluate every N epochs (0: only after the last epoch)
+    progress: bool = True
+    # DTL's frozen-prefix feature cache (dtl.cache): auto = use it when it is exact (DTL model, no drop-path in
+    # blocks 0..M, no augmentation), on disk when the dataset identifies itself; memory/disk = require it.
+    prefix_cache: str = "auto"
+    prefix_cache_dir: str | None = None  # None: $DTL_CACHE_DIR or ~/.cache/dtl/prefix
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def integer(name: str, low: int, high: int | None = None) -> None:
+            need(is_int(low, high)(getattr(self, name)), f"training.{name}",
+                 f"an integer >= {low}" if high is None else f"an integer in {low}..{high}", getattr(self, name))
+
+        def number(name: str, low: float, *, above: bool = False, below: float | None = None,
+                   optional: bool = False) -> None:
+            value = getattr(self, name)
+            ok = (optional and value is None) or is_number(low, above=above, below=below)(value)
+            expected = describe_number(low, above=above, below=below)
+            need(ok, f"training.{name}", ("null or " if optional else "") + expected, value)
+
+        integer("epochs", 1)
+        integer("warmup_epochs", 0)
+        integer("cooldown_epochs", 0, self.epochs - 1 if isinstance(self.epochs, int) else None)
+        number("lr", 0, above=True)
+        number("min_lr", 0)
+        number("warmup_lr", 0)
+        number("weight_decay", 0)
+        integer("batch_size", 1)
+        integer("eval_batch_size", 1)
+        number("label_smoothing", 0, below=1)
+        number("grad_clip", 0, above=True, optional=True)
+        need(self.precision in PRECISIONS, "training.precision", f"one of {', '.join(PRECISIONS)}", self.precision)
+        integer("seed", 0)
+        need(isinstance(self.device, str) and (self.device == "auto" or self.device.split(":")[0] in
+                                               ("cpu", "cuda", "mps")), "training.device",
+             "auto, cpu, cuda or cuda:N", self.device)
+        integer("num_workers", 0)
+        integer("eval_every", 0)
+        need(isinstance(self.progress, bool), "training.progress", "true or false", self.progress)
+        need(self.prefix_cache in CACHE_MODES, "training.prefix_cache", f"one of {', '.join(CACHE_MODES)}",
+             self.prefix_cache)
+        need(self.prefix_cache_dir is None or (isinstance(self.prefix_cache_dir, str) and self.prefix_cache_dir),
+             "training.prefix_cache_dir", "null or a folder path", self.prefix_cache_dir)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class EvaluationConfig:
     # final: train on train800val200, test once; val: train on train800, score val200; few_shot: per shot count and
     # seed, train on the k-shot list, validate every eval_every epochs, test the weights best on val;
@@ -140,8 +218,8 @@ class EvaluationConfig:
     seeds: list[int] = field(default_factory=lambda: [42])
 
     def validate(self) -> None:
-        _need(self.protocol in PROTOCOLS, "evaluation.protocol", f"one of {', '.join(PROTOCOLS)}", self.protocol)
-        _need(isinstance(self.seeds, list) and self.seeds and all(isinstance(s, int) for s in self.seeds),
+        need(self.protocol in PROTOCOLS, "evaluation.protocol", f"one of {', '.join(PROTOCOLS)}", self.protocol)
+        need(isinstance(self.seeds, list) and self.seeds and all(isinstance(s, int) for s in self.seeds),
               "evaluation.seeds", "a non-empty list of integers", self.seeds)
 
 
@@ -198,14 +276,14 @@ class ExperimentConfig:
     def _check_protocol(self) -> None:
         protocol, source = self.evaluation.protocol, self.data.source
         allowed = SOURCE_PROTOCOLS.get(source, PROTOCOLS)
-        _need(protocol in allowed, "evaluation.protocol", f"one of {', '.join(allowed)} for data.source {source}",
+        need(protocol in allowed, "evaluation.protocol", f"one of {', '.join(allowed)} for data.source {source}",
               protocol)
         if protocol == "domain_generalization":
-            _need(len(self.data.tasks) == 1, "data.tasks", "one task, the source domain (domain_generalization)",
+            need(len(self.data.tasks) == 1, "data.tasks", "one task, the source domain (domain_generalization)",
                   self.data.tasks)
-            _need(len(self.data.shots) == 1, "data.shots", "one shot count, the source's training list "
+            need(len(self.data.shots) == 1, "data.shots", "one shot count, the source's training list "
                   "(domain_generalization), e.g. [16]", self.data.shots)
-            _need(bool(self.data.targets), "data.targets", "at least one target domain (domain_generalization)",
+            need(bool(self.data.targets), "data.targets", "at least one target domain (domain_generalization)",
                   self.data.targets)
 
     def for_task(self, task: str, entry: Mapping[str, Any] | None = None,
@@ -365,11 +443,6 @@ def _plain(values: Any) -> Any:
     if hasattr(values, "item") and not isinstance(values, (str, bytes)):
         return values.item()
     return values
-
-
-def _need(ok: bool, key: str, expected: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
 # PyYAML follows YAML 1.1, which reads an exponent without a dot (``1e-4``) as text, not as a number.

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -23,94 +23,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .cache import CACHE_MODES, PrefixCacheError, place_features, prepare_prefix_cache, to_device
+from .cache import PrefixCacheError, place_features, prepare_prefix_cache, to_device
+from .config import TrainConfig
 from .io import atomic_path, trainable_state_dict
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EpochCallback = Callable[[int, dict], None]
 
 
 class SetupError(ValueError):
     """A run cannot start with these settings on this machine or data (no CUDA device, a batch larger than the
     split...); the message names the setting and what to do."""
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings for one run. Validated on construction; errors name the field."""
-
-    epochs: int = 110  # total epochs run; the last ``cooldown_epochs`` sit at ``min_lr``
-    warmup_epochs: int = 10
-    cooldown_epochs: int = 10
-    lr: float = 1e-3
-    min_lr: float = 1e-8
-    warmup_lr: float = 1e-7
-    weight_decay: float = 0.05
-    batch_size: int = 32
-    eval_batch_size: int = 256
-    label_smoothing: float = 0.0
-    grad_clip: float | None = None
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    seed: int = 42
-    device: str = "auto"  # auto: cuda if available, else cpu
-    num_workers: int = 0
-    eval_every: int = 0  # evaluate every N epochs (0: only after the last epoch)
-    progress: bool = True
-    # DTL's frozen-prefix feature cache (dtl.cache): auto = use it when it is exact (DTL model, no drop-path in
-    # blocks 0..M, no augmentation), on disk when the dataset identifies itself; memory/disk = require it.
-    prefix_cache: str = "auto"
-    prefix_cache_dir: str | None = None  # None: $DTL_CACHE_DIR or ~/.cache/dtl/prefix
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, name: str, expected: str) -> None:
-            if not ok:
-                raise ValueError(f"training.{name}: expected {expected}, got {getattr(self, name)!r}")
-
-        def integer(name: str, low: int, high: int | None = None) -> None:
-            value = getattr(self, name)
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-            need(ok and (high is None or value <= high), name,
-                 f"an integer >= {low}" if high is None else f"an integer in {low}..{high}")
-
-        def number(name: str, low: float, *, above: bool = False, below: float | None = None,
-                   optional: bool = False) -> None:
-            value = getattr(self, name)
-            if optional and value is None:
-                return
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            ok = ok and (value > low if above else value >= low) and (below is None or value < below)
-            bounds = f"> {low:g}" if above else f">= {low:g}"
-            expected = f"a number in [{low:g}, {below:g})" if below is not None else f"a number {bounds}"
-            need(ok, name, ("null or " if optional else "") + expected)
-
-        integer("epochs", 1)
-        integer("warmup_epochs", 0)
-        integer("cooldown_epochs", 0, self.epochs - 1 if isinstance(self.epochs, int) else None)
-        number("lr", 0, above=True)
-        number("min_lr", 0)
-        number("warmup_lr", 0)
-        number("weight_decay", 0)
-        integer("batch_size", 1)
-        integer("eval_batch_size", 1)
-        number("label_smoothing", 0, below=1)
-        number("grad_clip", 0, above=True, optional=True)
-        need(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
-        integer("seed", 0)
-        need(isinstance(self.device, str) and (self.device == "auto" or self.device.split(":")[0] in
-                                               ("cpu", "cuda", "mps")), "device", "auto, cpu, cuda or cuda:N")
-        integer("num_workers", 0)
-        integer("eval_every", 0)
-        need(isinstance(self.progress, bool), "progress", "true or false")
-        need(self.prefix_cache in CACHE_MODES, "prefix_cache", f"one of {', '.join(CACHE_MODES)}")
-        need(self.prefix_cache_dir is None or (isinstance(self.prefix_cache_dir, str) and self.prefix_cache_dir),
-             "prefix_cache_dir", "null or a folder path")
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

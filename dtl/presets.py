@@ -1,17 +1,28 @@
-"""The authors' per-task VTAB-1K hyperparameters (docs/design.md), as a "paper" preset.
+"""The paper's settings, each in one place: DTL's defaults per backbone family, and the authors' per-task
+VTAB-1K hyperparameters (docs/design.md) as a "paper" preset.
 
-``paper_overrides(family, method)`` returns ``{task: {"lr": ..., "drop_path": ..., ["kernel_size": ...]}}``,
-the shape of the ``overrides`` section of an experiment config. Common settings for all tasks are in
-``PAPER_COMMON``: batch 32, 100 cosine + 10 cool-down epochs, 10 warm-up, weight decay 0.05, beta 100.
+``FAMILY_DEFAULTS`` is what DTL uses for unset options on the families the paper trains (the family classes of
+``dtl.models`` read it). ``paper_overrides(family, method)`` returns ``{task: {"lr": ..., "drop_path": ...,
+["kernel_size": ...]}}``, the shape of the ``overrides`` section of an experiment config. ``PAPER_COMMON`` holds
+the settings shared by all tasks, and ``PAPER_TRAINING`` the recipe, which is ``TrainConfig``'s defaults: batch
+32, 100 cosine + 10 cool-down epochs, 10 warm-up, weight decay 0.05.
 """
 from __future__ import annotations
 
-PAPER_COMMON = {
-    "vit": dict(rank=2, extract_start=0, start_block=6, beta=100.0),
+from .config import TrainConfig
+
+FAMILY_DEFAULTS = {
+    "vit": dict(rank=2, extract_start=0, start_block=6, beta=100.0, kernel_size=3),
     "swin": dict(rank=4, extract_start=4, start_block=14, beta=100.0, kernel_size=5),
 }
-PAPER_TRAINING = dict(epochs=110, warmup_epochs=10, cooldown_epochs=10, batch_size=32, weight_decay=0.05,
-                      min_lr=1e-8, warmup_lr=1e-7, label_smoothing=0.0, seed=42)
+# The ViT DTL+ kernel is set per task (the table below); Swin's is one for all tasks.
+PAPER_COMMON = {
+    "vit": {k: v for k, v in FAMILY_DEFAULTS["vit"].items() if k != "kernel_size"},
+    "swin": dict(FAMILY_DEFAULTS["swin"]),
+}
+PAPER_TRAINING = {name: getattr(TrainConfig(), name) for name in (
+    "epochs", "warmup_epochs", "cooldown_epochs", "batch_size", "weight_decay", "min_lr", "warmup_lr",
+    "label_smoothing", "seed")}
 
 # task: (ViT DTL lr, dp), (ViT DTL+ lr, dp, k), (Swin DTL lr, dp), (Swin DTL+ lr, dp)
 _TABLE = {

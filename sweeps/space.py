@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from dtl.config import OVERRIDE_KEYS, yaml_number
-from dtl.engine import TrainConfig
+from dtl.config import TrainConfig
 from dtl.methods import available_methods, canonical_name, get_method, method_options
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"

@@ -15,7 +15,8 @@ from conftest import randomised
 from dtl import cache
 from dtl.cache import PrefixCacheError, compute_frozen_features, prepare_prefix_cache
 from dtl.config import ConfigError, ExperimentConfig
-from dtl.engine import TrainConfig, train_and_evaluate
+from dtl.config import TrainConfig
+from dtl.engine import train_and_evaluate
 from dtl.methods import DTLModel
 
 MICRO = "vit_micro_patch4_32"

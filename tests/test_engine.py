@@ -6,7 +6,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 import dtl
-from dtl.engine import TrainConfig, make_scheduler, parameter_groups, train_and_evaluate
+from dtl.config import TrainConfig
+from dtl.engine import make_scheduler, parameter_groups, train_and_evaluate
 
 MICRO = "vit_micro_patch4_32"
 

@@ -53,3 +53,24 @@ def test_no_import_cycle_inside_the_library():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_the_schema_parses_and_validates_a_params_file_without_torch(tmp_path):
+    import subprocess
+    import sys
+
+    params = tmp_path / "params.yaml"
+    params.write_text("model: {method: lora, rank: 4}\ntraining: {epochs: 30, lr: 1e-4}\n"
+                      "overrides: {digits: {start_block: 2, lr: 0.01}}\n")
+    code = ("import sys, dtl.config as c\n"
+            f"config = c.load_config({str(params)!r}, task='digits')\n"
+            "assert (config.model.rank, config.training.lr, config.model.start_block) == (4, 0.01, 2), config\n"
+            "try:\n"
+            "    c.ExperimentConfig.from_dict({'training': {'lr': -1}})\n"
+            "except c.ConfigError as err:\n"
+            "    assert 'training.lr: expected a number > 0' in str(err), err\n"
+            "else:\n"
+            "    raise AssertionError('no error')\n"
+            "loaded = [m for m in ('torch', 'timm', 'numpy', 'dtl.engine', 'dtl.cache') if m in sys.modules]\n"
+            "assert not loaded, loaded\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -94,7 +94,8 @@ def test_randaugment_at_the_top_magnitude_gives_black_images_instead_of_failing(
 
 
 def test_keep_best_puts_back_the_weights_of_the_best_validation_epoch():
-    from dtl.engine import TrainConfig, evaluate, train_and_evaluate
+    from dtl.config import TrainConfig
+    from dtl.engine import evaluate, train_and_evaluate
 
     torch.manual_seed(0)
     inputs, labels = torch.randn(64, 8), torch.randint(0, 4, (64,))

@@ -5,27 +5,29 @@ A method says what it needs and what it can do, so that nothing else in the tool
 * ``options``: a dataclass of the method's own settings (``rank``, ``start_block``...), every field defaulting to
   ``None`` = "the method's default for this backbone" (:meth:`MethodOptions.resolved`), validated on creation
   with errors that name ``model.<field>``;
-* ``build(family, num_classes, options, backbone_dtype)``: the model, with ``model.head`` its classifier;
-* capabilities: ``low_precision_backbone`` (can store the frozen backbone in bf16/fp16), ``families`` (backbone
-  families it supports; empty: any), ``searchable`` (options a sweep may search), ``benchmark_variants`` (extra
+* ``build(family, num_classes, options, backbone_dtype)``: the model, with ``model.head`` its classifier; given
+  as ``"package.module:function"`` it is imported on first use, so the registry (and the experiment schema
+  that reads it) imports no torch;
+* capabilities: ``low_precision_backbone`` (can store the frozen backbone in bf16/fp16), ``families`` (names of
+  the backbone families it supports, as ``BackboneFamily.name`` gives them; empty: any), ``searchable`` (options a sweep may search), ``benchmark_variants`` (extra
   rows of ``dtl.benchmark``).
 
 ``dtl.create_model``, the experiment schema (``dtl.config``: the model options and the per-task override keys),
-the benchmark rows and the sweeps' method checks are all derived from here. A new method is one module of
-``dtl/methods/`` that calls :func:`register_method` (``full.py`` is the smallest).
+the benchmark rows and the sweeps' method checks are all derived from here. A new method is one sub-package of
+``dtl/methods/`` whose ``__init__`` calls :func:`register_method` (``full/`` is the smallest).
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
-import torch
-from torch import nn
+from ..validation import ConfigError, need
 
 
-class OptionError(ValueError):
+class OptionError(ConfigError):
     """A method option has a wrong value; the message names ``model.<option>``."""
 
 
@@ -39,8 +41,11 @@ class MethodOptions:
     def __post_init__(self) -> None:
         for name, (ok, expected) in self.checks.items():
             value = getattr(self, name)
-            if value is not None and not ok(value):
-                raise OptionError(f"model.{name}: expected {expected}, got {value!r}")
+            if value is not None:
+                try:
+                    need(ok(value), f"model.{name}", expected, value)
+                except ConfigError as err:
+                    raise OptionError(str(err)) from None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -57,10 +62,6 @@ class MethodOptions:
         return {name: defaults.get(name) if value is None else value for name, value in values.items()}
 
 
-def is_int(low: int) -> Callable[[Any], bool]:
-    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
 @dataclass(frozen=True)
 class Method:
     """One registered method (see the module docstring)."""
@@ -68,9 +69,9 @@ class Method:
     name: str
     description: str
     options: type[MethodOptions]
-    build: Callable[..., nn.Module]  # (family, num_classes, options, backbone_dtype) -> model
+    build: Callable[..., Any] | str  # (family, num_classes, options, backbone_dtype) -> model, or "module:function"
     low_precision_backbone: bool = False
-    families: tuple[type, ...] = ()  # backbone family classes it supports; empty: every family
+    families: tuple[str, ...] = ()  # names of the backbone families it supports; empty: every family
     needs: str = ""  # what of the backbone it modifies, for the refusal on other families ("attention qkv ...")
     searchable: tuple[str, ...] = ()
     benchmark_variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # row -> options (+cached)
@@ -82,6 +83,18 @@ class Method:
             raise TypeError(f"method {self.name!r} does not take option(s) {', '.join(unknown)} "
                             f"(method options: {allowed})")
         return self.options(**values)
+
+    def builder(self) -> Callable[..., Any]:
+        """The build function (imported now when it was registered as ``"module:function"``)."""
+        if callable(self.build):
+            return self.build
+        module, _, function = self.build.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+    def supports(self, family) -> bool:
+        """Whether the method runs on this backbone family (a subclass of a supported family counts)."""
+        names = {getattr(cls, "name", "") for cls in type(family).__mro__}
+        return not self.families or bool(names & set(self.families))
 
 
 _METHODS: dict[str, Method] = {}
@@ -144,15 +157,5 @@ def method_options() -> dict[str, tuple[str, ...]]:
     return table
 
 
-def resolve_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    """``None``/``'fp32'``/``'bf16'``/``'fp16'`` (or a torch dtype) -> the dtype, None meaning fp32."""
-    if value is None or isinstance(value, torch.dtype):
-        if value not in (None, *BACKBONE_DTYPES.values()):
-            raise ValueError(f"backbone_dtype must be one of {', '.join(BACKBONE_DTYPES)}, got {value}")
-        return value
-    if value not in BACKBONE_DTYPES:
-        raise ValueError(f"backbone_dtype must be one of {', '.join(BACKBONE_DTYPES)}, got {value!r}")
-    return BACKBONE_DTYPES[value]
-
-
-BACKBONE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The dtypes a frozen backbone can be stored in (``dtl.methods.factory.resolve_dtype`` maps them to torch).
+BACKBONE_DTYPES = ("fp32", "bf16", "fp16")

@@ -12,7 +12,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from . import embedded  # noqa: F401  (registers the embedded backbone with timm)
-from .family import DROP_PATH_SCOPES, BackboneFamily, CachedInputs, ConvFamily
+from ..config import DROP_PATH_SCOPES
+from .family import BackboneFamily, CachedInputs, ConvFamily
 from .backbone import CheckpointError, create_backbone, load_checkpoint
 from .convnext import ConvNeXtFamily
 from .embedded import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS

@@ -14,8 +14,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-DROP_PATH_SCOPES = ("all", "suffix")
-
 
 @dataclass(frozen=True)
 class StageInfo:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 from timm.models.swin_transformer import SwinTransformer
 
+from ..presets import FAMILY_DEFAULTS
 from .family import ChannelsLastFamily
 
 
 class SwinFamily(ChannelsLastFamily):
     """Stages of blocks on channels-last (B, H, W, C) token grids; no cls token."""
     name = "Swin"
-    paper_defaults = dict(start_block=14, rank=4, kernel_size=5)  # side maps from block 4, M's stage's first
+    paper_defaults = FAMILY_DEFAULTS["swin"]
 
     def __init__(self, backbone: SwinTransformer):
         if not isinstance(backbone, SwinTransformer):

@@ -4,13 +4,14 @@ from __future__ import annotations
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from ..presets import FAMILY_DEFAULTS
 from .family import BackboneFamily, StageInfo
 
 
 class VitFamily(BackboneFamily):
     """One stage of N blocks on (B, T, C) tokens; prefix tokens (cls, registers) come first."""
     name = "ViT"
-    paper_defaults = dict(start_block=6, rank=2, kernel_size=3)
+    paper_defaults = FAMILY_DEFAULTS["vit"]
 
     def __init__(self, backbone: VisionTransformer):
         if not isinstance(backbone, VisionTransformer):

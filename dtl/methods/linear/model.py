@@ -1,17 +1,9 @@
 """The linear probe: the whole backbone frozen, only the head trains (from cached pooled features when it can)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .base import HeadModel
-from .registry import Method, MethodOptions, register_method
-
-
-@dataclass
-class LinearOptions(MethodOptions):
-    """No options: the probe trains the head only."""
+from ..base import HeadModel
 
 
 class LinearProbe(HeadModel):
@@ -26,6 +18,5 @@ class LinearProbe(HeadModel):
         return range(len(self.family.blocks))
 
 
-register_method(Method(
-    name="linear", description="linear probe: a trained head on the frozen backbone's pooled features",
-    options=LinearOptions, build=lambda family, num_classes, options, dtype: LinearProbe(family, num_classes)))
+def build(family, num_classes: int, options, backbone_dtype) -> LinearProbe:
+    return LinearProbe(family, num_classes)

@@ -7,22 +7,14 @@ authors' code. Works on any family: it wraps the ``nn.Linear``, ``nn.LayerNorm``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from .base import HeadModel
-from .registry import Method, MethodOptions, register_method
+from ..base import HeadModel
 
 WRAPPED = (nn.Linear, nn.LayerNorm, nn.Conv2d, nn.BatchNorm2d)
 CHANNELS_FIRST = (nn.Conv2d, nn.BatchNorm2d, LayerNorm2d)  # (B, C, H, W) outputs: scale along dim 1
-
-
-@dataclass
-class SSFOptions(MethodOptions):
-    """No options."""
 
 
 class ScaleShift(nn.Module):
@@ -64,6 +56,5 @@ class SSFModel(HeadModel):
             setattr(parent, child, ScaleShift(module, _channels(module)))
 
 
-register_method(Method(
-    name="ssf", description="SSF: a learned scale and shift after every linear layer and norm", options=SSFOptions,
-    build=lambda family, num_classes, options, dtype: SSFModel(family, num_classes)))
+def build(family, num_classes: int, options, backbone_dtype) -> SSFModel:
+    return SSFModel(family, num_classes)

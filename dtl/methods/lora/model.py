@@ -6,27 +6,12 @@ backbone. LoRA is *entangled* with the backbone: its gradients flow through ever
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..models.vit import VitFamily
-from .base import HeadModel
-from .registry import Method, MethodOptions, is_int, register_method
-
-DEFAULT_RANK = 8  # the usual comparison setting
-
-
-@dataclass
-class LoRAOptions(MethodOptions):
-    rank: int | None = None  # None: 8
-
-    checks = {"rank": (is_int(1), "an integer >= 1")}
-
-    def defaults(self, family) -> dict:
-        return {"rank": DEFAULT_RANK}
+from ..base import HeadModel
 
 
 class LoRALinear(nn.Module):
@@ -59,7 +44,5 @@ class LoRAModel(HeadModel):
             block.attn.qkv = LoRALinear(block.attn.qkv, self.rank)
 
 
-register_method(Method(
-    name="lora", description="LoRA: a low-rank update of every attention qkv projection", options=LoRAOptions,
-    build=lambda family, num_classes, options, dtype: LoRAModel(family, num_classes, **options.resolved(family)),
-    families=(VitFamily,), needs="the attention qkv projections of transformer blocks", searchable=("rank",)))
+def build(family, num_classes: int, options, backbone_dtype) -> LoRAModel:
+    return LoRAModel(family, num_classes, **options.resolved(family))

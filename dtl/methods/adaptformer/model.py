@@ -6,27 +6,12 @@ deprecation warning.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..models.vit import VitFamily
-from .base import HeadModel
-from .registry import Method, MethodOptions, is_int, register_method
-
-DEFAULT_BOTTLENECK = 8
-
-
-@dataclass
-class AdaptFormerOptions(MethodOptions):
-    rank: int | None = None  # the bottleneck width; None: 8
-
-    checks = {"rank": (is_int(1), "an integer >= 1")}
-
-    def defaults(self, family) -> dict:
-        return {"rank": DEFAULT_BOTTLENECK}
+from ..base import HeadModel
 
 
 class ParallelAdapterBlock(nn.Module):
@@ -64,9 +49,5 @@ class AdaptFormerModel(HeadModel):
             blocks[index] = ParallelAdapterBlock(block, self.bottleneck)
 
 
-register_method(Method(
-    name="adaptformer", description="AdaptFormer: a bottleneck adapter beside every MLP", options=AdaptFormerOptions,
-    build=lambda family, num_classes, options, dtype: AdaptFormerModel(family, num_classes,
-                                                                        **options.resolved(family)),
-    families=(VitFamily,), needs="the MLP branch of transformer blocks", searchable=("rank",)),
-    aliases={"adapter": "the AdaptFormer method was renamed; use 'adaptformer'"})
+def build(family, num_classes: int, options, backbone_dtype) -> AdaptFormerModel:
+    return AdaptFormerModel(family, num_classes, **options.resolved(family))

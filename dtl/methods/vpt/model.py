@@ -9,28 +9,12 @@ uniform in +-sqrt(6 / (3 p^2 + d)) for patch size p, as in the authors' code.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..models.vit import VitFamily
-from .base import HeadModel
-from .registry import Method, MethodOptions, is_int, register_method
-
-DEPTHS = ("deep", "shallow")
-
-
-@dataclass
-class VPTOptions(MethodOptions):
-    prompt_length: int | None = None  # None: 10
-    prompt_depth: str | None = None  # deep | shallow; None: deep
-
-    checks = {"prompt_length": (is_int(1), "an integer >= 1"),
-              "prompt_depth": (lambda value: value in DEPTHS, "deep or shallow")}
-
-    def defaults(self, family) -> dict:
-        return {"prompt_length": 10, "prompt_depth": "deep"}
+from ...models.vit import VitFamily
+from ..base import HeadModel
 
 
 class VPTModel(HeadModel):
@@ -60,9 +44,5 @@ class VPTModel(HeadModel):
         return family.pool(torch.cat([x[:, :first], x[:, first + length:]], dim=1))
 
 
-register_method(Method(
-    name="vpt", description="VPT: learned prompt tokens (deep: at every block; shallow: at the first)",
-    options=VPTOptions,
-    build=lambda family, num_classes, options, dtype: VPTModel(family, num_classes, **options.resolved(family)),
-    families=(VitFamily,), needs="a token sequence to insert prompt tokens into",
-    searchable=("prompt_length", "prompt_depth")))
+def build(family, num_classes: int, options, backbone_dtype) -> VPTModel:
+    return VPTModel(family, num_classes, **options.resolved(family))

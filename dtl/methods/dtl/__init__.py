@@ -1,0 +1,64 @@
+"""DTL and DTL+ (Fu, Zhu, Wu, AAAI 2024): a frozen backbone plus the Compact Side Network, for any backbone family.
+
+The model is in ``model.py``; this module holds what the experiment schema reads (options, capabilities)
+and imports no torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...validation import is_int, is_number
+from ..registry import Method, MethodOptions, register_method
+
+
+@dataclass
+class DTLOptions(MethodOptions):
+    rank: int | None = None  # CSN rank r; None: the family's paper default (ViT 2, Swin 4, CNNs 4)
+    start_block: int | None = None  # M, the first block whose output gets the side output; None: ViT 6, Swin 14,
+    # CNNs the middle block of the third stage
+    extract_start: int | None = None  # first block with a side map; None: the first block of M's stage
+    beta: float | None = None  # sharpness of the Swish; None: 100
+    grad_checkpointing: bool | str | None = None  # True: recompute blocks after M (least memory); "mlp"; False
+
+    checks = {
+        "rank": (is_int(1), "an integer >= 1"),
+        "start_block": (is_int(0), "an integer >= 0"),
+        "extract_start": (is_int(0), "an integer >= 0"),
+        "beta": (is_number(0, above=True), "a number > 0"),
+        "grad_checkpointing": (lambda v: isinstance(v, bool) or v == "mlp", 'false, true or "mlp"'),
+    }
+
+    def defaults(self, family) -> dict:
+        paper = family.paper_defaults
+        return {"rank": paper["rank"], "start_block": paper["start_block"], "beta": 100.0, "grad_checkpointing": False}
+
+    def resolved(self, family) -> dict:
+        settings = super().resolved(family)
+        start_block = settings["start_block"]
+        if self.extract_start is None:
+            # Side maps on every block of M's stage up to M (the side state resets per stage, so maps in earlier
+            # stages would feed nothing): ViT's 0 and Swin-B's 4 at the paper's M.
+            inside = 0 <= start_block < len(family.blocks)
+            settings["extract_start"] = family.stages[family.stage_of(start_block)].first_block if inside else 0
+        return settings
+
+
+@dataclass
+class DTLPlusOptions(DTLOptions):
+    kernel_size: int | None = None  # the depthwise conv's kernel; None: ViT 3, Swin 5, CNNs 3
+
+    checks = {**DTLOptions.checks, "kernel_size": (is_int(1), "an integer >= 1")}
+
+    def defaults(self, family) -> dict:
+        return {**super().defaults(family), "kernel_size": family.paper_defaults["kernel_size"]}
+
+
+_SEARCHABLE = ("rank", "start_block", "extract_start", "beta")
+register_method(Method(
+    name="dtl", description="DTL: the Compact Side Network on a frozen backbone", options=DTLOptions,
+    build=f"{__name__}.model:build", low_precision_backbone=True, searchable=_SEARCHABLE))
+register_method(Method(
+    name="dtl_plus", description="DTL+: DTL with a depthwise convolution on the side output", options=DTLPlusOptions,
+    build=f"{__name__}.model:build", low_precision_backbone=True, searchable=(*_SEARCHABLE, "kernel_size"),
+    benchmark_variants={"dtl_plus_mlp": {"grad_checkpointing": "mlp"}, "dtl_plus_ckpt": {"grad_checkpointing": True},
+                        "dtl_plus_cached": {"cached": True}}))

@@ -1,0 +1,15 @@
+"""Full fine-tuning: every backbone weight trains (the memory and accuracy reference of the comparisons)."""
+from __future__ import annotations
+
+from ..base import HeadModel
+
+
+class FullFineTuning(HeadModel):
+    method = "full"
+
+    def _prepare(self) -> None:
+        self.family.requires_grad_(True)
+
+
+def build(family, num_classes: int, options, backbone_dtype) -> FullFineTuning:
+    return FullFineTuning(family, num_classes)
