@@ -107,12 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
     from dtl.config import ExperimentConfig
-    from dtl.experiment import ensure_data
     from sweeps.local_cluster import LocalCluster
 
     folder = Path(tempfile.mkdtemp(prefix="sweep_cluster_"))
     files = sweep_files(folder, args.tasks, args.epochs, args.num_samples)
-    ensure_data(ExperimentConfig.from_dict({k: v for k, v in yaml.safe_load(files[0].read_text()).items()}))
+    ExperimentConfig.from_dict(yaml.safe_load(files[0].read_text())).protocol.ensure_data()
     rows = []
     with LocalCluster(workers=args.workers, cpus_per_worker=1, folder=folder / "cluster") as cluster:
         client = MlflowClient(cluster.tracking_uri)

@@ -17,13 +17,8 @@ from typing import Any
 
 from .methods import (BACKBONE_DTYPES, all_option_names, available_methods, canonical_name, float_option_names,
                       get_method, method_options)
+from .protocols import Protocol, available_protocols, data_sources, get_protocol, protocols_for_source
 from .validation import ConfigError, describe_number, is_int, is_number, need
-
-DATA_SOURCES = ("synthetic", "vtab1k", "few_shot", "domain_generalization")
-PROTOCOLS = ("final", "val", "few_shot", "domain_generalization")
-# The protocols a data folder of each source serves (synthetic: the embedded suite of whichever protocol is set).
-SOURCE_PROTOCOLS = {"vtab1k": ("final", "val"), "few_shot": ("few_shot",),
-                    "domain_generalization": ("domain_generalization",)}
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -54,7 +49,8 @@ class DataConfig:
     targets: list[str] = field(default_factory=list)  # domain_generalization: the target domain folders
 
     def validate(self) -> None:
-        need(self.source in DATA_SOURCES, "data.source", f"one of {', '.join(DATA_SOURCES)}", self.source)
+        sources = data_sources()
+        need(self.source in sources, "data.source", f"one of {', '.join(sources)}", self.source)
         need(isinstance(self.root, str) and self.root, "data.root", "a folder path", self.root)
         need(isinstance(self.tasks, list) and self.tasks and all(isinstance(t, str) and t for t in self.tasks),
               "data.tasks", "a non-empty list of task folder names", self.tasks)
@@ -213,12 +209,13 @@ class TrainConfig:
 class EvaluationConfig:
     # final: train on train800val200, test once; val: train on train800, score val200; few_shot: per shot count and
     # seed, train on the k-shot list, validate every eval_every epochs, test the weights best on val;
-    # domain_generalization: train on the source's k-shot list, test the source and every target (dtl.experiment)
+    # domain_generalization: train on the source's k-shot list, test the source and every target (dtl.protocols)
     protocol: str = "final"
     seeds: list[int] = field(default_factory=lambda: [42])
 
     def validate(self) -> None:
-        need(self.protocol in PROTOCOLS, "evaluation.protocol", f"one of {', '.join(PROTOCOLS)}", self.protocol)
+        protocols = available_protocols()
+        need(self.protocol in protocols, "evaluation.protocol", f"one of {', '.join(protocols)}", self.protocol)
         need(isinstance(self.seeds, list) and self.seeds and all(isinstance(s, int) for s in self.seeds),
               "evaluation.seeds", "a non-empty list of integers", self.seeds)
 
@@ -275,16 +272,21 @@ class ExperimentConfig:
 
     def _check_protocol(self) -> None:
         protocol, source = self.evaluation.protocol, self.data.source
-        allowed = SOURCE_PROTOCOLS.get(source, PROTOCOLS)
+        allowed = protocols_for_source(source)
         need(protocol in allowed, "evaluation.protocol", f"one of {', '.join(allowed)} for data.source {source}",
-              protocol)
-        if protocol == "domain_generalization":
-            need(len(self.data.tasks) == 1, "data.tasks", "one task, the source domain (domain_generalization)",
-                  self.data.tasks)
-            need(len(self.data.shots) == 1, "data.shots", "one shot count, the source's training list "
-                  "(domain_generalization), e.g. [16]", self.data.shots)
-            need(bool(self.data.targets), "data.targets", "at least one target domain (domain_generalization)",
-                  self.data.targets)
+             protocol)
+        self.protocol.check()
+
+    @property
+    def protocol(self) -> Protocol:
+        """The evaluation protocol of this configuration (``dtl.protocols``), bound to it."""
+        return get_protocol(self.evaluation.protocol)(self)
+
+    def for_selection(self) -> "ExperimentConfig":
+        """This experiment under the protocol its sweeps' trials follow (``final`` -> ``val``: a trial never
+        scores a test or target set)."""
+        selection = self.protocol.selection
+        return replace(self, evaluation=replace(self.evaluation, protocol=selection))
 
     def for_task(self, task: str, entry: Mapping[str, Any] | None = None,
                  where: str = "config") -> "ExperimentConfig":

@@ -50,19 +50,11 @@ class TrainedInfo:
     @property
     def input_format(self) -> tuple:
         """What the transform depends on: models with equal formats read an image into the same tensor."""
-        from .experiment import uses_list_files
-
-        return (uses_list_files(self.config), self.image_size, tuple(sorted(self.normalisation.items())))
+        return self.config.protocol.input_format(self.image_size, self.normalisation)
 
     def transform(self) -> Callable[[Any], torch.Tensor]:
         """PIL image -> model input, exactly as the task's evaluation read its images."""
-        from .data.few_shot import few_shot_transform
-        from .data.vtab import vtab_transform
-        from .experiment import uses_list_files
-
-        if not uses_list_files(self.config):
-            return vtab_transform(self.image_size)
-        return few_shot_transform(self.image_size, training=False, **self.normalisation)
+        return self.config.protocol.transform(self.image_size, self.normalisation)
 
 
 def record(config: ExperimentConfig, task: str, num_classes: int, seed: int, image_size: int | None,

@@ -91,7 +91,7 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]:
     import tracking
     from dtl.config import ExperimentConfig
-    from dtl.experiment import evaluate_saved, reported_splits, scored_splits, split_input
+    from dtl.experiment import evaluate_saved
 
     paths = OutputPaths(outputs)
     train_dir = paths.train_dir(task)
@@ -99,7 +99,7 @@ def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]
     config = ExperimentConfig.from_dict(read_json(train_dir / "config.json", f"written by train@{task}"),
                                         where=str(train_dir / "config.json"))
     protocol = config.evaluation.protocol
-    checked = next(iter(scored_splits(config, task)))  # the split training scored at its last epoch
+    checked = next(iter(config.protocol.scored_splits(task)))  # the split training scored at its last epoch
 
     settings = load_pipeline_settings(params_path)
     experiment_id = tracking.init_tracking(settings.mlflow_experiment)
@@ -110,8 +110,8 @@ def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]
     tracking.close_orphaned_runs(experiment_id, dvc_stage=f"evaluate@{task}")
     run = tracking.Run.create(experiment_id, f"evaluate@{task}", tags, {"seeds": summary["seeds"]}, parent=parent)
     with tracking.recorded(run):
-        for name, split in reported_splits(config, task).items():
-            run.log_dataset(*split_input(config, task, split), "validation" if name == "val" else "test")
+        for name, split in config.protocol.reported_splits(task).items():
+            run.log_dataset(*config.protocol.split_input(task, split), "validation" if name == "val" else "test")
         per_seed = []
         for seed_summary in summary["per_seed"]:
             weights = train_dir / seed_summary["weights"]
@@ -151,7 +151,7 @@ def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]
             # GPU: torch's peak allocated memory; CPU: the training process's peak resident memory.
             "peak_memory_mb": (gpu_peak if gpu_peak is not None else seed_mean("peak_rss_bytes")) / 2**20,
         })
-        targets = list(config.data.targets) if protocol == "domain_generalization" else []
+        targets = config.protocol.targets()
         record = read_json(paths.task_record(task), "written by the prepare stage")
         details = {"task": task, "group": summary.get("group", "Other"), "method": summary["method"],
                    "backbone": summary["backbone"], "protocol": protocol, "data_source": summary["data_source"],

@@ -14,6 +14,9 @@ Use one by copying it over ``params.yaml`` (see docs/pipeline.md).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -66,8 +69,41 @@ def paper_params(method: str = "dtl_plus", data_root: str = "data/vtab-1k") -> d
     return raw
 
 
-TRANSFER_FILES = {"few_shot": REPO_ROOT / "params" / "fgvc_few_shot.yaml",
-                  "domain_generalization": REPO_ROOT / "params" / "imagenet_dg.yaml"}
+@dataclass(frozen=True)
+class TransferSetting:
+    """One of the paper's transfer experiments: its params file, its data, and how its header describes it."""
+
+    path: Path
+    data: Callable[[], dict[str, Any]]  # the data section (reads dtl.data's tables when called)
+    experiment: str  # the MLflow experiment, before the method's name
+    what: str
+    folder: str
+    cost: str
+
+
+def _few_shot_data() -> dict[str, Any]:
+    from dtl.data.few_shot import FEW_SHOT_DATASETS, SHOTS
+
+    return {"source": "few_shot", "root": "data/few-shot", "tasks": list(FEW_SHOT_DATASETS), "shots": list(SHOTS),
+            "targets": []}
+
+
+def _domain_data() -> dict[str, Any]:
+    from dtl.data.domain_generalization import DG_TARGETS, SOURCE
+
+    return {"source": "domain_generalization", "root": "data/domain-generalization", "tasks": [SOURCE],
+            "shots": [16], "targets": [t for t in DG_TARGETS if t != SOURCE]}
+
+
+# evaluation.protocol -> the paper's experiment under it
+TRANSFER = {
+    "few_shot": TransferSetting(
+        REPO_ROOT / "params" / "fgvc_few_shot.yaml", _few_shot_data, "dtl-fgvc-few-shot", "few-shot fine-grained",
+        "few-shot", "Training: 5 data sets x 5 shot counts x 3 seeds x 100 epochs; plan on a GPU."),
+    "domain_generalization": TransferSetting(
+        REPO_ROOT / "params" / "imagenet_dg.yaml", _domain_data, "dtl-imagenet-dg", "domain-generalisation",
+        "domain-generalization", "Training: 3 seeds x 100 epochs of 16,000 images, then 5 test sets; plan on a GPU."),
+}
 
 # The authors' few-shot script: batch 32, 100 epochs with 10 of warm-up, lr 1e-3, weight decay 0.05, no drop-path;
 # validation every 10 epochs (the weights best on val_meta.list are tested).
@@ -92,16 +128,9 @@ TRANSFER_HEADER = """\
 
 def transfer_params(protocol: str, method: str = "dtl_plus") -> dict[str, Any]:
     """The params.yaml mapping of the few-shot (``few_shot``) or domain-generalisation setting."""
-    from dtl.data.domain_generalization import DG_TARGETS, SOURCE
-    from dtl.data.few_shot import FEW_SHOT_DATASETS, SHOTS
-
     common = PAPER_COMMON["vit"]
-    if protocol == "few_shot":
-        data = {"source": "few_shot", "root": "data/few-shot", "tasks": list(FEW_SHOT_DATASETS),
-                "shots": list(SHOTS), "targets": []}
-    else:
-        data = {"source": "domain_generalization", "root": "data/domain-generalization", "tasks": [SOURCE],
-                "shots": [16], "targets": [t for t in DG_TARGETS if t != SOURCE]}
+    setting = TRANSFER[protocol]
+    data = setting.data()
     raw = {
         "data": {**data, "image_size": None, "num_test": 1000, "generator_seed": 0, "preload": False},
         "model": {"backbone": "vit_base_patch16_224.orig_in21k", "checkpoint": True, "method": method,
@@ -112,7 +141,7 @@ def transfer_params(protocol: str, method: str = "dtl_plus") -> dict[str, Any]:
         "training": dict(FEW_SHOT_TRAINING),
         "evaluation": {"protocol": protocol, "seeds": [0, 1, 2]},
         "overrides": {task: {} for task in data["tasks"]},
-        "mlflow": {"experiment": f"dtl-{'fgvc-few-shot' if protocol == 'few_shot' else 'imagenet-dg'}-{method}"},
+        "mlflow": {"experiment": f"{setting.experiment}-{method}"},
     }
     ExperimentConfig.from_dict({k: v for k, v in raw.items() if k != "mlflow"}, where=f"paper params ({protocol})")
     return raw
@@ -131,15 +160,9 @@ def _sections(raw: dict[str, Any]) -> str:
 
 
 def render_transfer(protocol: str) -> str:
-    path = TRANSFER_FILES[protocol]
-    what, folder, cost = {
-        "few_shot": ("few-shot fine-grained", "few-shot",
-                     "Training: 5 data sets x 5 shot counts x 3 seeds x 100 epochs; plan on a GPU."),
-        "domain_generalization": ("domain-generalisation", "domain-generalization",
-                                  "Training: 3 seeds x 100 epochs of 16,000 images, then 5 test sets; plan on a GPU."),
-    }[protocol]
-    return (TRANSFER_HEADER.format(what=what, name=path.relative_to(REPO_ROOT), folder=folder, cost=cost) + "\n"
-            + _sections(transfer_params(protocol)))
+    setting = TRANSFER[protocol]
+    return (TRANSFER_HEADER.format(what=setting.what, name=setting.path.relative_to(REPO_ROOT), folder=setting.folder,
+                                   cost=setting.cost) + "\n" + _sections(transfer_params(protocol)))
 
 
 def render(method: str) -> str:
@@ -156,9 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     for method, path in PAPER_FILES.items():
         write_text(path, render(method))
         print(f"wrote {path.relative_to(REPO_ROOT)}")
-    for protocol, path in TRANSFER_FILES.items():
-        write_text(path, render_transfer(protocol))
-        print(f"wrote {path.relative_to(REPO_ROOT)}")
+    for protocol, setting in TRANSFER.items():
+        write_text(setting.path, render_transfer(protocol))
+        print(f"wrote {setting.path.relative_to(REPO_ROOT)}")
 
 
 if __name__ == "__main__":

@@ -25,28 +25,21 @@ from pathlib import Path
 from typing import Any
 
 from dtl.config import load_config
-from dtl.data.vtab import task_group
 from dtl.io import write_json
 
 from .params import check_dvc_entries
 from .stage import OutputPaths, StageError, atomic_dir, run_stage, stage_arguments
 
-LIST_SPLITS = ("train800", "val200", "train800val200", "test")
-
 
 def generate_synthetic(config) -> None:
     """Generate the protocol's embedded suite (VTAB-like tasks, few-shot data sets or domains) under ``data.root``."""
-    from dtl.experiment import PROTOCOLS, synthetic_suite
-
     data = config.data
     root = Path(data.root)
-    suite = synthetic_suite(config)
+    suite = config.protocol.synthetic_suite()
     unknown = [name for name in suite.names if name not in suite.known]
     if unknown:
-        dg = PROTOCOLS[config.evaluation.protocol].layout == "domain_generalization"
-        key = "data.tasks / data.targets" if dg else "data.tasks"
-        raise StageError(f"{key}: {', '.join(unknown)} are not {suite.what}; with data.source: synthetic use some of "
-                         f"{', '.join(suite.known)} (or set data.source to the folder's layout)")
+        raise StageError(f"{suite.key}: {', '.join(unknown)} are not {suite.what}; with data.source: synthetic use "
+                         f"some of {', '.join(suite.known)} (or set data.source to the folder's layout)")
     settings = dict(image_size=data.image_size or 32, num_test=data.num_test, seed=data.generator_seed)
     for name in suite.names:
         try:  # keeps a folder generated earlier with the same settings
@@ -67,57 +60,6 @@ def generated_by_us(folder: Path) -> bool:
         return False
 
 
-def fingerprint(root: Path, paths: list[Path]) -> str:
-    """A digest of the files a task reads its images' names and labels from, by their place under ``root`` (so
-    moving the root changes nothing; a missing file counts as absent)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(str(path.relative_to(root)).encode() + b"\0"
-                      + (path.read_bytes() if path.is_file() else b"<absent>"))
-    return digest.hexdigest()
-
-
-def task_record(root: Path, task: str, checked: dict[str, int], source: str, root_as_given: str) -> dict[str, Any]:
-    """Counts and classes (from ``check_vtab_root``), group and a fingerprint of one checked VTAB-1K task folder."""
-    folder = root / task
-    return {
-        "task": task,
-        "source": source,
-        "root": root_as_given,
-        "group": task_group(task, folder),
-        "num_classes": checked["num_classes"],
-        "classes_seen": checked["classes_seen"],
-        "images": {split: checked[split] for split in LIST_SPLITS},
-        "fingerprint": fingerprint(root, [folder / f"{split}.txt" for split in LIST_SPLITS] + [folder / "meta.json"]),
-    }
-
-
-def list_task_record(config, task: str, checked: dict[str, Any], targets: dict[str, dict] | None = None) -> dict:
-    """The record of a few-shot data set or a domain-generalisation source (with its targets): lines per list,
-    the smallest training list, classes, and a fingerprint of every list the task's runs read."""
-    from dtl.experiment import split_list
-
-    train = checked["train"]
-    lists = [split_list(config, task, "train", int(k), int(s)) for k in train for s in train[k]]
-    lists += [split_list(config, task, split) for split in ("val", "test")]
-    lists += [split_list(config, task, f"target:{t}") for t in targets or {}]
-    folder = Path(config.data.root) / task
-    return {
-        "task": task,
-        "source": config.data.source,
-        "root": config.data.root,
-        "group": task_group(task, folder),
-        "num_classes": checked["num_classes"],
-        "classes_seen": checked.get("classes_seen", {}),
-        "images": {"train": train, "val": checked.get("val"), "test": checked.get("test")},
-        "train_images": min(n for per_seed in train.values() for n in per_seed.values()),
-        "repeated_lines": checked.get("repeated_lines", {}),
-        **({"targets": {t: {"test": entry["test"], "classes_seen": entry["classes_seen"]["test"]}
-                        for t, entry in targets.items()}} if targets is not None else {}),
-        "fingerprint": fingerprint(Path(config.data.root), lists + [folder / "meta.json"]),
-    }
-
-
 def verified_images_file(root: Path) -> Path:
     """Where the images of ``root`` that decoded are remembered (by size and modification time), next to the
     prefix cache, so a later ``prepare`` decodes only new or changed files."""
@@ -128,30 +70,22 @@ def verified_images_file(root: Path) -> Path:
 
 
 def check_folders(config, root: Path) -> dict[str, dict]:
-    """Check every list (and, for folders of the user's own, decode every image) of the protocol's layout; all
+    """Check every list (and, for folders of the user's own, decode every image) the protocol reads; all
     problems at once. Returns the task records."""
-    from dtl.experiment import PROTOCOLS, check_data
-
-    data = config.data
-    checked = check_data(config, verify_images=data.source != "synthetic", verified=verified_images_file(root),
-                         progress=True)
-    layout = PROTOCOLS[config.evaluation.protocol].layout
-    if layout == "vtab":
-        return {task: task_record(root, task, checked[task], data.source, data.root) for task in data.tasks}
-    if layout == "few_shot":
-        return {task: list_task_record(config, task, checked[task]) for task in data.tasks}
-    source = data.tasks[0]
-    return {source: list_task_record(config, source, checked["source"], checked["targets"])}
+    protocol = config.protocol
+    checked = protocol.check_data(verify_images=config.data.source != "synthetic",
+                                  verified=verified_images_file(root), progress=True)
+    return protocol.task_records(checked)
 
 
 def prepare(params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]:
-    from dtl.experiment import PROTOCOLS, check_run
+    from dtl.experiment import check_run
 
     config = load_config(params_path, best_path)
     check_dvc_entries(params_path, best_path, config.data.tasks)
     data = config.data
     root = Path(data.root)
-    layout = PROTOCOLS[config.evaluation.protocol].layout
+    protocol = config.protocol
     if data.source == "synthetic":
         generate_synthetic(config)
     elif not root.is_dir():
@@ -159,25 +93,18 @@ def prepare(params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]
                          "folder holding one sub-folder per task")
     records = check_folders(config, root)
     for task, record in records.items():  # every task's settings, before any train stage starts
-        train_images = record.get("train_images")
-        if train_images is None:  # VTAB-1K: the split the task's protocol trains on
-            train_images = record["images"][PROTOCOLS[config.for_task(task).evaluation.protocol].train]
-        check_run(config, task, train_images, record["num_classes"])
+        check_run(config, task, record["train_images"], record["num_classes"])
 
     paths = OutputPaths(outputs)
-    manifest = {"source": data.source, "root": data.root, "protocol": config.evaluation.protocol, "tasks": records}
-    if layout == "vtab":
-        manifest["total_images"] = {split: sum(r["images"][split] for r in records.values()) for split in LIST_SPLITS}
+    manifest = {"source": data.source, "root": data.root, "protocol": protocol.name, "tasks": records,
+                **protocol.manifest_totals(records)}
     with atomic_dir(paths.prepare_dir) as staging:
         for task, record in records.items():
             write_json(staging / f"{task}.json", record)
         write_json(staging / "manifest.json", manifest)
     for task, record in records.items():
-        images = ", ".join(f"{split} {n}" for split, n in record["images"].items() if not isinstance(n, dict))
-        if layout != "vtab":
-            images = (f"{len(record['images']['train'])} shot count(s), smallest training list "
-                      f"{record['train_images']}, " + images)
-        print(f"prepare: {task:<22} {record['group']:<12} {record['num_classes']:>4} classes | {images}")
+        print(f"prepare: {task:<22} {record['group']:<12} {record['num_classes']:>4} classes | "
+              f"{protocol.describe_record(record)}")
         for target, counts in record.get("targets", {}).items():
             print(f"prepare:   target {target:<20} test {counts['test']}, {counts['classes_seen']} classes")
         for name, repeats in record.get("repeated_lines", {}).items():

@@ -55,17 +55,6 @@ def head_parameters(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and name.startswith("head"))
 
 
-def training_runs(config: ExperimentConfig) -> list[tuple[int | None, int]]:
-    """``(shots, seed)`` of every run of a task: one per seed (VTAB-1K: shots None), per shot count and seed
-    (few-shot), or per seed of the source's one shot count (domain generalisation)."""
-    from dtl.experiment import uses_list_files
-
-    seeds = config.evaluation.seeds
-    if not uses_list_files(config):
-        return [(None, seed) for seed in seeds]
-    return [(shots, seed) for shots in config.data.shots for seed in seeds]
-
-
 def weights_name(shots: int | None, seed: int) -> str:
     return f"seed{seed}.safetensors" if shots is None else f"shots{shots}_seed{seed}.safetensors"
 
@@ -93,7 +82,7 @@ def tsv(rows: list[dict]) -> str:
 
 def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]:
     import tracking
-    from dtl.experiment import PROTOCOLS, run_task, split_input
+    from dtl.experiment import run_task
     from dtl.predict import list_entries
     from tracking.pyfunc import log_task_model, registered_name
 
@@ -109,8 +98,8 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
     tags = {**run_tags("train", task, task_config), "group": record.get("group", "Other")}
     params = {**task_config.to_dict(), "task": task, "task_overrides": config.overrides.get(task) or {}}
     params.pop("overrides", None)
-    protocol = PROTOCOLS[task_config.evaluation.protocol]
-    runs = training_runs(task_config)
+    protocol = task_config.protocol
+    runs = protocol.runs()
 
     started = time.perf_counter()
     seed_results: list[dict[str, Any]] = []
@@ -126,7 +115,7 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
             seed_run = (tracking.Run.create(experiment_id, f"train@{task} {what}", {**tags, **keys}, keys, parent=run)
                         if len(runs) > 1 else run)
             with tracking.recorded(seed_run) if seed_run is not run else nullcontext():
-                seed_run.log_dataset(*split_input(task_config, task, protocol.train, shots, seed), "train")
+                seed_run.log_dataset(*protocol.split_input(task, protocol.train, shots, seed), "train")
                 history: list[dict] = []
                 result = run_task(config, task, seed=seed, shots=shots,
                                   callbacks=[lambda epoch, metrics: history.append(metrics), seed_run.epoch_logger()])
@@ -163,7 +152,7 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
             "mlflow": {"tracking_uri": tracking.tracking_uri(), "experiment_id": experiment_id, "run_id": run.run_id},
         }
         # The first run's weights as an MLflow Model, registered as dtl-<task> (tracking.pyfunc).
-        example = next(iter(list_entries(split_input(task_config, task, protocol.train, *runs[0])[1])), None)
+        example = next(iter(list_entries(protocol.split_list(task, protocol.train, *runs[0]))), None)
         winner = read_best(best_path).get(task) or {}  # a sweep's settings for this task, if any
         version = log_task_model(run, staging / seed_results[0]["weights"], task, example,
                                  tags={"sweep_settings": json.dumps(winner, sort_keys=True)} if winner else None)

@@ -5,7 +5,7 @@ Order of work, chosen so that parallel trials never race on shared state:
 1. the base configuration (``dtl.config.load_config``), the search space and the task list are validated,
    and each task's plan is fixed: the trials' schedule (the pipeline's own, unless the space shortens it), ASHA's
    rungs, and the current configuration as the first trial (the incumbent);
-2. the data is prepared here, once (``dtl.experiment.ensure_data``), and every path handed to trials is absolute
+2. the data is prepared here, once (``config.protocol.ensure_data``), and every path handed to trials is absolute
    (a trial's working directory is a throwaway folder under Ray's temp dir);
 3. Ray is started (or joined with ``--address``) and the requested per-trial CPUs/GPUs are checked against the
    cluster's nodes (a request no node can hold would leave trials PENDING forever);
@@ -166,7 +166,6 @@ def current_settings(config, task: str, space: SearchSpace, family) -> dict[str,
 def plan_task(config, task: str, space: SearchSpace, scheduler: str = "asha") -> TaskPlan:
     """Fail before any trial starts if the base settings + the space's schedule do not validate; else the plan."""
     from dtl.config import ConfigError
-    from dtl.experiment import PROTOCOLS
 
     schedule = {**space.training, **space.constants()}  # what every trial of the space trains with
     try:
@@ -176,7 +175,7 @@ def plan_task(config, task: str, space: SearchSpace, scheduler: str = "asha") ->
         raise SweepError(str(err)) from None
     grace = space.grace_epochs(training.epochs)
     every = training.eval_every
-    if PROTOCOLS[config.evaluation.protocol].keep_best and every and grace % every:
+    if config.protocol.keep_best and every and grace % every:
         # a trial keeps its best-validated epoch as the pipeline will: on the pipeline's evaluation epochs only
         grace = max(every, round(grace / every) * every)
     # During warm-up the lr is still ramping from warmup_lr: an ASHA rung there ranks untrained models, and
@@ -197,12 +196,9 @@ def plan_task(config, task: str, space: SearchSpace, scheduler: str = "asha") ->
 def check_validation_list(config, task: str) -> None:
     """Trials select on a validation list, never on test or target sets: a domain-generalisation source without
     ``val_meta.list`` cannot be swept."""
-    from dtl.experiment import PROTOCOLS, scored_splits, split_list
-
-    selection = replace(config, evaluation=replace(config.evaluation,
-                                                   protocol=PROTOCOLS[config.evaluation.protocol].selection))
-    if "val" not in scored_splits(selection, task):
-        raise SweepError(f"{task}: sweeps select on {split_list(selection, task, 'val')}, which does not exist; add "
+    selection = config.for_selection().protocol
+    if "val" not in selection.scored_splits(task):
+        raise SweepError(f"{task}: sweeps select on {selection.split_list(task, 'val')}, which does not exist; add "
                          "held-out source images there (lines 'relative/path label'), never target or test images")
 
 
@@ -422,10 +418,9 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
     print(space.summary(), flush=True)
     print(f"preparing data under {base_config.data.root} for {', '.join(tasks)}", flush=True)
     from dtl.data import DataError
-    from dtl.experiment import ensure_data
 
     try:
-        ensure_data(base_config, tasks)  # here, once: trials never race to generate data
+        base_config.protocol.ensure_data(tasks)  # here, once: trials never race to generate data
     except (DataError, KeyError, FileExistsError) as err:
         raise SweepError(f"data ({base_config.data.source} at {base_config.data.root}): {err}") from None
 
@@ -677,10 +672,8 @@ def write_winners(state: SweepState, outcomes: Sequence[TaskOutcome]) -> None:
 
 def objective(state: SweepState) -> str:
     from dtl.config import ConfigError, load_config
-    from dtl.experiment import selection_objective
-
     try:
-        return selection_objective(load_config(state.params_path))
+        return load_config(state.params_path).protocol.selection_objective()
     except (ConfigError, OSError):  # the params file changed since the sweep: say it plainly
         return "validation accuracy"
 

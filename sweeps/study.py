@@ -252,7 +252,6 @@ def run_study(options, space: SearchSpace, started: float) -> int:
     import ray
 
     from dtl.data import DataError
-    from dtl.experiment import ensure_data
 
     from .cluster import check_resources, default_concurrency, start_ray
     from .driver import (DEFAULT_STORAGE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_STORAGE_FULL, TRIALS_DIR, load_base,
@@ -280,7 +279,7 @@ def run_study(options, space: SearchSpace, started: float) -> int:
     points = [label for label, _ in resolved.grid_points()]
     print(resolved.summary(), flush=True)
     try:
-        ensure_data(base_config, tasks)
+        base_config.protocol.ensure_data(tasks)
     except (DataError, KeyError, FileExistsError) as err:
         raise SweepError(f"data ({base_config.data.source} at {base_config.data.root}): {err}") from None
 

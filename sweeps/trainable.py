@@ -88,13 +88,13 @@ def trial_config(setup: TrialSetup, params: Mapping[str, Any], seed: int | None 
     domain generalisation: the source's list -> its val_meta.list), no progress bar. A study trial keeps the base's
     own protocol and trains with ``seed``."""
     from dtl.config import ExperimentConfig
-    from dtl.experiment import PROTOCOLS
+    from dtl.protocols import get_protocol
 
     raw = copy.deepcopy(setup.base_config)
     raw["overrides"] = {setup.task: trial_overrides(setup, params)}
     evaluation = raw.get("evaluation", {})
     if not setup.study:
-        selection = PROTOCOLS[evaluation.get("protocol", "final")].selection
+        selection = get_protocol(evaluation.get("protocol", "final")).selection
         raw["evaluation"] = {**evaluation, "protocol": selection}
     raw["training"] = {**raw.get("training", {}), "progress": False, "seed": setup.seed if seed is None else seed}
     return ExperimentConfig.from_dict(raw, where=f"sweep trial of {setup.task}")
@@ -142,14 +142,14 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
     try:
         with child_run(setup, existing, trial_id, context.get_trial_name(), incumbent, resume_from,
                        known) as (run, restarts):
-            from dtl.experiment import run_task, task_num_classes
+            from dtl.experiment import run_task
             from dtl.io import write_json
             from dtl.trained import RECORD_FILE, record
 
             trial = trial_config(setup, params, seed)  # a bad configuration raises here: the trial is recorded FAILED
             resolved = trial.for_task(task)
             # Beside every checkpoint's training state: what dtl.load_trained needs to rebuild the trial's model.
-            write_json(folder / RECORD_FILE, record(resolved, task, task_num_classes(resolved, task), seed,
+            write_json(folder / RECORD_FILE, record(resolved, task, resolved.protocol.num_classes(task), seed,
                                                     resolved.data.image_size))
             write_json(folder / RUN_FILE, {"run_id": run.run_id, "restarts": restarts})
             record_trial(run, resolved, params, task)
@@ -278,15 +278,13 @@ def note_device(run, device: str) -> None:
 def record_trial(run, resolved, params: Mapping[str, Any], task: str) -> None:
     """The trial's sampled values (``trial.<key>``), the full configuration it trains (``model.rank``...) and its
     data (its training and validation lists as dataset inputs)."""
-    from dtl.experiment import PROTOCOLS, run_shots, scored_splits, split_input
-
     values = {k: v for k, v in resolved.to_dict().items() if k != "overrides"}
     run.log_params({**values, **{f"trial.{k}": v for k, v in plain(params).items()}})
-    protocol = PROTOCOLS[resolved.evaluation.protocol]
-    shots, seed = run_shots(resolved, None), resolved.training.seed
-    run.log_dataset(*split_input(resolved, task, protocol.train, shots, seed), "train")
-    for split in scored_splits(resolved, task).values():
-        run.log_dataset(*split_input(resolved, task, split), "validation")
+    protocol = resolved.protocol
+    shots, seed = protocol.run_shots(None), resolved.training.seed
+    run.log_dataset(*protocol.split_input(task, protocol.train, shots, seed), "train")
+    for split in protocol.scored_splits(task).values():
+        run.log_dataset(*protocol.split_input(task, split), "validation")
 
 
 def record_result(run, summary: Mapping[str, Any], correct: str) -> None:

@@ -56,10 +56,9 @@ def sweep_command(tmp_path: Path, data_root: Path, *, epochs: int, image_size: i
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     from dtl.config import ExperimentConfig
-    from dtl.experiment import ensure_data
 
     root = tmp_path_factory.mktemp("cluster_data") / "synthetic"
-    ensure_data(ExperimentConfig.from_dict(params(root, 1, 32)))
+    ExperimentConfig.from_dict(params(root, 1, 32)).protocol.ensure_data()
     return root
 
 

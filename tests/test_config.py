@@ -6,7 +6,7 @@ import torch
 
 import dtl
 from dtl.config import OVERRIDE_KEYS, ConfigError, ExperimentConfig, load_config
-from dtl.experiment import ensure_data, run_task
+from dtl.experiment import run_task
 from dtl.io import load_trainable, save_trainable, write_json
 from dtl.presets import PAPER_COMMON, paper_overrides
 
@@ -108,7 +108,7 @@ def test_run_task_end_to_end_on_a_synthetic_task(tmp_path):
                      "progress": False},
         "evaluation": {"protocol": "val"},
     })
-    ensure_data(config)
+    config.protocol.ensure_data()
     epochs = []
     run = run_task(config, "patterns", seed=7, callbacks=[lambda epoch, metrics: epochs.append(metrics)])
     summary = run.summary()

@@ -74,3 +74,21 @@ def test_the_schema_parses_and_validates_a_params_file_without_torch(tmp_path):
             "loaded = [m for m in ('torch', 'timm', 'numpy', 'dtl.engine', 'dtl.cache') if m in sys.modules]\n"
             "assert not loaded, loaded\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_no_protocol_is_known_by_name_outside_its_module():
+    import re
+
+    from dtl.protocols import available_protocols
+
+    names = "|".join(name for name in available_protocols() if name != "val")  # "val" is a split's name too
+    comparison = re.compile(rf"""(==|!=|\bin)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=|\bin\b)"""
+                            r"|uses_list_files|\bprotocol\s*(==|!=)")
+    found = []
+    for package in ("dtl", "pipeline", "sweeps", "tracking", "benchmarks"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            if path.is_relative_to(REPO / "dtl" / "protocols"):
+                continue
+            found += [f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+                      for number, line in enumerate(path.read_text().splitlines(), 1) if comparison.search(line)]
+    assert not found, "\n".join(found)

@@ -409,10 +409,10 @@ def test_asha_compares_trials_within_a_task_and_never_stops_the_incumbent():
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     from dtl.config import ExperimentConfig
-    from dtl.experiment import ensure_data
 
     root = tmp_path_factory.mktemp("sweep_data") / "synthetic"
-    ensure_data(ExperimentConfig.from_dict({**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "root": str(root)}}))
+    config = ExperimentConfig.from_dict({**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "root": str(root)}})
+    config.protocol.ensure_data()
     return root
 
 

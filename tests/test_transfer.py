@@ -142,9 +142,9 @@ def test_few_shot_and_domain_settings_are_checked_with_the_key_named(name, edit,
 
 @pytest.mark.parametrize("name", ["few_shot", "domain_generalization"])
 def test_the_paper_transfer_params_files_are_generated_and_load(name):
-    from pipeline.paper_params import TRANSFER_FILES, render_transfer, transfer_params
+    from pipeline.paper_params import TRANSFER, render_transfer, transfer_params
 
-    path = TRANSFER_FILES[name]
+    path = TRANSFER[name].path
     assert path.read_text() == render_transfer(name), "regenerate with: python -m pipeline.paper_params"
     raw = transfer_params(name)
     assert yaml.safe_load(path.read_text()) == raw
@@ -273,7 +273,6 @@ def test_prepare_names_a_synthetic_task_of_the_wrong_suite(tmp_path, monkeypatch
 
 
 def test_sweep_trials_select_on_val_meta_list_and_refuse_a_source_without_one(tmp_path):
-    from dtl.experiment import ensure_data, scored_splits
     from sweeps.driver import SweepError, check_validation_list
     from sweeps.trainable import TrialSetup, trial_config
 
@@ -283,7 +282,7 @@ def test_sweep_trials_select_on_val_meta_list_and_refuse_a_source_without_one(tm
                        tracking_uri="", experiment_id="", parent_run_id="", sweep_name="", space_name="")
     trial = trial_config(setup, {"lr": 0.01})
     assert trial.evaluation.protocol == "few_shot" and trial.training.seed == 0
-    assert scored_splits(trial, "emblems") == {"val": "val"}
+    assert trial.protocol.scored_splits("emblems") == {"val": "val"}
     # ASHA's rungs fall on the pipeline's validation epochs (every 10 of 30, not 25% = 7): a trial keeps the
     # epoch the retrained winner will keep
     from sweeps.driver import plan_task
@@ -297,9 +296,9 @@ def test_sweep_trials_select_on_val_meta_list_and_refuse_a_source_without_one(tm
     raw.pop("mlflow")
     raw["data"].update(root=str(tmp_path), image_size=16, num_test=10)
     config = ExperimentConfig.from_dict(raw)
-    ensure_data(config)
+    config.protocol.ensure_data()
     check_validation_list(config, "shapes")  # the embedded source has one
     (tmp_path / "shapes" / "annotations" / "val_meta.list").unlink()
-    assert scored_splits(config, "shapes") == {"test": "test"}  # the pipeline still runs (NOAH's way)
+    assert config.protocol.scored_splits("shapes") == {"test": "test"}  # the pipeline still runs (NOAH's way)
     with pytest.raises(SweepError, match=r"sweeps select on .*shapes/annotations/val_meta\.list, which does not exist"):
         check_validation_list(config, "shapes")

@@ -1,0 +1,294 @@
+"""What an evaluation protocol is: the base class every protocol module subclasses, and the registry.
+
+A protocol decides everything that differs between VTAB-1K's ``final`` and ``val`` runs, few-shot
+classification and domain generalisation:
+
+* **data**: where a split's list file is, how a split opens as a dataset, how many classes a task has, which
+  embedded suite ``data.source: synthetic`` generates, how the folders are checked, and what the prepare
+  stage records per task;
+* **runs**: the run grid of a task (seeds; shot counts x seeds), the split trained on, the splits scored while
+  training and reported after it, whose best epoch is kept, and which protocol a sweep's trials follow;
+* **results**: how the evaluated tasks aggregate into a report (numbers, Markdown, DVC metrics and plot rows,
+  MLflow metrics, the figure).
+
+A protocol class is instantiated for one configuration (``config.protocol``), so its methods read the settings
+they need. Registering a subclass (:func:`register_protocol`) makes its name valid for ``evaluation.protocol``;
+nothing else in the toolkit knows a protocol by name. This module imports no torch: the data and plotting
+libraries are imported by the methods that use them.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class SyntheticSuite:
+    """The embedded suite a configuration needs: the folders to generate, the names the generator knows, the
+    generator (``generate(root, names, image_size=, num_test=, seed=, overwrite=)``), what its folders are
+    called in messages, and the config key that names them."""
+
+    names: list[str]
+    known: tuple[str, ...]
+    generate: Callable[..., object]
+    what: str
+    key: str = "data.tasks"
+
+
+class Protocol:
+    """One evaluation protocol, bound to a configuration (``self.config``, an ``ExperimentConfig``)."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""  # one line for messages and docs
+    sources: ClassVar[tuple[str, ...]] = ()  # the data.source folder layouts that serve it (besides synthetic)
+    train: ClassVar[str] = ""  # the split a run trains on
+    scored: ClassVar[dict[str, str]] = {}  # name -> split, scored after the last epoch (and every eval_every)
+    reported: ClassVar[dict[str, str]] = {}  # name -> split, what evaluating the saved weights scores
+    keep_best: ClassVar[str | None] = None  # the scored split whose best epoch's weights are kept
+    selection: ClassVar[str] = "val"  # the protocol a sweep's trials follow: never one that scores test sets
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    # --- the configuration ---------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Checks of the configuration that only this protocol needs (raise ``ConfigError`` naming the key)."""
+
+    # --- data ----------------------------------------------------------------------------------------------
+    def split_list(self, task: str, split: str, shots: int | None = None, seed: int | None = None) -> Path:
+        """The list file a split of ``task`` is read from."""
+        raise NotImplementedError
+
+    def input_name(self, task: str, split: str, path: Path) -> str:
+        """A short name of a split's list as a dataset input (``digits/train800``)."""
+        return f"{task}/{split}"
+
+    def split_input(self, task: str, split: str, shots: int | None = None,
+                    seed: int | None = None) -> tuple[str, Path]:
+        """A split's list as a dataset input: its short name and the list file."""
+        path = self.split_list(task, split, shots, seed)
+        return self.input_name(task, split, path), path
+
+    def num_classes(self, task: str) -> int:
+        raise NotImplementedError
+
+    def open_split(self, task: str, split: str, *, num_classes: int, img_size: int, shots: int | None = None,
+                   seed: int | None = None, model=None):
+        """The dataset of one split of ``task`` as this protocol reads it."""
+        raise NotImplementedError
+
+    def transform(self, image_size: int, normalisation: dict):
+        """PIL image -> model input, as this protocol's evaluation reads images."""
+        raise NotImplementedError
+
+    def input_format(self, image_size: int, normalisation: dict) -> tuple:
+        """What :meth:`transform` depends on: equal formats read an image into the same tensor (protocols that
+        share a transform share formats)."""
+        return (type(self).transform.__qualname__, image_size, tuple(sorted(normalisation.items())))
+
+    def synthetic_suite(self, tasks: Sequence[str] | None = None) -> SyntheticSuite:
+        raise NotImplementedError
+
+    def check_data(self, tasks: Sequence[str] | None = None, **options) -> dict[str, dict]:
+        """Check every list this protocol reads for ``tasks`` (default ``data.tasks``); problems raise one
+        ``DataError``. ``verify_images``, ``verified`` and ``progress`` pass through to the checker."""
+        raise NotImplementedError
+
+    def ensure_data(self, tasks: Sequence[str] | None = None) -> Path:
+        """Make sure the task folders exist: generate the embedded suite if ``data.source`` is synthetic, then
+        check the folders."""
+        data = self.config.data
+        root = Path(data.root)
+        if data.source == "synthetic":
+            suite = self.synthetic_suite(tasks)
+            suite.generate(root, suite.names, image_size=data.image_size or 32, num_test=data.num_test,
+                           seed=data.generator_seed)
+        self.check_data(tasks)
+        return root
+
+    def task_records(self, checked: dict[str, dict]) -> dict[str, dict]:
+        """What the prepare stage records per task from :meth:`check_data`'s result: counts, classes, group,
+        the smallest training split (``train_images``) and a fingerprint of the files the task reads."""
+        raise NotImplementedError
+
+    def manifest_totals(self, records: dict[str, dict]) -> dict[str, Any]:
+        """Extra fields of the prepare stage's manifest."""
+        return {}
+
+    def describe_record(self, record: dict) -> str:
+        """The image counts of one task record, for the prepare stage's line."""
+        return ", ".join(f"{split} {n}" for split, n in record["images"].items() if not isinstance(n, dict))
+
+    # --- runs ----------------------------------------------------------------------------------------------
+    def runs(self) -> list[tuple[int | None, int]]:
+        """``(shots, seed)`` of every run of a task (shots None where the protocol has no shot counts)."""
+        return [(None, seed) for seed in self.config.evaluation.seeds]
+
+    def run_shots(self, shots: int | None) -> int | None:
+        """The shot count of one run (None where the protocol has no shot counts)."""
+        return None
+
+    def scored_splits(self, task: str) -> dict[str, str]:
+        """What a run scores while it trains."""
+        return dict(self.scored)
+
+    def reported_splits(self, task: str) -> dict[str, str]:
+        """What evaluating the saved weights scores."""
+        return dict(self.reported)
+
+    def targets(self) -> list[str]:
+        """Domains tested besides the task itself (reported as ``<target>_accuracy``)."""
+        return []
+
+    def target_splits(self) -> set[str]:
+        """The reported splits that are other domains' test lists: scored masked too when they hold only some
+        of the classes."""
+        return set()
+
+    def training_split_words(self) -> str:
+        """The training split in an error message (``train800 split``)."""
+        return f"{self.train} split"
+
+    def selection_objective(self) -> str:
+        """What a sweep under this protocol selects on, in words (for its reports)."""
+        raise NotImplementedError
+
+    # --- results -------------------------------------------------------------------------------------------
+    def build_report(self, evaluated: dict[str, tuple[dict, dict]]) -> dict[str, Any]:
+        """The report of ``evaluated`` (task -> (its evaluate metrics, its evaluate details)): every number
+        the report stage writes, with ``rows`` (one per task: method, costs, MLflow run id)."""
+        raise NotImplementedError
+
+    def report_outputs(self, report: dict[str, Any]) -> tuple[dict, dict, list[dict]]:
+        """(``outputs/report.json``, ``metrics/summary.json``, ``plots/tasks.json`` rows) of a report."""
+        raise NotImplementedError
+
+    def report_markdown(self, report: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def report_metrics(self, report: dict[str, Any]) -> dict[str, float]:
+        """The MLflow metrics of the report run (accuracies; the report stage adds the costs)."""
+        raise NotImplementedError
+
+    def report_line(self, report: dict[str, Any]) -> str:
+        """One console line with the headline figures."""
+        raise NotImplementedError
+
+    def report_plot(self, report: dict[str, Any], path: Path) -> None:
+        """Draw the report's figure to ``path`` (PNG)."""
+        raise NotImplementedError
+
+
+_PROTOCOLS: dict[str, type[Protocol]] = {}
+
+
+def register_protocol(protocol: type[Protocol]) -> type[Protocol]:
+    """Make ``protocol`` (a :class:`Protocol` subclass) available as ``evaluation.protocol: <its name>``."""
+    if not protocol.name or protocol.name in _PROTOCOLS:
+        raise ValueError(f"a protocol needs a new name, got {protocol.name!r}")
+    _PROTOCOLS[protocol.name] = protocol
+    return protocol
+
+
+def available_protocols() -> tuple[str, ...]:
+    return tuple(_PROTOCOLS)
+
+
+def get_protocol(name: str) -> type[Protocol]:
+    try:
+        return _PROTOCOLS[name]
+    except KeyError:
+        raise ValueError(f"unknown protocol {name!r}: expected one of {', '.join(_PROTOCOLS)}") from None
+
+
+def data_sources() -> tuple[str, ...]:
+    """``synthetic`` and every folder layout some protocol reads, in registration order."""
+    return ("synthetic", *dict.fromkeys(s for p in _PROTOCOLS.values() for s in p.sources))
+
+
+def protocols_for_source(source: str) -> tuple[str, ...]:
+    """The protocols a data folder of ``source`` serves (synthetic: all of them, each its own embedded suite)."""
+    if source == "synthetic":
+        return available_protocols()
+    return tuple(name for name, p in _PROTOCOLS.items() if source in p.sources)
+
+
+def fingerprint(root: Path, paths: list[Path]) -> str:
+    """A digest of the files a task reads its images' names and labels from, by their place under ``root`` (so
+    moving the root changes nothing; a missing file counts as absent)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path.relative_to(root)).encode() + b"\0"
+                      + (path.read_bytes() if path.is_file() else b"<absent>"))
+    return digest.hexdigest()
+
+
+# --- what the reports of every protocol share ---------------------------------------------------------------
+COST_KEYS = ("trainable_params", "trainable_params_excl_head", "peak_memory_mb", "images_per_s")
+
+
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def percent(value: float | None, std: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f} ± {100 * std:.1f}" if std else f"{100 * value:.1f}"
+
+
+def task_row(task: str, metrics: dict, info: dict) -> dict[str, Any]:
+    """A task's row of a report: its method, costs and MLflow run (``rows``, which every report has)."""
+    return {"task": task, "method": info.get("method"), "mlflow_run_id": info.get("mlflow_run_id"),
+            "memory_kind": info.get("memory_kind"), **{key: metrics[key] for key in COST_KEYS}}
+
+
+def cost_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    import statistics
+
+    return {"mean_trainable_params": statistics.fmean(r["trainable_params"] for r in rows),
+            "mean_trainable_params_excl_head": statistics.fmean(r["trainable_params_excl_head"] for r in rows),
+            "max_peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
+            "mean_images_per_s": statistics.fmean(r["images_per_s"] for r in rows),
+            "methods": sorted({str(r["method"]) for r in rows})}
+
+
+def memory_label(rows: list[dict[str, Any]]) -> str:
+    return ("peak GPU memory (MB)" if {r["memory_kind"] for r in rows} == {"gpu_allocated"}
+            else "peak memory (MB, process RSS)")
+
+
+def plot_costs(row: dict[str, Any]) -> dict[str, Any]:
+    """The cost columns of a ``plots/tasks.json`` row."""
+    return {"params": row["trainable_params_excl_head"], "memory_mb": round(row["peak_memory_mb"], 1),
+            "images_s": round(row["images_per_s"], 1)}
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (imported when a report is drawn, not before)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure, path: Path) -> None:
+    from ..io import atomic_path
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    pyplot().close(figure)
+
+
+def finish_accuracy_figure(figure, axis, title: str, path: Path) -> None:
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_ylim(0, 100)
+    axis.legend(fontsize=8)
+    axis.set_title(title)
+    figure.tight_layout()
+    save_figure(figure, path)
