@@ -294,7 +294,10 @@ class _Row:
 
 # --- the benchmark ----------------------------------------------------------------------------------------------
 def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = print) -> list[dict]:
-    """Measure every row of ``settings.methods``; returns one JSON-ready dict per row (settings included)."""
+    """Measure every row of ``settings.methods``; returns one JSON-ready dict per row (settings included).
+
+    Long on purpose: the rows are measured side by side in one loop over the same batches and one memory
+    baseline, so every ratio in the table comes from one run; split up, the steps would drift apart."""
     settings.validate()
     device = resolve_device(settings.device)
     if settings.precision == "fp16" and device.type != "cuda":

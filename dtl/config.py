@@ -355,9 +355,10 @@ def _split_sections(raw: Any, where: str) -> tuple[dict, dict]:
     return raw, tools
 
 
-def tool_section(path: str | Path, name: str) -> dict[str, Any]:
-    """The raw ``name`` section of a params file (``{}`` if absent), for the tool that owns it to validate."""
-    section = _split_sections(read_yaml(path), str(path))[1].get(name) or {}
+def tool_section(path: str | Path, name: str, raw: Any = None) -> dict[str, Any]:
+    """The raw ``name`` section of a params file (``{}`` if absent), for the tool that owns it to validate;
+    ``raw``: the file's parsed content, if the caller read it already."""
+    section = _split_sections(read_yaml(path) if raw is None else raw, str(path))[1].get(name) or {}
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: {name}: expected a mapping, got {type(section).__name__}")
     return section
@@ -399,8 +400,14 @@ def load_config(path: str | Path, best_path: str | Path | None = None, *, task: 
     trains with. The tools' sections (``TOOL_SECTIONS``) are set aside. Errors name the file and the key
     (``params.yaml: model.rank: expected ...``, ``sweeps/best.yaml: cifar: unknown key(s) lrr; allowed: ...``).
     """
-    where = str(path)
-    experiment, _ = _split_sections(read_yaml(path), where)
+    return params_config(read_yaml(path), str(path), best_path, task=task)
+
+
+def params_config(raw: Any, where: str, best_path: str | Path | None = None, *,
+                  task: str | None = None) -> ExperimentConfig:
+    """:func:`load_config` of a params file's parsed content ``raw`` (read from ``where``): for a caller that
+    reads the file's tool sections too and parses it once."""
+    experiment, _ = _split_sections(raw, where)
     base = ExperimentConfig.from_dict(experiment, where=where)
     merged = {name: dict(values) for name, values in base.overrides.items()}
     if best_path is not None:

@@ -1,7 +1,7 @@
-"""The training engine: train one model on one dataset and evaluate it, reporting through callbacks.
+"""The training engine: train one model on one dataset and evaluate it, reporting through one epoch-end hook.
 
-The engine knows nothing of DVC, Ray Tune or MLflow: each of them hooks in with an ``EpochCallback`` that
-receives ``(epoch, metrics)`` after every epoch. The recipe defaults are the official VTAB-1K scripts'
+The engine knows nothing of DVC, Ray Tune or MLflow: each of them hooks in with an ``EpochHook`` that receives
+an :class:`EpochEnd` (the epoch's metrics and the run's resumable state) after every epoch. The recipe defaults are the official VTAB-1K scripts'
 (docs/design.md): AdamW, weight decay 0.05 except on 1-D parameters, batch 32 with drop_last, timm's
 cosine schedule with 10 warm-up epochs stepped per epoch, 100 cosine + 10 cool-down epochs, seed 42.
 """
@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,9 +27,6 @@ from tqdm.auto import tqdm
 from .cache import PrefixCacheError, place_features, prepare_prefix_cache, to_device
 from .config import TrainConfig
 from .io import atomic_path, trainable_state_dict
-
-EpochCallback = Callable[[int, dict], None]
-
 
 class SetupError(ValueError):
     """A run cannot start with these settings on this machine or data (no CUDA device, a batch larger than the
@@ -66,9 +64,6 @@ class TrainingState:
     @classmethod
     def load(cls, path) -> "TrainingState":
         return cls(**torch.load(path, map_location="cpu", weights_only=True))
-
-
-StateCallback = Callable[[TrainingState], None]
 
 
 @dataclass
@@ -254,15 +249,37 @@ class EpochProgress:
             self.bar.close()
 
 
+@dataclass
+class EpochEnd:
+    """What the epoch-end hook receives after every epoch: its index, its metrics (``train/loss``,
+    ``train/accuracy``, ``lr`` and, on evaluation epochs, ``<split>/accuracy`` and ``<split>/loss``), whether it
+    was the last, and :meth:`state`, the run's resumable state after it."""
+
+    epoch: int
+    metrics: dict
+    last: bool
+    _snapshot: Callable[[], TrainingState] = field(repr=False)
+    _state: TrainingState | None = field(default=None, repr=False)
+
+    def state(self) -> TrainingState:
+        """The :class:`TrainingState` after this epoch (built on the first call: a hook that does not checkpoint
+        this epoch pays nothing). ``train_and_evaluate(..., resume_from=state)`` continues from it."""
+        if self._state is None:
+            self._state = self._snapshot()
+        return self._state
+
+
+EpochHook = Callable[[EpochEnd], None]
+
+
 def train_and_evaluate(
     model: nn.Module,
     train_data: Dataset,
     eval_data: Mapping[str, Dataset],
     config: TrainConfig,
-    callbacks: Sequence[EpochCallback] = (),
+    hooks: Sequence[EpochHook] = (),
     *,
     resume_from: TrainingState | None = None,
-    save_state: StateCallback | None = None,
     keep_best: str | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data``, evaluate on each of ``eval_data`` (e.g. {"val": ..., "test": ...}).
@@ -271,175 +288,220 @@ def train_and_evaluate(
     earliest on a tie) are put back into ``model`` at the end, and the final metrics are those of that epoch's
     weights, with ``best_epoch`` (the few-shot recipe: validate every few epochs, test the best weights).
 
-    Every epoch each callback gets ``(epoch, metrics)`` with ``train/loss``, ``train/accuracy``, ``lr`` and,
-    on evaluation epochs, ``<split>/accuracy`` and ``<split>/loss``. A non-finite loss raises
+    After every epoch each hook gets an :class:`EpochEnd`: the epoch's metrics and its resumable state (a hook
+    that checkpoints saves ``end.state()``). ``resume_from`` continues such a state: the epochs after
+    ``epochs_done`` then train exactly as an uninterrupted run would have trained them. A non-finite loss raises
     ``FloatingPointError`` so a sweep can record the trial as failed.
-
-    ``save_state``, if given, receives a :class:`TrainingState` after every epoch, before the callbacks (so a
-    callback can hand the checkpoint on with the epoch's metrics); ``resume_from`` continues such a state: the
-    epochs after ``epochs_done`` then train exactly as an uninterrupted run would have trained them.
     """
     seed_everything(config.seed)
     cpu_started = time.process_time()
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     model.to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if not any(p.requires_grad for p in model.parameters()):
         raise SetupError("the model has no trainable parameters")
     if len(train_data) < config.batch_size:
         raise SetupError(f"training split has {len(train_data)} samples, fewer than batch_size={config.batch_size} "
                          "(training.batch_size: batches drop the remainder, as in the official recipe)")
-    cache_options = dict(mode=config.prefix_cache, cache_dir=config.prefix_cache_dir, device=device,
-                         precision=precision, batch_size=config.eval_batch_size, num_workers=config.num_workers,
-                         progress=config.progress)
-    train_features, cache_report = prepare_prefix_cache(model, train_data, **cache_options)
-    if cache_report.notice and config.progress:
-        print(f"prefix cache {cache_report.mode}: {cache_report.reason}", file=sys.stderr)
-    eval_features = {}
-    evaluations = sum(1 for e in range(config.epochs) if e == config.epochs - 1
-                      or (config.eval_every and (e + 1) % config.eval_every == 0))
-    if train_features is not None and evaluations > 1:
-        # Small splits evaluated more than once (eval_every, e.g. val200 in a sweep) are cached too: evaluation
-        # runs in eval mode, so it is deterministic. Big test splits stay uncached (size).
-        for split, data in eval_data.items():
-            if len(data) <= 4 * len(train_data):
-                try:
-                    eval_features[split] = prepare_prefix_cache(model, data, **cache_options)[0]
-                except PrefixCacheError:
-                    pass
-    seed_everything(config.seed)  # building the cache must not shift the random streams of training
-
-    generator = torch.Generator().manual_seed(config.seed)
-    pin = device.type == "cuda"
-    if train_features is not None:
-        # The same generator draws the same batches as the image DataLoader below would.
-        train_loader = place_features(train_features, device).loader(config.batch_size, shuffle=True, drop_last=True,
-                                                                     generator=generator)
-    else:
-        train_loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                                  num_workers=config.num_workers, generator=generator, pin_memory=pin)
-    eval_loaders = {
-        split: place_features(eval_features[split], device).loader(config.eval_batch_size, shuffle=False,
-                                                                  drop_last=False)
-        if eval_features.get(split) is not None else
-        DataLoader(data, batch_size=config.eval_batch_size, shuffle=False, num_workers=config.num_workers,
-                   pin_memory=pin)
-        for split, data in eval_data.items()
-    }
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
-    scheduler = make_scheduler(optimizer, config)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
     if keep_best is not None and keep_best not in eval_data:
         raise ValueError(f"keep_best={keep_best!r} is not one of the evaluated splits ({', '.join(eval_data)})")
-    history: list[dict] = []
-    per_image_correct: dict[str, torch.Tensor] = {}
-    best_trainable: dict[str, torch.Tensor] = {}
-    best_epoch, best_accuracy = -1, -1.0
-    train_time, images_seen, saved_bytes, cpu_before = 0.0, 0, 0, 0.0
-    first_epoch = 0
+    loaders = _Loaders.build(model, train_data, eval_data, config, device, precision)
+    loop = _TrainingLoop(model, config, device, precision, loaders, keep_best, cpu_started)
     if resume_from is not None:
-        if not 0 < resume_from.epochs_done < config.epochs:
-            raise ValueError(f"cannot resume after epoch {resume_from.epochs_done} of a {config.epochs}-epoch run")
-        model.load_state_dict(resume_from.trainable, strict=False)
-        optimizer.load_state_dict(resume_from.optimizer)
-        scaler.load_state_dict(resume_from.scaler)
-        generator.set_state(resume_from.data_order)
-        torch.set_rng_state(resume_from.rng)
-        if device.type == "cuda" and resume_from.cuda_rng:
-            torch.cuda.set_rng_state_all(resume_from.cuda_rng)
-        history = list(resume_from.history)
-        first_epoch = resume_from.epochs_done
-        train_time, images_seen = resume_from.train_time_s, resume_from.images_seen
-        saved_bytes, cpu_before = resume_from.saved_bytes_per_batch, resume_from.cpu_time_s
-        best_trainable, best_epoch = resume_from.best_trainable, resume_from.best_epoch
-        best_accuracy = resume_from.best_accuracy
-    progress = EpochProgress(config.epochs, first_epoch, len(train_loader) * config.batch_size, config.progress)
-    for epoch in range(first_epoch, config.epochs):
-        scheduler.step(epoch)
+        loop.restore(resume_from)
+    progress = EpochProgress(config.epochs, loop.first_epoch, len(loaders.train) * config.batch_size,
+                             config.progress)
+    for epoch in range(loop.first_epoch, config.epochs):
+        metrics = loop.run_epoch(epoch)
+        progress.epoch_done(epoch, metrics)
+        end = EpochEnd(epoch, metrics, epoch == config.epochs - 1, loop.snapshot)
+        for hook in hooks:
+            hook(EpochEnd(end.epoch, dict(metrics), end.last, end.state))
+    progress.close()
+    return loop.result()
+
+
+@dataclass
+class _Loaders:
+    """The batches a run reads: the training split (from the prefix cache where it applies, in the order the
+    image loader would draw them) and each evaluated split, with the generator that shuffles training."""
+
+    train: Any
+    evaluated: dict[str, Any]
+    generator: torch.Generator
+    cache_report: Any
+
+    @classmethod
+    def build(cls, model: nn.Module, train_data: Dataset, eval_data: Mapping[str, Dataset], config: TrainConfig,
+              device: torch.device, precision: str) -> "_Loaders":
+        cache_options = dict(mode=config.prefix_cache, cache_dir=config.prefix_cache_dir, device=device,
+                             precision=precision, batch_size=config.eval_batch_size, num_workers=config.num_workers,
+                             progress=config.progress)
+        train_features, cache_report = prepare_prefix_cache(model, train_data, **cache_options)
+        if cache_report.notice and config.progress:
+            print(f"prefix cache {cache_report.mode}: {cache_report.reason}", file=sys.stderr)
+        eval_features = {}
+        evaluations = sum(1 for e in range(config.epochs) if e == config.epochs - 1
+                          or (config.eval_every and (e + 1) % config.eval_every == 0))
+        if train_features is not None and evaluations > 1:
+            # Small splits evaluated more than once (eval_every, e.g. val200 in a sweep) are cached too: evaluation
+            # runs in eval mode, so it is deterministic. Big test splits stay uncached (size).
+            for split, data in eval_data.items():
+                if len(data) <= 4 * len(train_data):
+                    try:
+                        eval_features[split] = prepare_prefix_cache(model, data, **cache_options)[0]
+                    except PrefixCacheError:
+                        pass
+        seed_everything(config.seed)  # building the cache must not shift the random streams of training
+        generator = torch.Generator().manual_seed(config.seed)
+        pin = device.type == "cuda"
+        if train_features is not None:
+            # The same generator draws the same batches as the image DataLoader below would.
+            train = place_features(train_features, device).loader(config.batch_size, shuffle=True, drop_last=True,
+                                                                  generator=generator)
+        else:
+            train = DataLoader(train_data, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                               num_workers=config.num_workers, generator=generator, pin_memory=pin)
+        evaluated = {
+            split: place_features(eval_features[split], device).loader(config.eval_batch_size, shuffle=False,
+                                                                      drop_last=False)
+            if eval_features.get(split) is not None else
+            DataLoader(data, batch_size=config.eval_batch_size, shuffle=False, num_workers=config.num_workers,
+                       pin_memory=pin)
+            for split, data in eval_data.items()
+        }
+        return cls(train, evaluated, generator, cache_report)
+
+
+class _TrainingLoop:
+    """One run's optimiser, schedule and running figures: what an epoch changes and a :class:`TrainingState`
+    holds (so :meth:`snapshot` and :meth:`restore` are each other's inverse)."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device, precision: str,
+                 loaders: _Loaders, keep_best: str | None, cpu_started: float):
+        self.model, self.config, self.device, self.precision = model, config, device, precision
+        self.loaders, self.keep_best, self.cpu_started = loaders, keep_best, cpu_started
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
+        self.scheduler = make_scheduler(self.optimizer, config)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.history: list[dict] = []
+        self.per_image_correct: dict[str, torch.Tensor] = {}
+        self.best_trainable: dict[str, torch.Tensor] = {}
+        self.best_epoch, self.best_accuracy = -1, -1.0
+        self.train_time, self.images_seen, self.saved_bytes, self.cpu_before = 0.0, 0, 0, 0.0
+        self.first_epoch = 0
+
+    def restore(self, state: TrainingState) -> None:
+        if not 0 < state.epochs_done < self.config.epochs:
+            raise ValueError(f"cannot resume after epoch {state.epochs_done} of a {self.config.epochs}-epoch run")
+        self.model.load_state_dict(state.trainable, strict=False)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scaler.load_state_dict(state.scaler)
+        self.loaders.generator.set_state(state.data_order)
+        torch.set_rng_state(state.rng)
+        if self.device.type == "cuda" and state.cuda_rng:
+            torch.cuda.set_rng_state_all(state.cuda_rng)
+        self.history = list(state.history)
+        self.first_epoch = state.epochs_done
+        self.train_time, self.images_seen = state.train_time_s, state.images_seen
+        self.saved_bytes, self.cpu_before = state.saved_bytes_per_batch, state.cpu_time_s
+        self.best_trainable, self.best_epoch = state.best_trainable, state.best_epoch
+        self.best_accuracy = state.best_accuracy
+
+    def snapshot(self) -> TrainingState:
+        return TrainingState(
+            epochs_done=len(self.history), trainable=trainable_state_dict(self.model),
+            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+            data_order=self.loaders.generator.get_state(), rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            history=[dict(h) for h in self.history], train_time_s=self.train_time, images_seen=self.images_seen,
+            saved_bytes_per_batch=self.saved_bytes, cpu_time_s=self.cpu_time(),
+            best_trainable=self.best_trainable, best_epoch=self.best_epoch, best_accuracy=self.best_accuracy)
+
+    def cpu_time(self) -> float:
+        return self.cpu_before + time.process_time() - self.cpu_started
+
+    def run_epoch(self, epoch: int) -> dict:
+        """Train one epoch, evaluate if it is an evaluation epoch, keep the best weights; its metrics."""
+        config = self.config
+        metrics = {"epoch": epoch, **self.train_epoch(epoch)}
+        last = epoch == config.epochs - 1
+        if last or (config.eval_every and (epoch + 1) % config.eval_every == 0):
+            for split, loader in self.loaders.evaluated.items():
+                scores = evaluate(self.model, loader, self.device, self.precision, per_image=last)
+                if last:
+                    self.per_image_correct[split] = scores.pop("correct")
+                for key, value in scores.items():
+                    metrics[f"{split}/{key}"] = value
+            if self.keep_best is not None and metrics[f"{self.keep_best}/accuracy"] > self.best_accuracy:
+                self.best_accuracy, self.best_epoch = metrics[f"{self.keep_best}/accuracy"], epoch
+                self.best_trainable = {k: v.clone() for k, v in trainable_state_dict(self.model).items()}
+        self.history.append(metrics)
+        return metrics
+
+    def train_epoch(self, epoch: int) -> dict:
+        model, device, optimizer = self.model, self.device, self.optimizer
+        self.scheduler.step(epoch)
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         start = time.perf_counter()
-        for step, (inputs, labels) in enumerate(train_loader):
+        for step, (inputs, labels) in enumerate(self.loaders.train):
             inputs, labels = to_device(inputs, device), labels.to(device, non_blocking=True)
             first_step = epoch == 0 and step == 0
             counter = SavedTensorBytes(model) if first_step else nullcontext()
-            with autocast(device, precision), counter:
+            with autocast(device, self.precision), counter:
                 logits = model(inputs)  # images, or a batch of the prefix cache (CachedInputs)
-                loss = criterion(logits.float(), labels)
+                loss = self.criterion(logits.float(), labels)
             if first_step:
-                saved_bytes = counter.nbytes
+                self.saved_bytes = counter.nbytes
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, step {step} "
                                          f"(lr {optimizer.param_groups[0]['lr']:.3g}); try a lower training.lr")
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            self.scaler.scale(loss).backward()
+            if self.config.grad_clip is not None:
+                self.scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
+            self.scaler.step(optimizer)
+            self.scaler.update()
             loss_sum += loss.item() * labels.numel()
             correct += (logits.argmax(dim=1) == labels).sum().item()
             seen += labels.numel()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        train_time += time.perf_counter() - start
-        images_seen += seen
+        self.train_time += time.perf_counter() - start
+        self.images_seen += seen
+        return {"lr": optimizer.param_groups[0]["lr"], "train/loss": loss_sum / seen, "train/accuracy": correct / seen}
 
-        metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                   "train/loss": loss_sum / seen, "train/accuracy": correct / seen}
-        last = epoch == config.epochs - 1
-        if last or (config.eval_every and (epoch + 1) % config.eval_every == 0):
-            for split, loader in eval_loaders.items():
-                scores = evaluate(model, loader, device, precision, per_image=last)
-                if last:
-                    per_image_correct[split] = scores.pop("correct")
-                for key, value in scores.items():
-                    metrics[f"{split}/{key}"] = value
-            if keep_best is not None and metrics[f"{keep_best}/accuracy"] > best_accuracy:
-                best_accuracy, best_epoch = metrics[f"{keep_best}/accuracy"], epoch
-                best_trainable = {k: v.clone() for k, v in trainable_state_dict(model).items()}
-        history.append(metrics)
-        progress.epoch_done(epoch, metrics)
-        if save_state is not None and not last:
-            save_state(TrainingState(
-                epochs_done=epoch + 1, trainable=trainable_state_dict(model), optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict(), data_order=generator.get_state(), rng=torch.get_rng_state(),
-                cuda_rng=torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                history=[dict(h) for h in history], train_time_s=train_time, images_seen=images_seen,
-                saved_bytes_per_batch=saved_bytes, cpu_time_s=cpu_before + time.process_time() - cpu_started,
-                best_trainable=best_trainable, best_epoch=best_epoch, best_accuracy=best_accuracy))
-        for callback in callbacks:
-            callback(epoch, dict(metrics))
-
-    progress.close()
-    final = {k: v for k, v in history[-1].items() if k not in ("epoch", "lr")}
-    if keep_best is not None:
-        final["best_epoch"] = best_epoch
-        if best_epoch != config.epochs - 1:  # score the best epoch's weights again, per image
-            model.load_state_dict(best_trainable, strict=False)
-            for split, loader in eval_loaders.items():
-                scores = evaluate(model, loader, device, precision, per_image=True)
-                per_image_correct[split] = scores.pop("correct")
-                final.update({f"{split}/{key}": value for key, value in scores.items()})
-    rss_scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return TrainResult(
-        metrics=final,
-        history=history,
-        trainable_params=sum(p.numel() for p in trainable),
-        images_per_s=images_seen / train_time if train_time > 0 else math.nan,
-        train_time_s=train_time,
-        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_scale,
-        device=str(device),
-        precision=precision,
-        cache_report=cache_report.to_dict(),
-        saved_bytes_per_batch=saved_bytes,
-        cpu_time_s=cpu_before + time.process_time() - cpu_started,
-        correct=per_image_correct,
-    )
+    def result(self) -> TrainResult:
+        """The finished run (``keep_best``: the best epoch's weights back in the model, re-scored per image)."""
+        final = {k: v for k, v in self.history[-1].items() if k not in ("epoch", "lr")}
+        if self.keep_best is not None:
+            final["best_epoch"] = self.best_epoch
+            if self.best_epoch != self.config.epochs - 1:  # score the best epoch's weights again, per image
+                self.model.load_state_dict(self.best_trainable, strict=False)
+                for split, loader in self.loaders.evaluated.items():
+                    scores = evaluate(self.model, loader, self.device, self.precision, per_image=True)
+                    self.per_image_correct[split] = scores.pop("correct")
+                    final.update({f"{split}/{key}": value for key, value in scores.items()})
+        rss_scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+        device = self.device
+        return TrainResult(
+            metrics=final,
+            history=self.history,
+            trainable_params=sum(p.numel() for p in self.trainable),
+            images_per_s=self.images_seen / self.train_time if self.train_time > 0 else math.nan,
+            train_time_s=self.train_time,
+            peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_scale,
+            device=str(device),
+            precision=self.precision,
+            cache_report=self.loaders.cache_report.to_dict(),
+            saved_bytes_per_batch=self.saved_bytes,
+            cpu_time_s=self.cpu_time(),
+            correct=self.per_image_correct,
+        )

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .config import ConfigError, ExperimentConfig
-from .engine import EpochCallback, StateCallback, TrainingState, TrainResult, seed_everything, train_and_evaluate
+from .engine import EpochHook, TrainingState, TrainResult, seed_everything, train_and_evaluate
 from .methods import create_model
 
 
@@ -123,15 +123,14 @@ def run_task(
     *,
     seed: int | None = None,
     shots: int | None = None,
-    callbacks: Sequence[EpochCallback] = (),
+    hooks: Sequence[EpochHook] = (),
     resume_from: TrainingState | None = None,
-    save_state: StateCallback | None = None,
 ) -> TaskRun:
     """Train and evaluate ``config``'s method on ``task`` (overrides applied) and return the finished run.
 
     ``shots`` (NOAH-layout protocols; default: the largest of ``data.shots``) and ``seed`` pick the training list
-    ``train_meta.list.num_shot_<shots>.seed_<seed>``. ``save_state`` / ``resume_from``: checkpoint the run after
-    every epoch / continue from such a checkpoint (``dtl.engine.train_and_evaluate``)."""
+    ``train_meta.list.num_shot_<shots>.seed_<seed>``. ``hooks`` get every epoch's metrics and resumable state;
+    ``resume_from`` continues from such a state (``dtl.engine.train_and_evaluate``)."""
     config = config.for_task(task)
     if seed is not None:
         config.training = replace(config.training, seed=seed)
@@ -144,16 +143,15 @@ def run_task(
 
     def dataset(split: str) -> Dataset:
         return protocol.open_split(task, split, num_classes=num_classes, img_size=img_size, shots=shots,
-                          seed=config.training.seed, model=model)
+                                   seed=config.training.seed, model=model)
 
     result = train_and_evaluate(
         model,
         dataset(protocol.train),
         {name: dataset(split) for name, split in protocol.scored_splits(task).items()},
         config.training,
-        callbacks,
+        hooks,
         resume_from=resume_from,
-        save_state=save_state,
         keep_best=protocol.keep_best,
     )
     return TaskRun(task=task, config=config, model=model, result=result, num_classes=num_classes, shots=shots,

@@ -91,71 +91,31 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]:
     import tracking
     from dtl.config import ExperimentConfig
-    from dtl.experiment import evaluate_saved
 
     paths = OutputPaths(outputs)
     train_dir = paths.train_dir(task)
     summary = read_json(train_dir / "summary.json", f"written by train@{task}")
     config = ExperimentConfig.from_dict(read_json(train_dir / "config.json", f"written by train@{task}"),
                                         where=str(train_dir / "config.json"))
-    protocol = config.evaluation.protocol
-    checked = next(iter(config.protocol.scored_splits(task)))  # the split training scored at its last epoch
-
-    settings = load_pipeline_settings(params_path)
-    experiment_id = tracking.init_tracking(settings.mlflow_experiment)
+    protocol = config.protocol
+    experiment_id = tracking.init_tracking(load_pipeline_settings(params_path).mlflow_experiment)
     train_run = tracking.Run(summary["mlflow"]["run_id"])
     parent = train_run if train_run.exists() else None  # None: the store was switched or deleted since training
     tags = {"dvc_stage": f"evaluate@{task}", "task": task, "data_source": summary["data_source"],
-            "method": summary["method"], "backbone": summary["backbone"], "protocol": protocol, "pipeline": "dvc"}
-    tracking.close_orphaned_runs(experiment_id, dvc_stage=f"evaluate@{task}")
-    run = tracking.Run.create(experiment_id, f"evaluate@{task}", tags, {"seeds": summary["seeds"]}, parent=parent)
-    with tracking.recorded(run):
-        for name, split in config.protocol.reported_splits(task).items():
-            run.log_dataset(*config.protocol.split_input(task, split), "validation" if name == "val" else "test")
-        per_seed = []
-        for seed_summary in summary["per_seed"]:
-            weights = train_dir / seed_summary["weights"]
-            if not weights.is_file():
-                raise StageError(f"{weights} is missing; re-run train@{task}")
-            try:
-                scores = evaluate_saved(config, task, seed_summary["seed"], weights, summary["num_classes"],
-                                        shots=seed_summary.get("shots"))
-            except WeightsMismatchError as err:
-                raise StageError(f"{err}; re-run train@{task}") from None
-            at_training = seed_summary.get(f"{checked}/accuracy")
-            rescored = scores[f"{checked}_accuracy"]
-            if at_training is not None and abs(rescored - at_training) > MISMATCH_ERROR:
-                raise StageError(f"{weights}: re-scored {checked} accuracy {rescored:.6f} differs from "
-                                 f"{at_training:.6f} measured at the end of training: the saved weights do not "
-                                 "reproduce the trained model")
-            if at_training is not None and rescored != at_training:
-                print(f"evaluate@{task}: note: re-scored {checked} accuracy {rescored:.6f} vs {at_training:.6f} "
-                      "at training (non-deterministic kernels)", flush=True)
-            shots = seed_summary.get("shots")
-            per_seed.append({"seed": seed_summary["seed"], **({"shots": shots} if shots is not None else {}), **scores})
-            print(f"evaluate@{task}: {'' if shots is None else f'{shots}-shot '}seed {seed_summary['seed']}: "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.endswith("accuracy")), flush=True)
-
-        metrics: dict[str, Any] = aggregate(per_seed)
-
-        def seed_mean(key: str) -> float | None:
-            values = [s.get(key) for s in summary["per_seed"]]
-            return statistics.fmean(values) if all(isinstance(v, (int, float)) for v in values) else None
-
-        gpu_peak = seed_mean("peak_memory_bytes")
-        metrics.update({
-            "trainable_params": summary["per_seed"][0]["trainable_params"],
-            "trainable_params_excl_head": summary["per_seed"][0]["trainable_params_excl_head"],
-            "images_per_s": seed_mean("images_per_s"),
-            "train_time_s": seed_mean("train_time_s"),
-            # GPU: torch's peak allocated memory; CPU: the training process's peak resident memory.
-            "peak_memory_mb": (gpu_peak if gpu_peak is not None else seed_mean("peak_rss_bytes")) / 2**20,
-        })
-        targets = config.protocol.targets()
+            "method": summary["method"], "backbone": summary["backbone"], "protocol": protocol.name,
+            "pipeline": "dvc"}
+    datasets = [(*protocol.split_input(task, split), "validation" if name == "val" else "test")
+                for name, split in protocol.reported_splits(task).items()]
+    with tracking.tracked_run(experiment_id, f"evaluate@{task}", tags, {"seeds": summary["seeds"]}, parent=parent,
+                              datasets=datasets, orphans={"dvc_stage": f"evaluate@{task}"}) as run:
+        per_seed = rescore(config, task, train_dir, summary)
+        metrics: dict[str, Any] = {**aggregate(per_seed), **cost_metrics(summary)}
+        targets = protocol.targets()
         record = read_json(paths.task_record(task), "written by the prepare stage")
         details = {"task": task, "group": summary.get("group", "Other"), "method": summary["method"],
-                   "backbone": summary["backbone"], "protocol": protocol, "data_source": summary["data_source"],
-                   "memory_kind": "gpu_allocated" if gpu_peak is not None else "process_rss",
+                   "backbone": summary["backbone"], "protocol": protocol.name, "data_source": summary["data_source"],
+                   "memory_kind": "gpu_allocated" if seed_mean(summary, "peak_memory_bytes") is not None
+                   else "process_rss",
                    "seeds": sorted({s["seed"] for s in per_seed}), "per_seed": per_seed,
                    "num_classes": record.get("num_classes"),
                    "target_classes": {t: record["targets"][t]["classes_seen"] for t in targets},
@@ -174,6 +134,56 @@ def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]
             tag_tested_version(summary["registered_model"], metrics["test_accuracy"],
                                summary.get("sweep_winner", False))
     return {**metrics, "details": details}
+
+
+def rescore(config, task: str, train_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each trained run's scores on the protocol's reported splits, from its saved weights; the split training
+    scored at its last epoch must score as it did then (``MISMATCH_ERROR``)."""
+    from dtl.experiment import evaluate_saved
+
+    checked = next(iter(config.protocol.scored_splits(task)))
+    per_seed = []
+    for seed_summary in summary["per_seed"]:
+        weights = train_dir / seed_summary["weights"]
+        if not weights.is_file():
+            raise StageError(f"{weights} is missing; re-run train@{task}")
+        try:
+            scores = evaluate_saved(config, task, seed_summary["seed"], weights, summary["num_classes"],
+                                    shots=seed_summary.get("shots"))
+        except WeightsMismatchError as err:
+            raise StageError(f"{err}; re-run train@{task}") from None
+        at_training = seed_summary.get(f"{checked}/accuracy")
+        rescored = scores[f"{checked}_accuracy"]
+        if at_training is not None and abs(rescored - at_training) > MISMATCH_ERROR:
+            raise StageError(f"{weights}: re-scored {checked} accuracy {rescored:.6f} differs from "
+                             f"{at_training:.6f} measured at the end of training: the saved weights do not "
+                             "reproduce the trained model")
+        if at_training is not None and rescored != at_training:
+            print(f"evaluate@{task}: note: re-scored {checked} accuracy {rescored:.6f} vs {at_training:.6f} "
+                  "at training (non-deterministic kernels)", flush=True)
+        shots = seed_summary.get("shots")
+        per_seed.append({"seed": seed_summary["seed"], **({"shots": shots} if shots is not None else {}), **scores})
+        print(f"evaluate@{task}: {'' if shots is None else f'{shots}-shot '}seed {seed_summary['seed']}: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.endswith("accuracy")), flush=True)
+    return per_seed
+
+
+def seed_mean(summary: dict[str, Any], key: str) -> float | None:
+    values = [s.get(key) for s in summary["per_seed"]]
+    return statistics.fmean(values) if all(isinstance(v, (int, float)) for v in values) else None
+
+
+def cost_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The training costs of the task's runs (means over them) from the train stage's summary."""
+    gpu_peak = seed_mean(summary, "peak_memory_bytes")
+    return {
+        "trainable_params": summary["per_seed"][0]["trainable_params"],
+        "trainable_params_excl_head": summary["per_seed"][0]["trainable_params_excl_head"],
+        "images_per_s": seed_mean(summary, "images_per_s"),
+        "train_time_s": seed_mean(summary, "train_time_s"),
+        # GPU: torch's peak allocated memory; CPU: the training process's peak resident memory.
+        "peak_memory_mb": (gpu_peak if gpu_peak is not None else seed_mean(summary, "peak_rss_bytes")) / 2**20,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

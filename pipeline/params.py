@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dtl.config import ConfigError, read_yaml, tool_section
+from dtl.config import ConfigError, ExperimentConfig, params_config, read_yaml, tool_section
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
@@ -27,10 +27,19 @@ class PipelineSettings:
     mlflow_experiment: str = "dtl-pipeline"  # MLflow experiment that the train/evaluate/report runs go to
 
 
-def load_pipeline_settings(params_path: str | Path = DEFAULT_PARAMS) -> PipelineSettings:
-    """The pipeline-only settings of ``params_path``; unknown keys are errors naming the key."""
+def load_stage_params(params_path: str | Path, best_path: str | Path | None = None
+                      ) -> tuple[ExperimentConfig, PipelineSettings]:
+    """What a stage reads from ``params_path`` (parsed once): the experiment, with ``best_path``'s entries
+    merged (``dtl.config.load_config``), and the pipeline's own settings."""
+    raw = read_yaml(params_path)
+    return params_config(raw, str(params_path), best_path), load_pipeline_settings(params_path, raw)
+
+
+def load_pipeline_settings(params_path: str | Path = DEFAULT_PARAMS, raw=None) -> PipelineSettings:
+    """The pipeline-only settings of ``params_path`` (``raw``: its parsed content, if read already); unknown
+    keys are errors naming the key."""
     where = str(params_path)
-    section = tool_section(params_path, "mlflow")
+    section = tool_section(params_path, "mlflow", raw)
     unknown = sorted(set(section) - {"experiment"})
     if unknown:
         raise ConfigError(f"{where}: mlflow: unknown key(s) {', '.join(unknown)}; allowed: experiment")

@@ -27,10 +27,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dtl.config import load_config
 from dtl.io import write_json, write_text
 
-from .params import load_pipeline_settings
+from .params import load_stage_params
 from .stage import OutputPaths, read_json, run_stage, stage_arguments
 
 
@@ -48,9 +47,8 @@ def log_to_mlflow(rows: list[dict[str, Any]], metrics: dict[str, float], paths: 
     experiment_id = tracking.init_tracking(experiment)
     tags = {"dvc_stage": "report", "data_source": source, "pipeline": "dvc", "tasks": ",".join(r["task"] for r in rows)}
     files = [paths.report_md, paths.report_json, paths.report_png, paths.summary_metrics, paths.tasks_plot]
-    tracking.close_orphaned_runs(experiment_id, dvc_stage="report")
-    run = tracking.Run.create(experiment_id, "report", tags, {"tasks": [r["task"] for r in rows]})
-    with tracking.recorded(run):
+    with tracking.tracked_run(experiment_id, "report", tags, {"tasks": [r["task"] for r in rows]},
+                              orphans={"dvc_stage": "report"}) as run:
         run.log_metrics(metrics)
         for path in files:
             run.log_artifacts(path, "report")
@@ -65,7 +63,7 @@ def log_to_mlflow(rows: list[dict[str, Any]], metrics: dict[str, float], paths: 
 
 def make_report(params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]:
     """Aggregate the evaluated tasks as the protocol reports them, write the report files, record them."""
-    config = load_config(params_path, best_path)
+    config, settings = load_stage_params(params_path, best_path)
     protocol = config.protocol
     paths = OutputPaths(outputs)
     report = protocol.build_report(evaluated_tasks(config.data.tasks, outputs))
@@ -77,7 +75,7 @@ def make_report(params_path: Path, best_path: Path, outputs: Path) -> dict[str, 
     write_json(paths.summary_metrics, summary)
     costs = {key: report[key] for key in ("mean_trainable_params", "max_peak_memory_mb", "mean_images_per_s")}
     log_to_mlflow(report["rows"], {**protocol.report_metrics(report), **costs}, paths,
-                  load_pipeline_settings(params_path).mlflow_experiment, config.data.source)
+                  settings.mlflow_experiment, config.data.source)
     print(f"report: {protocol.report_line(report)} -> {paths.report_md}", flush=True)
     return report
 

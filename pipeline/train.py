@@ -27,11 +27,11 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from dtl.config import ExperimentConfig, load_config, read_best
+from dtl.config import ExperimentConfig, read_best
 from dtl.io import save_trainable, write_json, write_text
 from dtl.trained import trained_metadata
 
-from .params import load_pipeline_settings
+from .params import load_stage_params
 from .stage import OutputPaths, StageError, atomic_dir, read_json, run_stage, stage_arguments
 
 CURVE_COLUMNS = ("lr", "train/loss", "train/accuracy")
@@ -82,86 +82,36 @@ def tsv(rows: list[dict]) -> str:
 
 def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]:
     import tracking
-    from dtl.experiment import run_task
-    from dtl.predict import list_entries
-    from tracking.pyfunc import log_task_model, registered_name
 
-    config = load_config(params_path, best_path)
+    config, settings = load_stage_params(params_path, best_path)
     if task not in config.data.tasks:
         raise StageError(f"task {task!r} is not in data.tasks ({', '.join(config.data.tasks)})")
     paths = OutputPaths(outputs)
     record = read_json(paths.task_record(task), "written by the prepare stage")
     task_config = config.for_task(task)
-    seeds = task_config.evaluation.seeds
-    settings = load_pipeline_settings(params_path)
     experiment_id = tracking.init_tracking(settings.mlflow_experiment)
     tags = {**run_tags("train", task, task_config), "group": record.get("group", "Other")}
     params = {**task_config.to_dict(), "task": task, "task_overrides": config.overrides.get(task) or {}}
     params.pop("overrides", None)
-    protocol = task_config.protocol
-    runs = protocol.runs()
-
+    runs = task_config.protocol.runs()
     started = time.perf_counter()
-    seed_results: list[dict[str, Any]] = []
-    histories: list[list[dict]] = []
-    tracking.close_orphaned_runs(experiment_id, dvc_stage=f"train@{task}")
-    run = tracking.Run.create(experiment_id, f"train@{task}", tags, params)
-    with atomic_dir(paths.train_dir(task)) as staging, tracking.recorded(run):
-        for shots, seed in runs:
-            what = f"seed {seed}" if shots is None else f"{shots}-shot seed {seed}"
-            print(f"train@{task}: {what}: {task_config.model.method} on {task_config.model.backbone}, "
-                  f"{task_config.training.epochs} epochs, lr {task_config.training.lr:g}", flush=True)
-            keys = {"seed": seed, **({"shots": shots} if shots is not None else {})}
-            seed_run = (tracking.Run.create(experiment_id, f"train@{task} {what}", {**tags, **keys}, keys, parent=run)
-                        if len(runs) > 1 else run)
-            with tracking.recorded(seed_run) if seed_run is not run else nullcontext():
-                seed_run.log_dataset(*protocol.split_input(task, protocol.train, shots, seed), "train")
-                history: list[dict] = []
-                result = run_task(config, task, seed=seed, shots=shots,
-                                  callbacks=[lambda epoch, metrics: history.append(metrics), seed_run.epoch_logger()])
-                weights = staging / weights_name(shots, seed)
-                # The settings ride in the file too, so dtl.load_trained reads a copied weights file on its own.
-                metadata = {"task": task, **{k: str(v) for k, v in keys.items()}, "method": task_config.model.method,
-                            "backbone": task_config.model.backbone,
-                            **trained_metadata(result.config, task, result.num_classes, seed, result.image_size,
-                                               shots)}
-                save_trainable(result.model, weights, metadata=metadata)
-                summary = {**result.summary(), "seed": seed, "weights": weights.name,
-                           "head_params": head_parameters(result.model), "mlflow_run_id": seed_run.run_id}
-                summary["trainable_params_excl_head"] = summary["trainable_params"] - summary["head_params"]
-                cache = result.result.cache_report
-                if cache:  # which variant trained (docs/design.md: the cache and drop-path)
-                    summary["cache_report"] = cache
-                    seed_run.set_tags({"prefix_cache": cache.get("mode", "?")})
-                seed_run.log_metrics({k: v for k, v in summary.items() if k in COST_KEYS})
-            seed_results.append(summary)
-            histories.append(history)
-
+    with atomic_dir(paths.train_dir(task)) as staging, tracking.tracked_run(
+            experiment_id, f"train@{task}", tags, params, orphans={"dvc_stage": f"train@{task}"}) as run:
+        results = [train_one(config, task, shots, seed, staging, run if len(runs) == 1 else None,
+                             (experiment_id, tags, run)) for shots, seed in runs]
+        seed_results = [summary for summary, _ in results]
         summary = {
-            "task": task,
-            "group": record.get("group", "Other"),
-            "num_classes": seed_results[0]["num_classes"],
-            "method": task_config.model.method,
-            "backbone": task_config.model.backbone,
-            "checkpoint": task_config.model.checkpoint,
-            "protocol": task_config.evaluation.protocol,
-            "data_source": task_config.data.source,
-            "seeds": seeds,
-            "per_seed": seed_results,
+            "task": task, "group": record.get("group", "Other"), "num_classes": seed_results[0]["num_classes"],
+            "method": task_config.model.method, "backbone": task_config.model.backbone,
+            "checkpoint": task_config.model.checkpoint, "protocol": task_config.evaluation.protocol,
+            "data_source": task_config.data.source, "seeds": task_config.evaluation.seeds, "per_seed": seed_results,
             "wall_time_s": time.perf_counter() - started,
             "mlflow": {"tracking_uri": tracking.tracking_uri(), "experiment_id": experiment_id, "run_id": run.run_id},
         }
-        # The first run's weights as an MLflow Model, registered as dtl-<task> (tracking.pyfunc).
-        example = next(iter(list_entries(protocol.split_list(task, protocol.train, *runs[0]))), None)
-        winner = read_best(best_path).get(task) or {}  # a sweep's settings for this task, if any
-        version = log_task_model(run, staging / seed_results[0]["weights"], task, example,
-                                 tags={"sweep_settings": json.dumps(winner, sort_keys=True)} if winner else None)
-        summary["sweep_winner"] = bool(winner)
-        run.set_tags({"registered_model": f"{registered_name(task)}/{version or 'pending'}"})
-        summary["registered_model"] = {"name": registered_name(task), "version": version}
+        summary.update(register_model(run, task_config, task, staging, runs[0], read_best(best_path).get(task)))
         write_json(staging / "config.json", task_config.to_dict())
         write_json(staging / "summary.json", summary)
-        curve = mean_curve(histories)
+        curve = mean_curve([history for _, history in results])
         write_text(staging / "history.tsv", tsv(curve))
         if len(runs) > 1:  # the runs' own curves are in their child runs; the task run gets the means
             run.log_metrics({key: statistics.fmean(s[key] for s in seed_results)
@@ -169,11 +119,69 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
         run.log_metrics({k: statistics.fmean(s[k] for s in seed_results) for k in COST_KEYS
                          if all(isinstance(s.get(k), (int, float)) for s in seed_results)})
         run.log_artifacts(staging, "train")
-
     write_text(paths.curve(task), tsv(curve))
     print(f"train@{task}: done in {summary['wall_time_s']:.0f} s; "
           + ", ".join(f"{_run_name(s)}: {_final_accuracy(s)}" for s in seed_results), flush=True)
     return summary
+
+
+def train_one(config: ExperimentConfig, task: str, shots: int | None, seed: int, staging: Path, run,
+              child_of: tuple) -> tuple[dict[str, Any], list[dict]]:
+    """One run of the task (a seed; a shot count and a seed): trained, its weights saved in ``staging``, its
+    epochs and costs logged to ``run`` (None: a child run of the task's, ``child_of`` = (experiment id, tags,
+    task run)). Returns its summary and its per-epoch metrics."""
+    import tracking
+    from dtl.experiment import run_task
+
+    task_config = config.for_task(task)
+    protocol = task_config.protocol
+    what = f"seed {seed}" if shots is None else f"{shots}-shot seed {seed}"
+    print(f"train@{task}: {what}: {task_config.model.method} on {task_config.model.backbone}, "
+          f"{task_config.training.epochs} epochs, lr {task_config.training.lr:g}", flush=True)
+    keys = {"seed": seed, **({"shots": shots} if shots is not None else {})}
+    datasets = [(*protocol.split_input(task, protocol.train, shots, seed), "train")]
+    if run is None:
+        experiment_id, tags, parent = child_of
+        context = tracking.tracked_run(experiment_id, f"train@{task} {what}", {**tags, **keys}, keys, parent=parent,
+                                       datasets=datasets)
+    else:
+        run.log_dataset(*datasets[0])
+        context = nullcontext(run)
+    with context as seed_run:
+        history: list[dict] = []
+        result = run_task(config, task, seed=seed, shots=shots,
+                          hooks=[lambda end: history.append(end.metrics), seed_run.log_epoch])
+        weights = staging / weights_name(shots, seed)
+        # The settings ride in the file too, so dtl.load_trained reads a copied weights file on its own.
+        metadata = {"task": task, **{k: str(v) for k, v in keys.items()}, "method": task_config.model.method,
+                    "backbone": task_config.model.backbone,
+                    **trained_metadata(result.config, task, result.num_classes, seed, result.image_size, shots)}
+        save_trainable(result.model, weights, metadata=metadata)
+        summary = {**result.summary(), "seed": seed, "weights": weights.name,
+                   "head_params": head_parameters(result.model), "mlflow_run_id": seed_run.run_id}
+        summary["trainable_params_excl_head"] = summary["trainable_params"] - summary["head_params"]
+        cache = result.result.cache_report
+        if cache:  # which variant trained (docs/design.md: the cache and drop-path)
+            summary["cache_report"] = cache
+            seed_run.set_tags({"prefix_cache": cache.get("mode", "?")})
+        seed_run.log_metrics({k: v for k, v in summary.items() if k in COST_KEYS})
+    return summary, history
+
+
+def register_model(run, task_config: ExperimentConfig, task: str, staging: Path, first_run: tuple,
+                   winner: dict | None) -> dict[str, Any]:
+    """The first run's weights as an MLflow Model, registered as dtl-<task> (``tracking.pyfunc``), tagged with
+    the sweep's settings when a sweep chose them (``winner``)."""
+    from dtl.predict import list_entries
+    from tracking.pyfunc import log_task_model, registered_name
+
+    protocol = task_config.protocol
+    shots, seed = first_run
+    example = next(iter(list_entries(protocol.split_list(task, protocol.train, shots, seed))), None)
+    version = log_task_model(run, staging / weights_name(shots, seed), task, example,
+                             tags={"sweep_settings": json.dumps(winner, sort_keys=True)} if winner else None)
+    run.set_tags({"registered_model": f"{registered_name(task)}/{version or 'pending'}"})
+    return {"sweep_winner": bool(winner), "registered_model": {"name": registered_name(task), "version": version}}
 
 
 COST_KEYS = ("trainable_params", "trainable_params_excl_head", "images_per_s", "train_time_s", "cpu_time_s",

@@ -405,10 +405,7 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
                           num_samples=saved.num_samples, scheduler=saved.scheduler, seed=saved.seed, alpha=saved.alpha,
                           objectives=saved.objectives, memory_budget=saved.memory_budget)
         if saved.finished:
-            outcomes = [TaskOutcome.from_dict(saved.tasks[task]["outcome"]) for task in saved.tasks]
-            print(f"sweep {saved.name} finished earlier: nothing to run", flush=True)
-            report(saved, outcomes, storage / saved.name, 0.0)
-            return 0 if any(o.best for o in outcomes) else EXIT_FAILED
+            return report_finished(saved, storage)
     base_config, params_path, best_path = load_base(options)
     tasks = list(saved.tasks) if saved else list(options.tasks or base_config.data.tasks)
     if len(set(tasks)) != len(tasks):
@@ -416,32 +413,15 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
     plans = {task: plan_task(base_config, task, space, options.scheduler) for task in tasks}
 
     print(space.summary(), flush=True)
-    print(f"preparing data under {base_config.data.root} for {', '.join(tasks)}", flush=True)
-    from dtl.data import DataError
-
-    try:
-        base_config.protocol.ensure_data(tasks)  # here, once: trials never race to generate data
-    except (DataError, KeyError, FileExistsError) as err:
-        raise SweepError(f"data ({base_config.data.source} at {base_config.data.root}): {err}") from None
+    prepare_data(base_config, tasks)
 
     import ray
 
     import tracking
 
-    from .progress import ProgressView
-    from .records import TRACKING_WAIT_S, ChildRunCloser, deliver_records, open_parent_run, use_sweep_outbox
-    from .storage import SHORTAGES, check_free_space
+    from .records import TRACKING_WAIT_S, deliver_records, use_sweep_outbox
 
-    check_free_space(storage)
-    start_ray(options.address)
-    try:  # the cluster must hold a trial before anything of the sweep is written
-        total = check_resources(options.cpus_per_trial, options.gpus_per_trial or 0)
-        gpus = options.gpus_per_trial if options.gpus_per_trial is not None else (1.0 if total["GPU"] > 0 else 0.0)
-        check_resources(options.cpus_per_trial, gpus)
-        state = prepare_state(options, space, tasks, params_path, best_path, storage)
-    except BaseException:
-        ray.shutdown()
-        raise
+    state, total, gpus = start_cluster(options, space, tasks, params_path, best_path, storage)
     earlier_wall_time = state.wall_time_s  # of earlier, interrupted runs of this sweep
     experiment_dir = storage / state.name
     use_sweep_outbox(experiment_dir)  # before the first record: the parent runs
@@ -452,37 +432,12 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
     interrupted = False
     terminated: list[int] = []
     try:
-        num_trials = len(tasks) * state.num_samples
         max_concurrent = options.max_concurrent or default_concurrency(total, options.cpus_per_trial, gpus,
-                                                                       num_trials)
-        for task, plan in plans.items():
-            entry = state.tasks.setdefault(task, {})
-            entry["parent_run_id"] = open_parent_run(state.experiment_id, state.tracking_uri, state.name, task,
-                                                     plan.space, base_config, plan.epochs, entry.get("parent_run_id"))
-        state.save()
-        closer = ChildRunCloser(state.tracking_uri, state.experiment_id,
-                                {task: state.tasks[task]["parent_run_id"] for task in tasks},
-                                {task: plan.epochs for task, plan in plans.items()})
-        progress = ProgressView({task: (state.num_samples, plan.epochs) for task, plan in plans.items()})
-        tuner, resuming = build_tuner(state, plans, base_config, options.cpus_per_trial, gpus, max_concurrent,
-                                      options, closer, progress, experiment_dir)
-        announce(plans, state, max_concurrent, options.cpus_per_trial, gpus, resuming)
-        with graceful_sigterm() as terminated:
-            grid = tuner.fit()
-        outcomes = collect(grid, plans, state, client, closer, experiment_dir)
+                                                                       len(tasks) * state.num_samples)
+        outcomes = fit(state, plans, base_config, options, gpus, max_concurrent, client, experiment_dir, terminated)
         interrupted = not all(o.finished for o in outcomes)
     except BaseException as err:  # Ctrl-C outside Tune's own handling, or a crash: leave no run RUNNING
-        from .records import child_runs
-
-        for entry in state.tasks.values():
-            if entry.get("parent_run_id"):
-                for run in child_runs(client, state.experiment_id, entry["parent_run_id"]).values():
-                    if run.info.status == "RUNNING":
-                        cut = tracking.Run(run.info.run_id, state.tracking_uri)
-                        cut.set_tags({"interrupted": "true"})
-                        cut.finish("KILLED", wait=0)
-                tracking.Run(entry["parent_run_id"], state.tracking_uri).finish(
-                    "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", wait=0)
+        close_open_runs(state, client, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         if not isinstance(err, KeyboardInterrupt):
             raise
         interrupted = True
@@ -500,20 +455,111 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
     # Results and best.yaml are written; the trials' processes are gone, so their journals are free to send.
     deliver_records(experiment_dir, wait=0 if interrupted else TRACKING_WAIT_S)
     if interrupted:
-        resume = f"python sweeps/run.py --space {options.space} --resume --name {state.name}"
-        if storage != DEFAULT_STORAGE:
-            resume += f" --storage-path {storage}"
-        done = sum(o.counts()["done"] + o.counts()["stopped early"] for o in outcomes)
-        full = SHORTAGES[-1] if SHORTAGES and not terminated else None
-        head = "stopped by SIGTERM" if terminated else f"stopped because {full.describe()}" if full else \
-            "stopped by Ctrl-C"
-        print(f"\n{head}: sweep {state.name}, {done} of {len(tasks) * state.num_samples} trials finished and kept; "
-              f"{'free space there, then ' if full else ''}resume with: {resume}", flush=True)
-        return EXIT_TERMINATED if terminated else EXIT_STORAGE_FULL if full else EXIT_INTERRUPTED
+        return report_interrupted(options, state, storage, outcomes, bool(terminated))
     if not any(o.best for o in outcomes):
         print("\nNo trial trained to the end: nothing was written to the best-configuration file.", flush=True)
         return EXIT_FAILED
     return 0
+
+
+def start_cluster(options: SweepOptions, space: SearchSpace, tasks: list[str], params_path: Path, best_path: Path,
+                  storage: Path) -> tuple[SweepState, dict, float]:
+    """Start (or join) Ray and check that it holds a trial before anything of the sweep is written; the sweep's
+    state (new, or the one resumed), the cluster's resources and the GPUs per trial."""
+    import ray
+
+    from .storage import check_free_space
+
+    check_free_space(storage)
+    start_ray(options.address)
+    try:
+        total = check_resources(options.cpus_per_trial, options.gpus_per_trial or 0)
+        gpus = options.gpus_per_trial if options.gpus_per_trial is not None else (1.0 if total["GPU"] > 0 else 0.0)
+        check_resources(options.cpus_per_trial, gpus)
+        return prepare_state(options, space, tasks, params_path, best_path, storage), total, gpus
+    except BaseException:
+        ray.shutdown()
+        raise
+
+
+def fit(state: SweepState, plans: Mapping[str, TaskPlan], base_config, options: SweepOptions, gpus: float,
+        max_concurrent: int, client, experiment_dir: Path, terminated: list[int]) -> list[TaskOutcome]:
+    """Open each task's parent run, run every trial of every task in one Tuner, and collect the outcomes; a
+    SIGTERM that arrives while Tune runs lands in ``terminated``."""
+    from .progress import ProgressView
+    from .records import ChildRunCloser, open_parent_run
+
+    for task, plan in plans.items():
+        entry = state.tasks.setdefault(task, {})
+        entry["parent_run_id"] = open_parent_run(state.experiment_id, state.tracking_uri, state.name, task,
+                                                 plan.space, base_config, plan.epochs, entry.get("parent_run_id"))
+    state.save()
+    closer = ChildRunCloser(state.tracking_uri, state.experiment_id,
+                            {task: state.tasks[task]["parent_run_id"] for task in plans},
+                            {task: plan.epochs for task, plan in plans.items()})
+    progress = ProgressView({task: (state.num_samples, plan.epochs) for task, plan in plans.items()})
+    tuner, resuming = build_tuner(state, plans, base_config, options.cpus_per_trial, gpus, max_concurrent,
+                                  options, closer, progress, experiment_dir)
+    announce(plans, state, max_concurrent, options.cpus_per_trial, gpus, resuming)
+    with graceful_sigterm() as received:
+        try:
+            grid = tuner.fit()
+        finally:
+            terminated.extend(received)
+    return collect(grid, plans, state, client, closer, experiment_dir)
+
+
+def report_finished(saved: SweepState, storage: Path) -> int:
+    """``--resume`` of a sweep that had finished: its report again, nothing trained."""
+    outcomes = [TaskOutcome.from_dict(saved.tasks[task]["outcome"]) for task in saved.tasks]
+    print(f"sweep {saved.name} finished earlier: nothing to run", flush=True)
+    report(saved, outcomes, storage / saved.name, 0.0)
+    return 0 if any(o.best for o in outcomes) else EXIT_FAILED
+
+
+def prepare_data(base_config, tasks: list[str]) -> None:
+    """Generate or check the tasks' data here, once, so trials never race to generate it."""
+    from dtl.data import DataError
+
+    print(f"preparing data under {base_config.data.root} for {', '.join(tasks)}", flush=True)
+    try:
+        base_config.protocol.ensure_data(tasks)
+    except (DataError, KeyError, FileExistsError) as err:
+        raise SweepError(f"data ({base_config.data.source} at {base_config.data.root}): {err}") from None
+
+
+def close_open_runs(state: SweepState, client, parent_status: str) -> None:
+    """After a crash or a Ctrl-C outside Tune's handling: every trial run still RUNNING closed KILLED (tagged
+    interrupted), every task's parent run closed ``parent_status``."""
+    import tracking
+
+    from .records import child_runs
+
+    for entry in state.tasks.values():
+        if entry.get("parent_run_id"):
+            for run in child_runs(client, state.experiment_id, entry["parent_run_id"]).values():
+                if run.info.status == "RUNNING":
+                    cut = tracking.Run(run.info.run_id, state.tracking_uri)
+                    cut.set_tags({"interrupted": "true"})
+                    cut.finish("KILLED", wait=0)
+            tracking.Run(entry["parent_run_id"], state.tracking_uri).finish(parent_status, wait=0)
+
+
+def report_interrupted(options: SweepOptions, state: SweepState, storage: Path, outcomes: Sequence[TaskOutcome],
+                       terminated: bool) -> int:
+    """Say why the sweep stopped, how much of it is kept and the command that resumes it; the exit code."""
+    from .storage import SHORTAGES
+
+    resume = f"python sweeps/run.py --space {options.space} --resume --name {state.name}"
+    if storage != DEFAULT_STORAGE:
+        resume += f" --storage-path {storage}"
+    done = sum(o.counts()["done"] + o.counts()["stopped early"] for o in outcomes)
+    full = SHORTAGES[-1] if SHORTAGES and not terminated else None
+    head = "stopped by SIGTERM" if terminated else f"stopped because {full.describe()}" if full else \
+        "stopped by Ctrl-C"
+    print(f"\n{head}: sweep {state.name}, {done} of {len(state.tasks) * state.num_samples} trials finished and "
+          f"kept; {'free space there, then ' if full else ''}resume with: {resume}", flush=True)
+    return EXIT_TERMINATED if terminated else EXIT_STORAGE_FULL if full else EXIT_INTERRUPTED
 
 
 @contextlib.contextmanager

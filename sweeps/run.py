@@ -32,6 +32,8 @@ def positive_float(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command's options (long: one ``add_argument`` per option, each with its help text, in the order
+    ``--help`` lists them)."""
     from sweeps.driver import DEFAULT_EXPERIMENT, DEFAULT_STORAGE, SCHEDULERS
     from sweeps.space import available_spaces
 

@@ -251,15 +251,12 @@ def run_study(options, space: SearchSpace, started: float) -> int:
     """Run (or resume) a study; returns the exit status (0; 1 when no point finished; 130 when interrupted)."""
     import ray
 
-    from dtl.data import DataError
-
-    from .cluster import check_resources, default_concurrency, start_ray
-    from .driver import (DEFAULT_STORAGE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_STORAGE_FULL, TRIALS_DIR, load_base,
-                         prepare_state)
+    from .cluster import default_concurrency
+    from .driver import TRIALS_DIR, load_base, prepare_data, start_cluster
     from .progress import ProgressView
-    from .records import ChildRunCloser, deliver_records, status_callback, use_sweep_outbox
+    from .records import ChildRunCloser, status_callback, use_sweep_outbox
     from .state import find_saved_state
-    from .storage import SHORTAGES, StorageWatch, check_free_space
+    from .storage import StorageWatch
 
     storage = Path(options.storage_path).expanduser().resolve()
     saved = find_saved_state(options.name, storage, space.name) if options.resume else None
@@ -278,22 +275,9 @@ def run_study(options, space: SearchSpace, started: float) -> int:
     resolved = plans[tasks[0]][0]  # symbolic grid values (last_block) resolved for the backbone
     points = [label for label, _ in resolved.grid_points()]
     print(resolved.summary(), flush=True)
-    try:
-        base_config.protocol.ensure_data(tasks)
-    except (DataError, KeyError, FileExistsError) as err:
-        raise SweepError(f"data ({base_config.data.source} at {base_config.data.root}): {err}") from None
-
-    check_free_space(storage)
-    start_ray(options.address)
-    try:
-        total = check_resources(options.cpus_per_trial, options.gpus_per_trial or 0)
-        gpus = options.gpus_per_trial if options.gpus_per_trial is not None else (1.0 if total["GPU"] > 0 else 0.0)
-        check_resources(options.cpus_per_trial, gpus)
-        state = prepare_state(replace(options, num_samples=len(points) * len(seeds), scheduler="fifo"),
-                              space, tasks, params_path, best_path, storage)
-    except BaseException:
-        ray.shutdown()
-        raise
+    prepare_data(base_config, tasks)
+    state, total, gpus = start_cluster(replace(options, num_samples=len(points) * len(seeds), scheduler="fifo"),
+                                       space, tasks, params_path, best_path, storage)
     state.kind, state.seeds = "study", seeds
     experiment_dir = storage / state.name
     use_sweep_outbox(experiment_dir)  # before the first record
@@ -334,6 +318,15 @@ def run_study(options, space: SearchSpace, started: float) -> int:
 
     if rows:
         report_study(state, resolved, base_config, rows, points, tasks, seeds, epochs, experiment_dir, parent)
+    return close_study(options, state, parent, rows, interrupted, storage, experiment_dir)
+
+
+def close_study(options, state, parent, rows: list, interrupted: bool, storage: Path, experiment_dir: Path) -> int:
+    """Close the study's run with its outcome, say how to resume an interrupted study; the exit status."""
+    from .driver import DEFAULT_STORAGE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_STORAGE_FULL
+    from .records import deliver_records
+    from .storage import SHORTAGES
+
     if interrupted:
         resume = f"python sweeps/run.py --space {options.space} --resume --name {state.name}"
         why = f"stopped because {SHORTAGES[-1].describe()}; free space there" if SHORTAGES else "interrupted"

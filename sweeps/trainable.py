@@ -28,6 +28,7 @@ import time
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .keys import (CHECKPOINT_FILE, CORRECT, COST_METRICS, INCUMBENT_KEY, METRIC, RUN_FILE, RUN_KEY, SEED_KEY,
@@ -105,102 +106,116 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
     checkpoint) the epochs that score val200 and one every ``setup.checkpoint_every`` seconds in between. A
     trial restarted after its node died continues from its last checkpoint."""
     import tempfile
-    from pathlib import Path
 
-    import torch
     from ray import tune
 
-    from dtl.engine import TrainingState
-
-    from .selection import encode_correct
+    from dtl.experiment import run_task
 
     task, incumbent, params = split_trial_config(config)
     setup = setups[task]
     seed = int(config.get(SEED_KEY, setup.seed))
+    prepare_worker(setup)
+    resume_from, known = read_checkpoint(tune.get_checkpoint())
+    context = tune.get_context()
+    existing = find_child_run(setup, context.get_trial_id())  # its MLflow run, if an attempt opened one
+    if report_recorded_result(setup, existing):  # it finished before the sweep stopped: not trained again
+        return
+    with tempfile.TemporaryDirectory(prefix="dtl_trial_", ignore_cleanup_errors=True) as folder:
+        try:
+            with child_run(setup, existing, context.get_trial_id(), context.get_trial_name(), incumbent,
+                           resume_from, known) as (run, restarts):
+                trial = trial_config(setup, params, seed)  # a bad configuration raises here: recorded FAILED
+                write_trial_files(Path(folder), trial.for_task(task), task, seed, run.run_id, restarts)
+                record_trial(run, trial.for_task(task), params, task)
+                note_device(run, trial.training.device)
+                report = CheckpointReporter(Path(folder), run.run_id, setup.checkpoint_every)
+                task_run = run_task(trial, task, seed=seed, hooks=[run.log_epoch, report], resume_from=resume_from)
+                final = final_metrics(task_run, setup, run)
+        except Exception as err:  # the child run is closed FAILED with the traceback; Tune must not retry it
+            tune.report({TRIAL_ERROR: f"{type(err).__name__}: {err}"[:1000]})
+            return
+    # Reported last, once MLflow holds everything: Tune may end this process as soon as it sees the result.
+    tune.report(final)
+
+
+def prepare_worker(setup: TrialSetup) -> None:
+    """This process's threads and MLflow store. Workers of a `ray start` cluster do not inherit the driver's
+    environment: every MLflow call here must use the sweep's store, never a default file."""
+    import torch
+
     torch.set_num_threads(max(1, setup.threads))
-    # Workers of a `ray start` cluster do not inherit the driver's environment: make every MLflow call in this
-    # process use the sweep's store, never a default file here.
     os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
     if setup.outbox:
         from tracking.outbox import OUTBOX_ENV
 
         os.environ[OUTBOX_ENV] = setup.outbox
-    context = tune.get_context()
-    trial_id = context.get_trial_id()
-    resume_from, known = None, None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume_from = TrainingState.load(Path(folder) / CHECKPOINT_FILE)
-            if (Path(folder) / RUN_FILE).exists():
-                known = json.loads((Path(folder) / RUN_FILE).read_text())
-    existing = find_child_run(setup, trial_id)  # its MLflow run, if an attempt opened one (None: unreachable)
-    # A trial that finished before the sweep stopped is not trained again, whatever checkpoint Tune kept of it.
-    if report_recorded_result(setup, existing):
-        return
-    folder = Path(tempfile.mkdtemp(prefix="dtl_trial_"))
-    try:
-        with child_run(setup, existing, trial_id, context.get_trial_name(), incumbent, resume_from,
-                       known) as (run, restarts):
-            from dtl.experiment import run_task
-            from dtl.io import write_json
-            from dtl.trained import RECORD_FILE, record
 
-            trial = trial_config(setup, params, seed)  # a bad configuration raises here: the trial is recorded FAILED
-            resolved = trial.for_task(task)
-            # Beside every checkpoint's training state: what dtl.load_trained needs to rebuild the trial's model.
-            write_json(folder / RECORD_FILE, record(resolved, task, resolved.protocol.num_classes(task), seed,
-                                                    resolved.data.image_size))
-            write_json(folder / RUN_FILE, {"run_id": run.run_id, "restarts": restarts})
-            record_trial(run, resolved, params, task)
-            note_device(run, resolved.training.device)
-            last_epoch = resolved.training.epochs - 1
-            log_epoch = run.epoch_logger()
-            latest: dict[str, Any] = {"state": None, "checkpointed": time.monotonic()}
 
-            def save_state(state: TrainingState) -> None:
-                latest["state"] = state  # written out only if this epoch is reported (below)
+def read_checkpoint(checkpoint) -> tuple[Any, dict | None]:
+    """The training state a restarted trial continues from, and the run its checkpoint names (None, None: a
+    first attempt)."""
+    if checkpoint is None:
+        return None, None
+    from dtl.engine import TrainingState
 
-            def report_epoch(epoch: int, metrics: dict) -> None:
-                log_epoch(epoch, metrics)
-                if epoch >= last_epoch:  # the last epoch is reported after the run is closed (see below)
-                    return
-                # Each report costs the trial a round trip to the driver and a copy of the checkpoint to the
-                # sweep's storage (~0.5 s on 2 cores): report the epochs ASHA decides on, and otherwise
-                # checkpoint often enough (setup.checkpoint_every) that a lost node costs little.
-                scored = "val/accuracy" in metrics
-                if not scored and time.monotonic() - latest["checkpointed"] < setup.checkpoint_every:
-                    return
-                state = latest["state"]
-                checkpoint = None
-                if state is not None and state.epochs_done == epoch + 1:
-                    state.save(folder / CHECKPOINT_FILE)
-                    checkpoint = tune.Checkpoint.from_directory(str(folder))
-                    latest["checkpointed"] = time.monotonic()
-                tune.report({**tune_metrics(epoch, metrics), RUN_KEY: run.run_id}, checkpoint=checkpoint)
+    with checkpoint.as_directory() as folder:
+        state = TrainingState.load(Path(folder) / CHECKPOINT_FILE)
+        run_file = Path(folder) / RUN_FILE
+        return state, json.loads(run_file.read_text()) if run_file.exists() else None
 
-            task_run = run_task(trial, task, seed=seed, callbacks=[report_epoch], resume_from=resume_from,
-                                save_state=save_state)
-            summary = task_run.summary()
-            result = task_run.result  # its final metrics: those of the weights kept (few-shot: the best val epoch)
-            final = {**tune_metrics(len(result.history) - 1, {**result.history[-1], **result.metrics}),
-                     **{k: float(summary[k]) for k in COST_METRICS if isinstance(summary.get(k), (int, float))}}
-            if setup.study:
-                final.update(study_scores(task_run))
-                summary = {**summary, **final}
-            else:
-                final[CORRECT] = encode_correct(result.correct["val"].tolist())
-            final[RUN_KEY] = run.run_id
-            record_result(run, summary, final.get(CORRECT))
-    except Exception as err:  # the child run is closed FAILED with the traceback; Tune must not retry it
-        tune.report({TRIAL_ERROR: f"{type(err).__name__}: {err}"[:1000]})
-        return
-    finally:
-        import shutil
 
-        shutil.rmtree(folder, ignore_errors=True)
-    # Reported last, once MLflow holds everything: Tune may end this process as soon as it sees the result.
-    tune.report(final)
+def write_trial_files(folder: Path, resolved, task: str, seed: int, run_id: str, restarts: int) -> None:
+    """Beside every checkpoint's training state: what ``dtl.load_trained`` needs to rebuild the trial's model,
+    and the trial's MLflow run (a restarted trial reopens it)."""
+    from dtl.io import write_json
+    from dtl.trained import RECORD_FILE, record
+
+    write_json(folder / RECORD_FILE, record(resolved, task, resolved.protocol.num_classes(task), seed,
+                                            resolved.data.image_size))
+    write_json(folder / RUN_FILE, {"run_id": run_id, "restarts": restarts})
+
+
+class CheckpointReporter:
+    """The trial's epoch-end hook: report the epochs that score val (ASHA's rungs) to Tune with a checkpoint,
+    and checkpoint at least every ``every`` seconds in between. Each report costs the trial a round trip to the
+    driver and a copy of the checkpoint to the sweep's storage (~0.5 s on 2 cores), so other epochs are not
+    reported. The last epoch is reported after the run is closed (``train_trial``)."""
+
+    def __init__(self, folder: Path, run_id: str, every: float):
+        self.folder, self.run_id, self.every = folder, run_id, every
+        self.checkpointed = time.monotonic()
+
+    def __call__(self, end) -> None:
+        from ray import tune
+
+        if end.last:
+            return
+        if "val/accuracy" not in end.metrics and time.monotonic() - self.checkpointed < self.every:
+            return
+        end.state().save(self.folder / CHECKPOINT_FILE)
+        self.checkpointed = time.monotonic()
+        tune.report({**tune_metrics(end.epoch, end.metrics), RUN_KEY: self.run_id},
+                    checkpoint=tune.Checkpoint.from_directory(str(self.folder)))
+
+
+def final_metrics(task_run, setup: TrialSetup, run) -> dict[str, Any]:
+    """What the trial reports last: the final metrics of the weights kept (few-shot: the best val epoch), its
+    costs, and which val images it got right (a study: the protocol's other reported splits instead); recorded
+    in the child run too."""
+    from .selection import encode_correct
+
+    summary = task_run.summary()
+    result = task_run.result
+    final = {**tune_metrics(len(result.history) - 1, {**result.history[-1], **result.metrics}),
+             **{k: float(summary[k]) for k in COST_METRICS if isinstance(summary.get(k), (int, float))}}
+    if setup.study:
+        final.update(study_scores(task_run))
+        summary = {**summary, **final}
+    else:
+        final[CORRECT] = encode_correct(result.correct["val"].tolist())
+    final[RUN_KEY] = run.run_id
+    record_result(run, summary, final.get(CORRECT))
+    return final
 
 
 def study_scores(task_run) -> dict[str, float]:
@@ -306,21 +321,20 @@ def child_run(setup: TrialSetup, existing, trial_id: str, trial_name: str, incum
     it sets that status. Yields the run and how often the trial was restarted."""
     import tracking
 
-    restarts = 0
+    restarts, reopen, tags = 0, None, {}
     if existing is not None or known:
-        run_id = existing.info.run_id if existing is not None else known["run_id"]
+        reopen = existing.info.run_id if existing is not None else known["run_id"]
         restarts = 1 + int(existing.data.tags.get("restarts", "0") if existing is not None else known["restarts"])
-        run = tracking.Run.reopen(run_id, setup.tracking_uri)
-        # restarted after its worker died: from its last checkpoint, or from scratch if it had none yet
-        run.set_tags({"resumed": "true", "restarts": restarts,
-                      "restarted_from_epoch": resume_from.epochs_done if resume_from is not None else 0})
     else:
-        run = tracking.Run.create(setup.experiment_id, f"{setup.task}-{trial_id}", {
-            TAG_KIND: "sweep-trial", TAG_SWEEP: setup.sweep_name, "space": setup.space_name, TAG_TASK: setup.task,
-            TAG_TRIAL: trial_id, "trial_name": trial_name,
-            "incumbent": str(incumbent).lower(),  # the task's current configuration, never stopped early
-            **setup.tags}, parent=setup.parent_run_id, uri=setup.tracking_uri)
-    with tracking.recorded(run, leave_open=(SystemExit,)):
+        tags = {TAG_KIND: "sweep-trial", TAG_SWEEP: setup.sweep_name, "space": setup.space_name, TAG_TASK: setup.task,
+                TAG_TRIAL: trial_id, "trial_name": trial_name,
+                "incumbent": str(incumbent).lower(),  # the task's current configuration, never stopped early
+                **setup.tags}
+    with tracking.tracked_run(setup.experiment_id, f"{setup.task}-{trial_id}", tags, parent=setup.parent_run_id,
+                              reopen=reopen, uri=setup.tracking_uri, leave_open=(SystemExit,)) as run:
+        if reopen:  # restarted after its worker died: from its last checkpoint, or from scratch if it had none yet
+            run.set_tags({"resumed": "true", "restarts": restarts,
+                          "restarted_from_epoch": resume_from.epochs_done if resume_from is not None else 0})
         yield run, restarts
 
 

@@ -110,7 +110,7 @@ def test_run_task_end_to_end_on_a_synthetic_task(tmp_path):
     })
     config.protocol.ensure_data()
     epochs = []
-    run = run_task(config, "patterns", seed=7, callbacks=[lambda epoch, metrics: epochs.append(metrics)])
+    run = run_task(config, "patterns", seed=7, hooks=[lambda end: epochs.append(end.metrics)])
     summary = run.summary()
     assert summary["task"] == "patterns" and summary["seed"] == 7 and summary["protocol"] == "val"
     assert 0.0 <= summary["val/accuracy"] <= 1.0 and "test/accuracy" not in summary

@@ -54,7 +54,7 @@ def test_training_lowers_the_loss_beats_chance_and_reports_every_epoch():
     config = TrainConfig(epochs=6, warmup_epochs=1, cooldown_epochs=0, lr=3e-3, batch_size=32, progress=False,
                          eval_every=3)
     result = train_and_evaluate(model, quadrant_task(192), {"test": quadrant_task(96, seed=1)}, config,
-                                [lambda epoch, metrics: seen.append((epoch, metrics))])
+                                [lambda end: seen.append((end.epoch, end.metrics))])
     assert [epoch for epoch, _ in seen] == list(range(6))
     assert "test/accuracy" in seen[2][1] and "test/accuracy" not in seen[1][1]
     assert seen[-1][1]["train/loss"] < 0.8 * seen[0][1]["train/loss"]
@@ -128,14 +128,15 @@ def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tmp_path, prefix_c
     class Stop(Exception):
         pass
 
-    def save_and_stop(state):  # a killed worker: the run dies after its second epoch's checkpoint
+    def save_and_stop(end):  # a killed worker: the run dies after its second epoch's checkpoint
+        state = end.state()
         saved.append(tmp_path / f"epoch{state.epochs_done}.pt")
         state.save(saved[-1])
         if state.epochs_done == 2:
             raise Stop
 
     with pytest.raises(Stop):
-        train_and_evaluate(first, data, {"val": data}, config, save_state=save_and_stop)
+        train_and_evaluate(first, data, {"val": data}, config, [save_and_stop])
     state = TrainingState.load(saved[-1])  # from disk, as a restarted trial reads its checkpoint
     assert state.epochs_done == 2 and len(state.history) == 2 and set(state.trainable) == {
         n for n, p in first.named_parameters() if p.requires_grad}

@@ -293,7 +293,10 @@ def stop_signals_as_interrupts():
 
 
 def pretrain(args: argparse.Namespace) -> dict[str, Any]:
-    """Run (or resume) the pretraining and write the weights and the record; returns the record."""
+    """Run (or resume) the pretraining and write the weights and the record; returns the record.
+
+    Long on purpose: one training loop whose resumable state (weights, optimiser, schedule, scene stream,
+    elapsed time) is saved and restored in one place, so a resumed run replays nothing."""
     model, optimizer, scheduler = build_training(args.steps, args.lr, args.seed, args.model)
     start, elapsed_before = 0, 0.0
     previous = None

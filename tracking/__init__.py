@@ -23,7 +23,7 @@ import socket
 import subprocess
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -223,13 +223,9 @@ class Run:
         if metrics:
             self.outbox.put({"op": "batch", "run": self.run_id, "metrics": metrics})
 
-    def epoch_logger(self):
-        """An engine callback logging each epoch's metrics at step = epoch."""
-
-        def log(epoch: int, metrics: dict) -> None:
-            self.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-
-        return log
+    def log_epoch(self, end) -> None:
+        """An engine epoch-end hook (``dtl.engine.EpochEnd``): the epoch's metrics at step = epoch."""
+        self.log_metrics({k: v for k, v in end.metrics.items() if k != "epoch"}, step=end.epoch)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if tags:
@@ -309,6 +305,29 @@ def recorded(run: Run, leave_open: tuple[type[BaseException], ...] = ()) -> Iter
         run.finish("FINISHED")
 
 
+@contextmanager
+def tracked_run(experiment_id: str, name: str, tags: Mapping[str, Any] | None = None,
+                params: Mapping[str, Any] | None = None, *, parent: "Run | str | None" = None,
+                datasets: Iterable[tuple[str, str | Path, str]] = (), orphans: Mapping[str, str] | None = None,
+                reopen: str | None = None, uri: str | None = None,
+                leave_open: tuple[type[BaseException], ...] = ()) -> Iterator[Run]:
+    """One pipeline stage's or sweep trial's MLflow run, from creation to its final status.
+
+    The runs tagged ``orphans`` (e.g. ``{"dvc_stage": "train@cifar"}``) that a killed process left RUNNING are
+    closed KILLED first; then a new run ``name`` of ``experiment_id`` with ``tags`` and ``params`` (a child of
+    ``parent``), or the run ``reopen`` marked RUNNING again (a restarted trial keeps its run); its ``datasets``
+    inputs (``(name, list file, context)``); closed as :func:`recorded` closes it (FINISHED, KILLED on Ctrl-C,
+    FAILED with the error as a tag)."""
+    if orphans:
+        close_orphaned_runs(experiment_id, uri, **orphans)
+    run = (Run.reopen(reopen, uri) if reopen else
+           Run.create(experiment_id, name, tags, params, parent=parent, uri=uri))
+    with recorded(run, leave_open):
+        for dataset in datasets:
+            run.log_dataset(*dataset)
+        yield run
+
+
 __all__ = ["DEFAULT_STORE", "Run", "TAG_HOST", "TAG_NAME", "TAG_PARENT", "TAG_PID", "client", "close_orphaned_runs",
            "default_artifact_location", "finite_metrics", "flatten", "git_commit", "init_tracking", "list_digest",
-           "recorded", "tracking_uri"]
+           "recorded", "tracked_run", "tracking_uri"]

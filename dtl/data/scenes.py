@@ -175,6 +175,9 @@ def render_scenes(
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Render ``n`` scenes of 1..``max_objects`` shapes; factors left as ``None`` are drawn from ``rng``.
 
+    One function on purpose: the factors are drawn from ``rng`` in one fixed order, and the embedded data sets'
+    images (and so every figure measured on them) depend on that order.
+
     Args:
         rng: the only source of randomness, so a seeded generator gives identical images.
         n: number of images.
