@@ -26,58 +26,11 @@ from typing import Any
 from dtl.io import WeightsMismatchError, write_json
 
 from .params import load_pipeline_settings
-from .stage import OutputPaths, StageError, read_json, run_stage, stage_arguments
+from .outputs import OutputPaths
+from .stage import StageError, read_json, run_stage, stage_arguments
 
 # Exact on CPU fp32; a GPU's non-deterministic reductions may flip a prediction or two, a broken save many more.
 MISMATCH_ERROR = 0.005
-
-
-def task_metrics(metrics: dict[str, Any], targets: list[str] = ()) -> dict[str, Any]:
-    """``metrics/<task>.json``: test accuracy and what matters next to it, under names short enough for
-    ``dvc metrics show`` to fit a terminal (the full numbers stay in ``outputs/evaluate/<task>.json``): per shot
-    count for few-shot runs (``<k>shot``), per target domain for domain generalisation."""
-    short = {"test_acc": round(metrics["test_accuracy"], 4)}
-    for shots, part in metrics.get("shots", {}).items():
-        short[f"{shots}shot"] = round(part["test_accuracy"], 4)
-    for target in targets:
-        short[target] = round(metrics[f"{target}_accuracy"], 4)
-    if "val_accuracy" in metrics and not metrics.get("shots"):
-        short["val_acc"] = round(metrics["val_accuracy"], 4)
-    short.update(params=metrics["trainable_params_excl_head"], memory_mb=round(metrics["peak_memory_mb"], 1),
-                 images_s=round(metrics["images_per_s"], 1))
-    return short
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def seed_means(per_seed: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean over seeds of every score, and the std of every accuracy (``<key>_std``)."""
-    metrics: dict[str, float] = {}
-    for key in per_seed[0]:
-        if key in ("seed", "shots"):
-            continue
-        mean, std = mean_std([s[key] for s in per_seed])
-        metrics[key] = mean
-        if "accuracy" in key:
-            metrics[f"{key}_std"] = std
-    return metrics
-
-
-def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """The scores of a task's runs: means over seeds; few-shot runs also per shot count (``shots``), with the
-    overall figures the mean over shot counts."""
-    counts = sorted({s["shots"] for s in per_seed if s.get("shots") is not None})
-    if len(counts) <= 1:
-        return {**seed_means(per_seed), "num_seeds": len(per_seed)}
-    by_shots = {}
-    for shots in counts:
-        runs = [s for s in per_seed if s["shots"] == shots]
-        by_shots[str(shots)] = {**seed_means(runs), "num_seeds": len(runs)}
-    keys = [k for k in by_shots[str(counts[0])] if not k.endswith("_std") and k != "num_seeds"]
-    overall = {key: statistics.fmean(part[key] for part in by_shots.values()) for key in keys}
-    return {**overall, "shots": by_shots, "num_seeds": len({s["seed"] for s in per_seed})}
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -109,7 +62,7 @@ def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]
     with tracking.tracked_run(experiment_id, f"evaluate@{task}", tags, {"seeds": summary["seeds"]}, parent=parent,
                               datasets=datasets, orphans={"dvc_stage": f"evaluate@{task}"}) as run:
         per_seed = rescore(config, task, train_dir, summary)
-        metrics: dict[str, Any] = {**aggregate(per_seed), **cost_metrics(summary)}
+        metrics: dict[str, Any] = {**protocol.aggregate(per_seed), **cost_metrics(summary)}
         targets = protocol.targets()
         record = read_json(paths.task_record(task), "written by the prepare stage")
         details = {"task": task, "group": summary.get("group", "Other"), "method": summary["method"],
@@ -123,7 +76,7 @@ def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]
         run.log_metrics(flat_metrics(metrics))
         write_json(paths.details(task), details)
         write_json(paths.metrics(task), metrics)
-        write_json(paths.task_metrics(task), task_metrics(metrics, targets))  # last: the task is fully evaluated
+        write_json(paths.task_metrics(task), protocol.dvc_metrics(metrics))  # last: the task is fully evaluated
         run.log_artifacts(paths.metrics(task), "evaluate")
         run.log_artifacts(paths.details(task), "evaluate")
     if parent is not None:  # the task's run shows its test score too

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from dtl.config import load_config
-from dtl.io import write_json
+from dtl.io import atomic_dir, write_json
 
 from .params import check_dvc_entries
-from .stage import OutputPaths, StageError, atomic_dir, run_stage, stage_arguments
+from .outputs import OutputPaths
+from .stage import StageError, run_stage, stage_arguments
 
 
 def generate_synthetic(config) -> None:

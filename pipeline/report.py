@@ -30,7 +30,8 @@ from typing import Any
 from dtl.io import write_json, write_text
 
 from .params import load_stage_params
-from .stage import OutputPaths, read_json, run_stage, stage_arguments
+from .outputs import OutputPaths
+from .stage import read_json, run_stage, stage_arguments
 
 
 def evaluated_tasks(tasks: list[str], outputs: Path) -> dict[str, tuple[dict, dict]]:

@@ -1,25 +1,8 @@
-"""What every pipeline stage shares: where its files live, atomic folder swaps, and failing with a clear message.
+"""What every pipeline stage's process shares: its command line, failing with one clear message, stopping
+cleanly on SIGTERM (and when the ``dvc repro`` that started it dies), and one stage at a time per output.
 
-Under ``outputs/`` (gitignored; DVC caches them, so switching experiments restores them without retraining):
-
-- ``prepare/manifest.json`` + ``prepare/<task>.json``: what ``prepare`` found (counts, classes, group, a
-  fingerprint of the list files); ``train@<task>`` depends on its task's record only, so adding a task to
-  ``data.tasks`` re-runs ``prepare`` and the new task, not the others.
-- ``train/<task>/``: ``seed<S>.safetensors`` (trainable weights only), ``config.json`` (the exact resolved
-  settings), ``summary.json`` (per-seed results, MLflow run id), ``history.tsv``.
-- ``evaluate/<task>.json``: every number of the task's evaluation (means, stds, losses, costs);
-  ``evaluate/<task>.details.json``: what they describe (group, method, per-seed scores, MLflow run ids).
-- ``report.md``, ``report.json``, ``report.png``: the report stage.
-
-Next to ``outputs/``, tracked by git so that every DVC experiment commit carries them (``cache: false``):
-
-- ``metrics/<task>.json`` (``dvc metrics``: test accuracy, trainable parameters, peak memory, images/s) and
-  ``metrics/summary.json`` (the group means);
-- ``plots/curves/<task>.tsv`` (per-epoch training curves) and ``plots/tasks.json`` (one row per task), the
-  ``dvc plots`` data, which ``dvc plots diff`` compares between experiments.
-
-DVC deletes a stage's outputs before running it unless they are ``persist: true``; the stages declare them
-persistent and write them by atomic rename, so a failing stage leaves the previous results in place.
+Where a stage's files live is ``pipeline.outputs``; writing them atomically is ``dtl.io`` (``atomic_dir``,
+``write_json``).
 """
 from __future__ import annotations
 
@@ -29,73 +12,17 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from dtl.io import current_umask
 
 from .params import DEFAULT_BEST, DEFAULT_PARAMS
 
 
 class StageError(RuntimeError):
     """An expected failure of a stage (missing input, bad data): reported as one clear message."""
-
-
-@dataclass(frozen=True)
-class OutputPaths:
-    root: Path = Path("outputs")
-
-    @property
-    def prepare_dir(self) -> Path:
-        return self.root / "prepare"
-
-    @property
-    def manifest(self) -> Path:
-        return self.prepare_dir / "manifest.json"
-
-    def task_record(self, task: str) -> Path:
-        return self.prepare_dir / f"{task}.json"
-
-    def train_dir(self, task: str) -> Path:
-        return self.root / "train" / task
-
-    def metrics(self, task: str) -> Path:
-        return self.root / "evaluate" / f"{task}.json"
-
-    # git-tracked, next to outputs/
-    def task_metrics(self, task: str) -> Path:
-        return self.root.parent / "metrics" / f"{task}.json"
-
-    @property
-    def summary_metrics(self) -> Path:
-        return self.root.parent / "metrics" / "summary.json"
-
-    def curve(self, task: str) -> Path:
-        return self.root.parent / "plots" / "curves" / f"{task}.tsv"
-
-    @property
-    def tasks_plot(self) -> Path:
-        return self.root.parent / "plots" / "tasks.json"
-
-    def details(self, task: str) -> Path:
-        return self.root / "evaluate" / f"{task}.details.json"
-
-    @property
-    def report_md(self) -> Path:
-        return self.root / "report.md"
-
-    @property
-    def report_json(self) -> Path:
-        return self.root / "report.json"
-
-    @property
-    def report_png(self) -> Path:
-        return self.root / "report.png"
 
 
 def stage_arguments(description: str, *, task: bool) -> argparse.ArgumentParser:
@@ -217,23 +144,3 @@ def read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise StageError(f"{path} is not valid JSON ({err}); re-run the stage that writes it") from None
-
-
-@contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder next to ``path``; on success it replaces ``path`` (old one removed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0o700; an ordinary folder follows the umask
-    try:
-        yield staging
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from dtl.config import ExperimentConfig, read_best
-from dtl.io import save_trainable, write_json, write_text
+from dtl.io import atomic_dir, save_trainable, write_json, write_text
 from dtl.trained import trained_metadata
 
 from .params import load_stage_params
-from .stage import OutputPaths, StageError, atomic_dir, read_json, run_stage, stage_arguments
+from .outputs import OutputPaths
+from .stage import StageError, read_json, run_stage, stage_arguments
 
 CURVE_COLUMNS = ("lr", "train/loss", "train/accuracy")
 

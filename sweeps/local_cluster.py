@@ -54,8 +54,12 @@ class LocalCluster:
 
     def __enter__(self) -> "LocalCluster":
         quiet_environment("127.0.0.1")  # loopback nodes, and the same RAY_AUTH_MODE as the driver that joins
+        from ray._private.utils import get_ray_address_file
         from ray.cluster_utils import Cluster
 
+        # Ray's test cluster records its address in the default temporary folder (not the head's temp_dir) and
+        # fails when that folder does not exist yet, as on a machine that never ran Ray.
+        Path(get_ray_address_file(None)).parent.mkdir(parents=True, exist_ok=True)
         try:
             self.cluster = Cluster(initialize_head=True, head_node_args={
                 "num_cpus": self.head_cpus, "temp_dir": str(self.folder / "ray"), "include_dashboard": False})

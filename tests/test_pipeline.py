@@ -249,7 +249,8 @@ def test_a_terminated_stage_removes_its_temporary_output_and_keeps_the_old_one(t
     import os
     import signal
 
-    from pipeline.stage import atomic_dir, run_stage
+    from dtl.io import atomic_dir
+    from pipeline.stage import run_stage
 
     target = tmp_path / "outputs" / "train" / "digits"
     target.mkdir(parents=True)

@@ -19,6 +19,7 @@ libraries are imported by the methods that use them.
 from __future__ import annotations
 
 import hashlib
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,37 @@ class Protocol:
         raise NotImplementedError
 
     # --- results -------------------------------------------------------------------------------------------
+    def aggregate(self, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+        """A task's scores over its runs (``per_seed``: one dict of scores per run, with its ``seed`` and, where
+        the protocol has shot counts, ``shots``): means over seeds, and the std of every accuracy
+        (``<key>_std``); with several shot counts also per shot count (``shots``), the overall figures then the
+        mean over shot counts."""
+        counts = sorted({s["shots"] for s in per_seed if s.get("shots") is not None})
+        if len(counts) <= 1:
+            return {**seed_means(per_seed), "num_seeds": len(per_seed)}
+        by_shots = {}
+        for shots in counts:
+            runs = [s for s in per_seed if s["shots"] == shots]
+            by_shots[str(shots)] = {**seed_means(runs), "num_seeds": len(runs)}
+        keys = [k for k in by_shots[str(counts[0])] if not k.endswith("_std") and k != "num_seeds"]
+        overall = {key: statistics.fmean(part[key] for part in by_shots.values()) for key in keys}
+        return {**overall, "shots": by_shots, "num_seeds": len({s["seed"] for s in per_seed})}
+
+    def dvc_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """A task's DVC metrics (``metrics/<task>.json``) from its aggregated scores and costs: test accuracy and
+        what matters next to it, under names short enough for ``dvc metrics show`` to fit a terminal: per shot
+        count (``<k>shot``), per target domain, val accuracy, then the costs."""
+        short = {"test_acc": round(metrics["test_accuracy"], 4)}
+        for shots, part in metrics.get("shots", {}).items():
+            short[f"{shots}shot"] = round(part["test_accuracy"], 4)
+        for target in self.targets():
+            short[target] = round(metrics[f"{target}_accuracy"], 4)
+        if "val_accuracy" in metrics and not metrics.get("shots"):
+            short["val_acc"] = round(metrics["val_accuracy"], 4)
+        short.update(params=metrics["trainable_params_excl_head"], memory_mb=round(metrics["peak_memory_mb"], 1),
+                     images_s=round(metrics["images_per_s"], 1))
+        return short
+
     def build_report(self, evaluated: dict[str, tuple[dict, dict]]) -> dict[str, Any]:
         """The report of ``evaluated`` (task -> (its evaluate metrics, its evaluate details)): every number
         the report stage writes, with ``rows`` (one per task: method, costs, MLflow run id)."""
@@ -227,6 +259,19 @@ def fingerprint(root: Path, paths: list[Path]) -> str:
 
 
 # --- what the reports of every protocol share ---------------------------------------------------------------
+def seed_means(per_seed: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean over runs of every score, and the std of every accuracy (``<key>_std``; 0 for one run)."""
+    metrics: dict[str, float] = {}
+    for key in per_seed[0]:
+        if key in ("seed", "shots"):
+            continue
+        values = [s[key] for s in per_seed]
+        metrics[key] = statistics.fmean(values)
+        if "accuracy" in key:
+            metrics[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return metrics
+
+
 COST_KEYS = ("trainable_params", "trainable_params_excl_head", "peak_memory_mb", "images_per_s")
 
 
@@ -247,8 +292,6 @@ def task_row(task: str, metrics: dict, info: dict) -> dict[str, Any]:
 
 
 def cost_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    import statistics
-
     return {"mean_trainable_params": statistics.fmean(r["trainable_params"] for r in rows),
             "mean_trainable_params_excl_head": statistics.fmean(r["trainable_params_excl_head"] for r in rows),
             "max_peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
