@@ -125,9 +125,10 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
             with child_run(setup, existing, context.get_trial_id(), context.get_trial_name(), incumbent,
                            resume_from, known) as (run, restarts):
                 trial = trial_config(setup, params, seed)  # a bad configuration raises here: recorded FAILED
-                write_trial_files(Path(folder), trial.for_task(task), task, seed, run.run_id, restarts)
-                record_trial(run, trial.for_task(task), params, task)
-                note_device(run, trial.training.device)
+                resolved = trial.for_task(task)
+                write_trial_files(Path(folder), resolved, task, seed, run.run_id, restarts)
+                record_trial(run, resolved, params, task)
+                note_device(run, resolved.training.device)
                 report = CheckpointReporter(Path(folder), run.run_id, setup.checkpoint_every)
                 task_run = run_task(trial, task, seed=seed, hooks=[run.log_epoch, report], resume_from=resume_from)
                 final = final_metrics(task_run, setup, run)
