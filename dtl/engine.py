@@ -1,9 +1,10 @@
 """The training engine: train one model on one dataset and evaluate it, reporting through one epoch-end hook.
 
 The engine knows nothing of DVC, Ray Tune or MLflow: each of them hooks in with an ``EpochHook`` that receives
-an :class:`EpochEnd` (the epoch's metrics and the run's resumable state) after every epoch. The recipe defaults are the official VTAB-1K scripts'
-(docs/design.md): AdamW, weight decay 0.05 except on 1-D parameters, batch 32 with drop_last, timm's
-cosine schedule with 10 warm-up epochs stepped per epoch, 100 cosine + 10 cool-down epochs, seed 42.
+an :class:`EpochEnd` (the epoch's metrics and the run's resumable state) after every epoch. The recipe defaults
+are the official VTAB-1K scripts' (docs/design.md): AdamW, weight decay 0.05 except on 1-D parameters, batch 32
+with drop_last, timm's cosine schedule with 10 warm-up epochs stepped per epoch, 100 cosine + 10 cool-down
+epochs, seed 42.
 """
 from __future__ import annotations
 
