@@ -8,6 +8,7 @@ epochs, seed 42.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import resource
@@ -259,15 +260,12 @@ class EpochEnd:
     epoch: int
     metrics: dict
     last: bool
-    _snapshot: Callable[[], TrainingState] = field(repr=False)
-    _state: TrainingState | None = field(default=None, repr=False)
+    _snapshot: Callable[[], TrainingState] = field(repr=False)  # cached: every hook of the epoch shares one
 
     def state(self) -> TrainingState:
         """The :class:`TrainingState` after this epoch (built on the first call: a hook that does not checkpoint
         this epoch pays nothing). ``train_and_evaluate(..., resume_from=state)`` continues from it."""
-        if self._state is None:
-            self._state = self._snapshot()
-        return self._state
+        return self._snapshot()
 
 
 EpochHook = Callable[[EpochEnd], None]
@@ -315,9 +313,9 @@ def train_and_evaluate(
     for epoch in range(loop.first_epoch, config.epochs):
         metrics = loop.run_epoch(epoch)
         progress.epoch_done(epoch, metrics)
-        end = EpochEnd(epoch, metrics, epoch == config.epochs - 1, loop.snapshot)
-        for hook in hooks:
-            hook(EpochEnd(end.epoch, dict(metrics), end.last, end.state))
+        snapshot = functools.cache(loop.snapshot)
+        for hook in hooks:  # each its own copy of the metrics
+            hook(EpochEnd(epoch, dict(metrics), epoch == config.epochs - 1, snapshot))
     progress.close()
     return loop.result()
 

@@ -98,8 +98,8 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
     started = time.perf_counter()
     with atomic_dir(paths.train_dir(task)) as staging, tracking.tracked_run(
             experiment_id, f"train@{task}", tags, params, orphans={"dvc_stage": f"train@{task}"}) as run:
-        results = [train_one(config, task, shots, seed, staging, run if len(runs) == 1 else None,
-                             (experiment_id, tags, run)) for shots, seed in runs]
+        child = (experiment_id, tags) if len(runs) > 1 else None  # several runs: one child run each
+        results = [train_one(config, task, shots, seed, staging, run, child=child) for shots, seed in runs]
         seed_results = [summary for summary, _ in results]
         summary = {
             "task": task, "group": record.get("group", "Other"), "num_classes": seed_results[0]["num_classes"],
@@ -126,11 +126,11 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
     return summary
 
 
-def train_one(config: ExperimentConfig, task: str, shots: int | None, seed: int, staging: Path, run,
-              child_of: tuple) -> tuple[dict[str, Any], list[dict]]:
+def train_one(config: ExperimentConfig, task: str, shots: int | None, seed: int, staging: Path, task_run, *,
+              child: tuple[str, dict] | None = None) -> tuple[dict[str, Any], list[dict]]:
     """One run of the task (a seed; a shot count and a seed): trained, its weights saved in ``staging``, its
-    epochs and costs logged to ``run`` (None: a child run of the task's, ``child_of`` = (experiment id, tags,
-    task run)). Returns its summary and its per-epoch metrics."""
+    epochs and costs logged to ``task_run``, or, with ``child`` = (experiment id, tags), to a child run of it.
+    Returns its summary and its per-epoch metrics."""
     import tracking
     from dtl.experiment import run_task
 
@@ -141,13 +141,13 @@ def train_one(config: ExperimentConfig, task: str, shots: int | None, seed: int,
           f"{task_config.training.epochs} epochs, lr {task_config.training.lr:g}", flush=True)
     keys = {"seed": seed, **({"shots": shots} if shots is not None else {})}
     datasets = [(*protocol.split_input(task, protocol.train, shots, seed), "train")]
-    if run is None:
-        experiment_id, tags, parent = child_of
-        context = tracking.tracked_run(experiment_id, f"train@{task} {what}", {**tags, **keys}, keys, parent=parent,
-                                       datasets=datasets)
+    if child is not None:
+        experiment_id, tags = child
+        context = tracking.tracked_run(experiment_id, f"train@{task} {what}", {**tags, **keys}, keys,
+                                       parent=task_run, datasets=datasets)
     else:
-        run.log_dataset(*datasets[0])
-        context = nullcontext(run)
+        task_run.log_dataset(*datasets[0])
+        context = nullcontext(task_run)
     with context as seed_run:
         history: list[dict] = []
         result = run_task(config, task, seed=seed, shots=shots,
