@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from dtl.benchmark import (BREAKDOWN_KINDS, BenchmarkSettings, _Row, device_name, saved_bytes_breakdown,  # noqa: E402
                            saved_tensor_bytes)
-from dtl.engine import resolve_device  # noqa: E402
+from dtl.devices import SetupError, resolve_device  # noqa: E402
 from dtl.io import write_json  # noqa: E402
 from dtl.methods import available_methods  # noqa: E402
 
@@ -131,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device, key="--device")
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     import timm
 
     probe = timm.create_model(args.backbone, pretrained=False, num_classes=0,

@@ -34,7 +34,8 @@ import torch  # noqa: E402
 import dtl  # noqa: E402
 from dtl import cache  # noqa: E402
 from dtl.config import TrainConfig  # noqa: E402
-from dtl.engine import resolve_device, train_and_evaluate  # noqa: E402
+from dtl.devices import SetupError, resolve_device  # noqa: E402
+from dtl.engine import train_and_evaluate  # noqa: E402
 from dtl.io import write_json  # noqa: E402
 
 RUNS = ("off", "cold", "warm")
@@ -64,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     if not runs or any(r not in RUNS for r in runs):
         print(f"error: --runs must be a subset of {', '.join(RUNS)}, got {args.runs!r}", file=sys.stderr)
         return 2
+    try:
+        device = resolve_device(args.device, key="--device")
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     from dtl.data import VTabDataset, generate_synthetic_suite
@@ -75,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         img_size = args.img_size or int(probe.family.backbone.patch_embed.img_size[0])
         del probe
         data = VTabDataset(workdir / "data", args.task, "train800val200", img_size=img_size, preload=True)
-        device = resolve_device(args.device)
         results = []
         for run in runs:
             cache.clear_memory_cache()  # every run starts like a new process
@@ -97,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                 "cache_source": report.get("source") or None, "cache_bytes": report.get("bytes", 0),
                 "cache_file_bytes": Path(report["path"]).stat().st_size if report.get("path") else 0,
                 "cache_dtype": report.get("dtype") or None, "cache_s": report.get("build_s", 0.0),
-                "final_train_loss": result.metrics["train/loss"], "peak_memory_bytes": result.peak_memory_bytes,
+                "final_train_loss": result.metrics["train/loss"],
+                "gpu_peak_allocated_bytes": result.gpu_peak_allocated_bytes,
+                "gpu_peak_reserved_bytes": result.gpu_peak_reserved_bytes, "gpu_cache_bytes": result.gpu_cache_bytes,
                 "backbone": args.backbone, "method": args.method, "img_size": img_size, "epochs": args.epochs,
                 "batch_size": args.batch_size, "num_images": len(data), "precision": result.precision,
                 "backbone_dtype": args.backbone_dtype, "device": result.device, "threads": torch.get_num_threads(),
@@ -111,14 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     base = next((r for r in results if r["run"] == "off"), None)
     print(f"\n{args.backbone} {args.method}, {len(data)} images x {args.epochs} epochs, batch {args.batch_size}, "
           f"{results[0]['precision']}, {results[0]['device']}")
+    gpu = results[0]["gpu_peak_allocated_bytes"] is not None
     print(f"{'run':>4}  {'wall s':>8}  {'speed-up':>8}  {'CPU s':>8}  {'speed-up':>8}  {'cache MiB':>9}  "
-          f"{'cache s':>7}  {'train img/s':>11}")
+          f"{'cache s':>7}  {'train img/s':>11}" + (f"  {'GPU peak MiB':>12}  {'on GPU MiB':>10}" if gpu else ""))
     for row in results:
         row["speedup_vs_off"] = base["wall_s"] / row["wall_s"] if base else None
         row["cpu_speedup_vs_off"] = base["cpu_s"] / row["cpu_s"] if base and row["cpu_s"] else None
         cells = [f"{value:.2f}x" if value else "-" for value in (row["speedup_vs_off"], row["cpu_speedup_vs_off"])]
+        # on a GPU: the training peak (the cache kept on the GPU left out) and the cache's bytes there
+        memory = (f"  {row['gpu_peak_allocated_bytes'] / 2**20:12.0f}  {row['gpu_cache_bytes'] / 2**20:10.0f}"
+                  if gpu else "")
         print(f"{row['run']:>4}  {row['wall_s']:8.1f}  {cells[0]:>8}  {row['cpu_s'] or 0:8.1f}  {cells[1]:>8}  "
-              f"{row['cache_bytes'] / 2**20:9.1f}  {row['cache_s']:7.1f}  {row['images_per_s']:11.0f}")
+              f"{row['cache_bytes'] / 2**20:9.1f}  {row['cache_s']:7.1f}  {row['images_per_s']:11.0f}{memory}")
     if args.out:
         write_json(args.out, results)
         print(f"wrote {args.out}")

@@ -1,10 +1,16 @@
 #!/usr/bin/env python
 """Training-step cost of every method on one backbone: trainable parameters, bytes saved for backward, peak
-memory and images/s, with ratios to full fine-tuning and LoRA. Prints a table and writes JSON (--out).
+memory (allocated and, on a GPU, reserved) and images/s, with ratios to full fine-tuning and LoRA. Prints a table
+and writes JSON (--out).
 
     python benchmarks/train_step.py --device cpu --batch-size 4 --out bench.json
-    python benchmarks/train_step.py --device cuda --precision bf16 --out bench_gpu_bf16.json   # GPU, bf16 backbone
-    python benchmarks/train_step.py --device cuda --precision bf16 --backbone-dtype fp32 --out bench_gpu_amp.json
+    python benchmarks/train_step.py --device cuda --protocol dtl --out bench_gpu_dtl.json       # as the DTL paper
+    python benchmarks/train_step.py --device cuda --protocol vpetl --out bench_gpu_vpetl.json   # as V-PETL Bench
+    python benchmarks/train_step.py --device cuda --precision bf16 --out bench_gpu_bf16.json    # GPU, bf16 backbone
+
+``--protocol`` sets the batch size, autocast and weights' dtype under which published memory figures were
+measured: ``dtl`` (the DTL authors' scripts: batch 32, fp16 autocast with a loss scaler, fp32 weights) or
+``vpetl`` (V-PETL Bench: batch 64, fp32); flags given beside it win.
 
 Pure torch + timm + dtl (no Ray/MLflow/DVC), so it runs as is on a bare GPU machine. What each figure means is
 documented in ``dtl/benchmark.py``.
@@ -17,22 +23,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
 
-from dtl.benchmark import PRECISIONS, ROWS, BenchmarkSettings, check_targets, format_table, run_benchmark  # noqa: E402
+from dtl.benchmark import (PRECISIONS, PROTOCOLS, ROWS, BenchmarkSettings, check_targets, format_table,  # noqa: E402
+                           run_benchmark)
+from dtl.devices import SetupError, resolve_device  # noqa: E402
 from dtl.io import write_json  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="vit_base_patch16_224", help="timm model name (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp32: no autocast; bf16/fp16: autocast (default: %(default)s)")
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default=None,
+                        help="measure as published figures were: dtl (batch 32, fp16 autocast, fp32 weights; bf16 "
+                             "on a CPU) or vpetl (batch 64, fp32)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 32, or the protocol's")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="fp32: no autocast; bf16/fp16: autocast (default: fp32, or the protocol's)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--methods", default=",".join(ROWS),
                         help=f"comma-separated rows (default: all of {', '.join(ROWS)})")
-    parser.add_argument("--backbone-dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                        help="storage dtype of DTL's frozen backbone; auto = the autocast dtype (bf16/fp16 runs), "
-                             "fp32 otherwise. fp32 with --precision bf16 is 'fp32 weights + AMP'")
+    parser.add_argument("--backbone-dtype", default=None, choices=("auto", "fp32", "bf16", "fp16"),
+                        help="storage dtype of DTL's frozen backbone; auto (the default without --protocol) = the "
+                             "autocast dtype (bf16/fp16 runs), fp32 otherwise. fp32 with --precision bf16 is 'fp32 "
+                             "weights + AMP'")
     parser.add_argument("--img-size", type=int, default=None, help="input size (default: the backbone's)")
     parser.add_argument("--num-classes", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method (default: %(default)s)")
@@ -48,27 +60,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = BenchmarkSettings(
-        backbone=args.backbone, batch_size=args.batch_size, precision=args.precision, device=args.device,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), backbone_dtype=args.backbone_dtype,
-        img_size=args.img_size, num_classes=args.num_classes, warmup=args.warmup, steps=args.steps,
-        rounds=args.rounds, threads=args.threads, timing=not args.no_timing,
-    )
+    given = {key: value for key, value in (("batch_size", args.batch_size), ("precision", args.precision),
+                                           ("backbone_dtype", args.backbone_dtype)) if value is not None}
+    common = dict(backbone=args.backbone, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                  img_size=args.img_size, num_classes=args.num_classes, warmup=args.warmup, steps=args.steps,
+                  rounds=args.rounds, threads=args.threads, timing=not args.no_timing)
     try:
+        resolve_device(args.device, key="--device")
+        if args.protocol:
+            settings = BenchmarkSettings.for_protocol(args.protocol, args.device, **common, **given)
+        else:
+            settings = BenchmarkSettings(device=args.device, **common, **given)
         settings.validate()
-    except ValueError as err:
+    except (ValueError, SetupError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{settings.backbone}, batch {settings.batch_size}, precision {settings.precision}, "
-          f"device {settings.device}, DTL backbone dtype {settings.dtl_backbone_dtype()}", flush=True)
+          f"device {settings.device}, DTL backbone dtype {settings.dtl_backbone_dtype()}"
+          + (f", protocol {settings.protocol}" if settings.protocol else ""), flush=True)
     try:
         results = run_benchmark(settings, log=lambda line: print(line, flush=True))
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     first = results[0]
-    print(f"\n{first['backbone']} | batch {first['batch_size']} | {first['precision']} | {first['device_name']} "
-          f"({first['device']}, {first['threads']} threads) | torch {first['torch']} | {first['date']}")
+    protocol = f" | protocol {first['protocol']}" if first["protocol"] else ""
+    print(f"\n{first['backbone']} | batch {first['batch_size']} | {first['precision']}{protocol} | "
+          f"{first['device_name']} ({first['device']}, {first['threads']} threads) | torch {first['torch']} | "
+          f"{first['date']}")
     print(format_table(results))
     checks = check_targets(results)
     if checks:

@@ -9,13 +9,19 @@ All methods run in ONE process on the SAME batch, so their figures compare. Per 
   reference cost no extra memory (they are not copies). A weight copy made by
   autocast is a new buffer and counts. Works on any device.
 * ``peak_bytes``: on CUDA, ``torch.cuda.max_memory_allocated`` over warm training steps of this method alone
-  (weights, gradients, optimizer state, the batch, activations and every transient buffer). On CPU there is no
-  allocator peak to read, so it is the estimate parameters + gradients + AdamW state + ``saved_bytes`` + the batch
-  (``peak_kind`` says which).
+  (weights, gradients, optimizer state, the batch, activations and every transient buffer), measured with no
+  other row's model on the GPU; ``peak_reserved_bytes`` is ``torch.cuda.max_memory_reserved`` of the same steps
+  (what the caching allocator held: the figure ``nvidia-smi`` comes closer to). On CPU there is no allocator
+  peak to read, so ``peak_bytes`` is the estimate parameters + gradients + AdamW state + ``saved_bytes`` + the
+  batch (``peak_kind`` says which) and ``peak_reserved_bytes`` is None.
 * ``images_per_s``: batch size / median step time (forward, backward, AdamW step). Steps of all methods are
   interleaved in rounds after a warm-up, so that load from other processes hits every method alike.
 * ``images_per_cpu_s`` (CPU only): the same from the process's CPU time (``time.process_time``), which other
   processes on a shared machine do not inflate; with ``threads=1`` it is the throughput of one dedicated core.
+
+``protocol`` names the settings of published memory figures that a run reproduces (:data:`PROTOCOLS`), so rows
+can stand beside them like for like. On a GPU, fp32 matrix products use TF32 as training does
+(``dtl.devices.fp32_matmul``).
 
 Rows beyond the plain methods: ``dtl_plus_mlp`` (``grad_checkpointing="mlp"``: the MLP hidden layer of the
 blocks after M is recomputed in backward), ``dtl_plus_ckpt`` (``grad_checkpointing=True``: blocks after M and the
@@ -35,7 +41,8 @@ import timm
 import torch
 from torch import nn
 
-from .engine import SavedTensorBytes, autocast, parameter_groups, resolve_device
+from .devices import autocast, fp32_matmul, resolve_device
+from .engine import SavedTensorBytes, parameter_groups
 from .methods import (BACKBONE_DTYPES, DTLModel, PrefixState, available_methods, create_model, get_method,
                       trainable_parameters)
 
@@ -78,6 +85,14 @@ RATIO_TARGETS = (
 )
 # GPU peak memory targets (bytes), bf16.
 PEAK_TARGETS = (("dtl_plus", 0.8e9), ("dtl_plus_mlp", 0.8e9), ("dtl_plus_ckpt", 0.5e9))
+# The settings under which published training-memory figures were measured (batch size, autocast, storage dtype
+# of the frozen weights): ``dtl``, the DTL authors' VTAB-1K scripts (batch 32, torch.cuda.amp: fp16 autocast with
+# a loss scaler, fp32 weights, ``torch.cuda.max_memory_allocated``); ``vpetl``, V-PETL Bench (batch 64, fp32).
+# A CPU has no fp16 autocast: there the dtl protocol autocasts to bf16 instead.
+PROTOCOLS = {
+    "dtl": {"batch_size": 32, "precision": "fp16", "backbone_dtype": "fp32"},
+    "vpetl": {"batch_size": 64, "precision": "fp32", "backbone_dtype": "fp32"},
+}
 
 
 @dataclass
@@ -96,6 +111,17 @@ class BenchmarkSettings:
     threads: int | None = None  # torch.set_num_threads (CPU); None leaves torch's default
     timing: bool = True  # False: parameters, saved bytes and the CPU peak estimate only (fast)
     seed: int = 0
+    protocol: str | None = None  # the PROTOCOLS entry these settings follow (recorded with the results)
+
+    @classmethod
+    def for_protocol(cls, protocol: str, device: str = "auto", **settings) -> "BenchmarkSettings":
+        """The settings of ``protocol`` (:data:`PROTOCOLS`) on ``device``; ``settings`` set the rest."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        values = dict(PROTOCOLS[protocol])
+        if values["precision"] == "fp16" and resolve_device(device, key="device").type != "cuda":
+            values["precision"] = "bf16"
+        return cls(device=device, protocol=protocol, **{**values, **settings})
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in ROWS]
@@ -296,10 +322,11 @@ class _Row:
 def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = print) -> list[dict]:
     """Measure every row of ``settings.methods``; returns one JSON-ready dict per row (settings included).
 
-    Long on purpose: the rows are measured side by side in one loop over the same batches and one memory
-    baseline, so every ratio in the table comes from one run; split up, the steps would drift apart."""
+    Memory is measured row by row, each with no other row's model on the device; the timing rounds then run
+    every row side by side in one loop over the same batches, so every ratio in the table comes from one run
+    (split up, the steps would drift apart)."""
     settings.validate()
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, key="device")
     if settings.precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
     if settings.threads:
@@ -317,78 +344,94 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
     images = torch.randn(settings.batch_size, 3, img_size, img_size, generator=generator).to(device)
     labels = torch.randint(0, settings.num_classes, (settings.batch_size,), generator=generator).to(device)
 
-    run_settings = {
-        "backbone": settings.backbone, "batch_size": settings.batch_size, "img_size": img_size,
-        "precision": settings.precision, "device": str(device), "device_name": device_name(device),
-        "dtl_backbone_dtype": settings.dtl_backbone_dtype(), "threads": torch.get_num_threads(),
-        "warmup": settings.warmup, "steps": steps, "rounds": settings.rounds,
-        "tf32_matmul": device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32,
-        "torch": torch.__version__, "timm": timm.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
-    rows: dict[str, _Row] = {}
-    results: dict[str, dict] = {}
-    for name in settings.methods:
-        spec = ROWS[name]
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            _synchronize(device)
-            before = torch.cuda.memory_allocated(device)  # the rows built so far stay resident for the timing
-        row = _Row(name, spec, settings, device, images, labels)
-        if device.type == "cuda":
-            # From here on: this row's weights and batch (allocated above), then its gradients, optimizer
-            # state, activations and transients; not the cached row's one-off prefix pass.
-            gc.collect()
-            _synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(max(settings.warmup, 2)):
-                row.step()
-            _synchronize(device)
-            peak, peak_kind = torch.cuda.max_memory_allocated(device) - before, "cuda_max_allocated"
-        saved = saved_tensor_bytes(row.model, row.forward)
-        if device.type != "cuda":
-            peak, peak_kind = cpu_peak_estimate(row.model, saved, row.input_bytes), "cpu_estimate"
-        results[name] = {
-            "method": name, "base_method": spec.method, "options": dict(spec.options), "cached": spec.cached,
-            "backbone_dtype": row.backbone_dtype, "trainable_params": trainable_parameters(row.model),
-            "saved_bytes": saved, "peak_bytes": peak, "peak_kind": peak_kind,
-            "images_per_s": None, "step_time_s": None, "step_times_s": [],
-            "images_per_cpu_s": None, "cpu_step_times_s": [],
-            "prefix_s_per_batch": row.prefix_s_per_batch,
+    with fp32_matmul(device):
+        run_settings = {
+            "backbone": settings.backbone, "batch_size": settings.batch_size, "img_size": img_size,
+            "precision": settings.precision, "protocol": settings.protocol, "device": str(device),
+            "device_name": device_name(device), "dtl_backbone_dtype": settings.dtl_backbone_dtype(),
+            "threads": torch.get_num_threads(), "warmup": settings.warmup, "steps": steps, "rounds": settings.rounds,
+            "tf32_matmul": device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32,
+            "torch": torch.__version__, "timm": timm.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         }
-        log(f"  {name}: {results[name]['trainable_params']:,} trainable, saved {saved / 2**20:.1f} MiB, "
-            f"peak {peak / 2**20:.0f} MiB ({peak_kind})")
+        results = {}
+        for name in settings.methods:
+            results[name] = _measure_memory(name, settings, device, images, labels)
+            log(f"  {name}: {results[name]['trainable_params']:,} trainable, saved "
+                f"{results[name]['saved_bytes'] / 2**20:.1f} MiB, peak {results[name]['peak_bytes'] / 2**20:.0f} MiB "
+                f"({results[name]['peak_kind']})")
         if settings.timing:
-            rows[name] = row
-        else:
-            del row
-
-    if settings.timing:
-        for row in rows.values():
-            for _ in range(settings.warmup):
-                row.step()
-        _synchronize(device)
-        for round_index in range(settings.rounds):
-            for name, row in rows.items():
-                _synchronize(device)
-                start, cpu_start = time.perf_counter(), time.process_time()
-                for _ in range(steps):
-                    row.step()
-                _synchronize(device)
-                results[name]["step_times_s"].append((time.perf_counter() - start) / steps)
-                results[name]["cpu_step_times_s"].append((time.process_time() - cpu_start) / steps)
-            log(f"  round {round_index + 1}/{settings.rounds}: " + ", ".join(
-                f"{n} {settings.batch_size / results[n]['step_times_s'][-1]:.1f}" for n in rows) + " img/s")
-        for name in rows:
-            step_time = statistics.median(results[name]["step_times_s"])
-            results[name]["step_time_s"] = step_time
-            results[name]["images_per_s"] = settings.batch_size / step_time
-            if device.type == "cpu":
-                results[name]["images_per_cpu_s"] = settings.batch_size / statistics.median(
-                    results[name]["cpu_step_times_s"])
-
+            _time_rows(settings, device, images, labels, steps, results, log)
     add_ratios(results)
     return [{**result, **run_settings} for result in results.values()]
+
+
+def _measure_memory(name: str, settings: BenchmarkSettings, device: torch.device, images: torch.Tensor,
+                    labels: torch.Tensor) -> dict:
+    """One row's parameters, bytes kept for backward and peak memory, measured with its model alone on the
+    device (freed again before the next row)."""
+    spec = ROWS[name]
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        _synchronize(device)
+        before = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+    row = _Row(name, spec, settings, device, images, labels)
+    peak_reserved = None
+    if device.type == "cuda":
+        # From here on: this row's weights and batch (allocated above), then its gradients, optimizer state,
+        # activations and transients; not the cached row's one-off prefix pass.
+        gc.collect()
+        _synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(max(settings.warmup, 2)):
+            row.step()
+        _synchronize(device)
+        peak, peak_kind = torch.cuda.max_memory_allocated(device) - before[0], "cuda_max_allocated"
+        peak_reserved = torch.cuda.max_memory_reserved(device) - before[1]
+    saved = saved_tensor_bytes(row.model, row.forward)
+    if device.type != "cuda":
+        peak, peak_kind = cpu_peak_estimate(row.model, saved, row.input_bytes), "cpu_estimate"
+    result = {
+        "method": name, "base_method": spec.method, "options": dict(spec.options), "cached": spec.cached,
+        "backbone_dtype": row.backbone_dtype, "trainable_params": trainable_parameters(row.model),
+        "saved_bytes": saved, "peak_bytes": peak, "peak_kind": peak_kind, "peak_reserved_bytes": peak_reserved,
+        "images_per_s": None, "step_time_s": None, "step_times_s": [],
+        "images_per_cpu_s": None, "cpu_step_times_s": [],
+        "prefix_s_per_batch": row.prefix_s_per_batch,
+    }
+    del row
+    return result
+
+
+def _time_rows(settings: BenchmarkSettings, device: torch.device, images: torch.Tensor, labels: torch.Tensor,
+               steps: int, results: dict[str, dict], log: Callable[[str], None]) -> None:
+    """Every row's training steps, interleaved over ``settings.rounds`` rounds after a warm-up, so that load from
+    other processes hits every row alike; the median step time gives images/s."""
+    rows = {name: _Row(name, ROWS[name], settings, device, images, labels) for name in results}
+    for name, row in rows.items():
+        if row.prefix_s_per_batch is not None:
+            results[name]["prefix_s_per_batch"] = row.prefix_s_per_batch
+        for _ in range(settings.warmup):
+            row.step()
+    _synchronize(device)
+    for round_index in range(settings.rounds):
+        for name, row in rows.items():
+            _synchronize(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                row.step()
+            _synchronize(device)
+            results[name]["step_times_s"].append((time.perf_counter() - start) / steps)
+            results[name]["cpu_step_times_s"].append((time.process_time() - cpu_start) / steps)
+        log(f"  round {round_index + 1}/{settings.rounds}: " + ", ".join(
+            f"{n} {settings.batch_size / results[n]['step_times_s'][-1]:.1f}" for n in rows) + " img/s")
+    for name in rows:
+        step_time = statistics.median(results[name]["step_times_s"])
+        results[name]["step_time_s"] = step_time
+        results[name]["images_per_s"] = settings.batch_size / step_time
+        if device.type == "cpu":
+            results[name]["images_per_cpu_s"] = settings.batch_size / statistics.median(
+                results[name]["cpu_step_times_s"])
 
 
 def add_ratios(results: dict[str, dict]) -> None:
@@ -396,7 +439,8 @@ def add_ratios(results: dict[str, dict]) -> None:
     for reference in ("full", "lora"):
         base = results.get(reference)
         for result in results.values():
-            for figure in ("trainable_params", "saved_bytes", "peak_bytes", "images_per_s", "images_per_cpu_s"):
+            for figure in ("trainable_params", "saved_bytes", "peak_bytes", "peak_reserved_bytes", "images_per_s",
+                           "images_per_cpu_s"):
                 value, ref = result.get(figure), (base or {}).get(figure)
                 result[f"{figure}_vs_{reference}"] = value / ref if value is not None and ref else None
 
@@ -407,14 +451,18 @@ def format_table(results: list[dict]) -> str:
         return f"{value:.3f}" if value is not None else "-"
 
     cpu = any(r.get("images_per_cpu_s") for r in results)
-    header = ("method", "trainable", "saved MiB", "x full", "x lora", "peak MiB", "x full", "x lora", "img/s",
-              "x full", "x lora") + (("img/cpu-s", "x full", "x lora") if cpu else ())
+    reserved = any(r.get("peak_reserved_bytes") is not None for r in results)
+    peak = "peak MiB" if results[0]["peak_kind"] == "cuda_max_allocated" else "peak est. MiB"
+    header = ("method", "trainable", "saved MiB", "x full", "x lora", peak, "x full", "x lora") + (
+        ("reserved MiB",) if reserved else ()) + ("img/s", "x full", "x lora") + (
+        ("img/cpu-s", "x full", "x lora") if cpu else ())
     lines = [header]
     for r in results:
         lines.append((
             r["method"], f"{r['trainable_params']:,}",
             f"{r['saved_bytes'] / 2**20:.1f}", ratio(r.get("saved_bytes_vs_full")), ratio(r.get("saved_bytes_vs_lora")),
             f"{r['peak_bytes'] / 2**20:.0f}", ratio(r.get("peak_bytes_vs_full")), ratio(r.get("peak_bytes_vs_lora")),
+        ) + ((f"{r['peak_reserved_bytes'] / 2**20:.0f}",) if reserved else ()) + (
             f"{r['images_per_s']:.3g}" if r.get("images_per_s") else "-",
             ratio(r.get("images_per_s_vs_full")), ratio(r.get("images_per_s_vs_lora")),
         ) + ((f"{r['images_per_cpu_s']:.3g}" if r.get("images_per_cpu_s") else "-",
@@ -449,6 +497,6 @@ def check_targets(results: list[dict]) -> list[dict]:
 
 
 __all__ = [
-    "ROWS", "BenchmarkSettings", "RowSpec", "add_ratios", "check_targets", "cpu_peak_estimate", "format_table",
+    "PROTOCOLS", "ROWS", "BenchmarkSettings", "RowSpec", "add_ratios", "check_targets", "cpu_peak_estimate", "format_table",
     "run_benchmark", "saved_tensor_bytes",
 ]

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .config import CACHE_MODES
+from .devices import EpochOrder, autocast, fp32_matmul, image_loader
 from .io import atomic_path, file_lock
 from .methods import PrefixState
 from .models import CachedInputs
@@ -66,13 +67,21 @@ class PrefixCacheError(ValueError):
 # --- the features -------------------------------------------------------------------------------------------
 @dataclass
 class FrozenFeatures:
-    """The frozen part's outputs for a whole dataset, in dataset order: named (N, ...) tensors and the labels."""
+    """The frozen part's outputs for a whole dataset, in dataset order: named (N, ...) tensors and the labels.
+
+    With ``pinned``, features kept in host memory for a GPU gather each batch into page-locked memory, so that
+    the batch's copy to the GPU runs beside the computation (:func:`place_features`)."""
 
     tensors: dict[str, torch.Tensor]
     labels: torch.Tensor  # (N,) int64
+    pinned: bool = False
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
 
     @property
     def nbytes(self) -> int:
@@ -87,30 +96,44 @@ class FrozenFeatures:
         missing = [name for name in names if name not in self.tensors]
         if missing:
             raise KeyError(f"the cached features have no {', '.join(missing)} (they hold {', '.join(self.tensors)})")
-        return FrozenFeatures({name: self.tensors[name] for name in names}, self.labels)
+        return FrozenFeatures({name: self.tensors[name] for name in names}, self.labels, self.pinned)
 
     def to(self, device: torch.device) -> "FrozenFeatures":
         return FrozenFeatures({k: t.to(device) for k, t in self.tensors.items()}, self.labels.to(device))
 
     def batch(self, indices: torch.Tensor) -> tuple[CachedInputs, torch.Tensor]:
-        indices = indices.to(self.labels.device)
-        return CachedInputs({k: t[indices] for k, t in self.tensors.items()}), self.labels[indices]
+        indices = indices.to(self.labels.device, non_blocking=True)  # a blocking copy would wait for the GPU
+        if not self.pinned:
+            return CachedInputs({k: t[indices] for k, t in self.tensors.items()}), self.labels[indices]
+        return (CachedInputs({k: _gather_pinned(t, indices) for k, t in self.tensors.items()}),
+                _gather_pinned(self.labels, indices))
 
     def loader(self, batch_size: int, *, shuffle: bool, drop_last: bool,
                generator: torch.Generator | None = None) -> "FeatureBatches":
         return FeatureBatches(self, batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator)
 
 
+def _gather_pinned(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``tensor[indices]`` written straight into page-locked memory (torch's pinned-memory pool reuses the
+    buffers once their copy to the GPU is done): a ``non_blocking`` copy from it does not wait."""
+    out = torch.empty((len(indices), *tensor.shape[1:]), dtype=tensor.dtype, pin_memory=True)
+    return torch.index_select(tensor, 0, indices, out=out)
+
+
 class FeatureBatches:
     """Batches of cached features, drawn exactly as ``DataLoader(dataset, batch_size, shuffle, drop_last,
-    generator=...)`` draws image batches: the same generator gives the same batches, cached or not."""
+    generator=...)`` (and :func:`dtl.devices.image_loader` with that generator as ``order``) draws image batches:
+    the same generator gives the same batches, cached or not."""
 
     def __init__(self, features: FrozenFeatures, batch_size: int, *, shuffle: bool, drop_last: bool,
                  generator: torch.Generator | None = None):
         self.features = features
         # A DataLoader over the indices consumes the generator exactly like the image DataLoader would.
-        self._indices = DataLoader(range(len(features)), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                                   generator=generator)
+        # Indices for features on a GPU come in page-locked memory: their copy there does not wait.
+        self._indices = DataLoader(range(len(features)), batch_size=batch_size, drop_last=drop_last,
+                                   sampler=EpochOrder(range(len(features)), generator=generator) if shuffle else None,
+                                   generator=torch.Generator() if shuffle else None,
+                                   pin_memory=features.device.type == "cuda")
 
     def __len__(self) -> int:
         return len(self._indices)
@@ -264,16 +287,14 @@ def compute_frozen_features(
     dtype = dtype or storage_dtype(model, precision)
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    loader = image_loader(dataset, batch_size, device, num_workers, persistent=False)
     tensors: dict[str, torch.Tensor] = {}
     labels = None
     start = 0
-    autocast_dtype = _AUTOCAST_DTYPES.get(precision)
     try:
         for images, batch_labels in tqdm(loader, desc="prefix cache", unit="batch", disable=not progress,
                                          file=sys.stderr, dynamic_ncols=True):
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with fp32_matmul(device), autocast(device, precision):
                 outputs = model.compute_frozen(images.to(device, non_blocking=True))
             stop = start + images.shape[0]
             if labels is None:
@@ -444,13 +465,24 @@ def _disk_entry(directory: Path, key: str, mode: str, report: CacheReport, build
 
 
 def place_features(features: FrozenFeatures, device: torch.device) -> FrozenFeatures:
-    """On a GPU, keep the features there when they take under a quarter of the free memory (no per-batch copy)."""
+    """On a GPU, keep the features there when they take under a quarter of the memory this process may still use
+    (no copy per batch; the engine reports their bytes apart from training memory). Else they stay where they are,
+    memory-mapped or in RAM, never copied whole, and each batch is gathered into page-locked memory."""
     if device.type != "cuda":
         return features
-    free, _ = torch.cuda.mem_get_info(device)
-    if features.nbytes < free // 4:
+    if features.nbytes < gpu_memory_left(device) // 4:
         return features.to(device)
-    return FrozenFeatures({k: t.pin_memory() for k, t in features.tensors.items()}, features.labels)
+    return FrozenFeatures(features.tensors, features.labels, pinned=True)
+
+
+def gpu_memory_left(device: torch.device) -> int:
+    """Free GPU memory, within the process's cap when one is set (a sweep trial's share of a GPU:
+    ``torch.cuda.set_per_process_memory_fraction``)."""
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
+    if fraction < 1.0:
+        free = min(free, int(fraction * total) - torch.cuda.memory_reserved(device))
+    return max(free, 0)
 
 
 def clear_memory_cache() -> None:

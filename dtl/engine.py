@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -28,11 +28,9 @@ from tqdm.auto import tqdm
 
 from .cache import PrefixCacheError, place_features, prepare_prefix_cache, to_device
 from .config import TrainConfig
+from .devices import (GpuMemory, SetupError, autocast, device_rng_state, fp32_matmul, image_loader, resolve_device,
+                      resolve_precision, restore_device_rng)
 from .io import atomic_path, trainable_state_dict
-
-class SetupError(ValueError):
-    """A run cannot start with these settings on this machine or data (no CUDA device, a batch larger than the
-    split...); the message names the setting and what to do."""
 
 
 @dataclass
@@ -48,7 +46,7 @@ class TrainingState:
     scaler: dict
     data_order: torch.Tensor  # torch.Generator state of the shuffling
     rng: torch.Tensor  # torch's default CPU generator (dropout, drop-path)
-    cuda_rng: list[torch.Tensor] = field(default_factory=list)
+    cuda_rng: list[torch.Tensor] = field(default_factory=list)  # the training GPU's generator (dtl.devices)
     history: list[dict] = field(default_factory=list)
     train_time_s: float = 0.0
     images_seen: int = 0
@@ -58,10 +56,17 @@ class TrainingState:
     best_trainable: dict[str, torch.Tensor] = field(default_factory=dict)
     best_epoch: int = -1
     best_accuracy: float = -1.0
+    # the GPU memory peaks so far (dtl.devices.GpuMemory), so a resumed run reports the whole run's
+    gpu_peak_allocated_bytes: int = 0
+    gpu_peak_reserved_bytes: int = 0
+    gpu_eval_peak_allocated_bytes: int = 0
 
     def save(self, path) -> None:
+        # The fields themselves, not dataclasses.asdict: that deep-copies every tensor first, which for the
+        # optimizer state of a model on a GPU is a second copy of it in GPU memory (0.7 GB for ViT-B's AdamW).
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
         with atomic_path(path) as tmp:
-            torch.save(asdict(self), tmp)
+            torch.save(state, tmp)
 
     @classmethod
     def load(cls, path) -> "TrainingState":
@@ -75,8 +80,13 @@ class TrainResult:
     trainable_params: int = 0
     images_per_s: float = 0.0  # training throughput (forward + backward + step), evaluation excluded
     train_time_s: float = 0.0
-    peak_memory_bytes: int | None = None  # torch.cuda.max_memory_allocated on GPU, None on CPU
-    peak_rss_bytes: int = 0  # the process's peak resident memory (CPU)
+    # The CUDA allocator's peaks while training (weights, gradients, optimizer state, activations, the batch) and
+    # while evaluating, the prefix cache kept on the GPU left out (gpu_cache_bytes); None off a GPU.
+    gpu_peak_allocated_bytes: int | None = None
+    gpu_peak_reserved_bytes: int | None = None
+    gpu_eval_peak_allocated_bytes: int | None = None
+    gpu_cache_bytes: int | None = None  # the prefix cache's features kept on the GPU (0: in host memory)
+    peak_rss_bytes: int = 0  # the process's peak resident memory (host RAM, whatever the device)
     device: str = "cpu"
     precision: str = "fp32"
     cache_report: dict = field(default_factory=dict)  # dtl.cache.CacheReport of the training split, as a dict
@@ -97,32 +107,12 @@ class TrainResult:
             "train_time_s": self.train_time_s,
             "cpu_time_s": self.cpu_time_s,
             "saved_bytes_per_batch": self.saved_bytes_per_batch,
-            "peak_memory_bytes": self.peak_memory_bytes,
+            "gpu_peak_allocated_bytes": self.gpu_peak_allocated_bytes,
+            "gpu_peak_reserved_bytes": self.gpu_peak_reserved_bytes,
+            "gpu_eval_peak_allocated_bytes": self.gpu_eval_peak_allocated_bytes,
+            "gpu_cache_bytes": self.gpu_cache_bytes,
             "peak_rss_bytes": self.peak_rss_bytes,
         }
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SetupError(f"training.device is {name!r} but no CUDA device is available here: use 'auto' (the GPU when "
-                         "there is one, else the CPU) or 'cpu'")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise SetupError("training.precision 'fp16' needs a CUDA device (use bf16 or fp32 on CPU)")
-    return precision
-
-
-def autocast(device: torch.device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def seed_everything(seed: int) -> None:
@@ -192,28 +182,38 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
     from .data.domain_generalization import masked_predictions
 
     model.eval()
-    correct, total, loss_sum, masked_correct = 0, 0, 0.0, 0
+    # Sums stay on the device until the end: reading one per batch would make the host wait for the GPU each time.
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, correct over ``classes``
+    loss_sum = torch.zeros((), dtype=_sum_dtype(device), device=device)
+    total = 0
     hits = []
-    for inputs, labels in loader:
-        inputs, labels = to_device(inputs, device), labels.to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits = model(inputs)
-        loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
-        hit = logits.argmax(dim=1) == labels
-        correct += hit.sum().item()
-        if classes is not None:
-            masked_correct += (masked_predictions(logits, classes) == labels).sum().item()
-        total += labels.numel()
-        if per_image:
-            hits.append(hit.cpu())
+    with fp32_matmul(device):
+        for inputs, labels in loader:
+            inputs, labels = to_device(inputs, device), labels.to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = model(inputs)
+            loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").to(loss_sum.dtype)
+            hit = logits.argmax(dim=1) == labels
+            counts[0] += hit.sum()
+            if classes is not None:
+                counts[1] += (masked_predictions(logits, classes) == labels).sum()
+            total += labels.numel()
+            if per_image:
+                hits.append(hit)
     if total == 0:
         raise ValueError("evaluation split is empty")
-    metrics = {"accuracy": correct / total, "loss": loss_sum / total}
+    correct, masked_correct = counts.tolist()
+    metrics = {"accuracy": correct / total, "loss": loss_sum.item() / total}
     if classes is not None:
         metrics["accuracy_masked"] = masked_correct / total
     if per_image:
-        metrics["correct"] = torch.cat(hits)
+        metrics["correct"] = torch.cat(hits).cpu()
     return metrics
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """Running sums of losses in float64 (as Python floats summed them before), where the device has it."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 class EpochProgress:
@@ -304,31 +304,34 @@ def train_and_evaluate(
                          "(training.batch_size: batches drop the remainder, as in the official recipe)")
     if keep_best is not None and keep_best not in eval_data:
         raise ValueError(f"keep_best={keep_best!r} is not one of the evaluated splits ({', '.join(eval_data)})")
-    loaders = _Loaders.build(model, train_data, eval_data, config, device, precision)
-    loop = _TrainingLoop(model, config, device, precision, loaders, keep_best, cpu_started)
-    if resume_from is not None:
-        loop.restore(resume_from)
-    progress = EpochProgress(config.epochs, loop.first_epoch, len(loaders.train) * config.batch_size,
-                             config.progress)
-    for epoch in range(loop.first_epoch, config.epochs):
-        metrics = loop.run_epoch(epoch)
-        progress.epoch_done(epoch, metrics)
-        snapshot = functools.cache(loop.snapshot)
-        for hook in hooks:  # each its own copy of the metrics
-            hook(EpochEnd(epoch, dict(metrics), epoch == config.epochs - 1, snapshot))
-    progress.close()
-    return loop.result()
+    with fp32_matmul(device):  # the prefix cache is built with the matmul precision that training uses
+        loaders = _Loaders.build(model, train_data, eval_data, config, device, precision)
+        loop = _TrainingLoop(model, config, device, precision, loaders, keep_best, cpu_started)
+        if resume_from is not None:
+            loop.restore(resume_from)
+        progress = EpochProgress(config.epochs, loop.first_epoch, len(loaders.train) * config.batch_size,
+                                 config.progress)
+        for epoch in range(loop.first_epoch, config.epochs):
+            metrics = loop.run_epoch(epoch)
+            progress.epoch_done(epoch, metrics)
+            snapshot = functools.cache(loop.snapshot)
+            for hook in hooks:  # each its own copy of the metrics
+                hook(EpochEnd(epoch, dict(metrics), epoch == config.epochs - 1, snapshot))
+        progress.close()
+        return loop.result()
 
 
 @dataclass
 class _Loaders:
     """The batches a run reads: the training split (from the prefix cache where it applies, in the order the
-    image loader would draw them) and each evaluated split, with the generator that shuffles training."""
+    image loader would draw them) and each evaluated split, with the generator that shuffles training and the
+    bytes of cached features kept on the GPU."""
 
     train: Any
     evaluated: dict[str, Any]
     generator: torch.Generator
     cache_report: Any
+    gpu_cache_bytes: int = 0
 
     @classmethod
     def build(cls, model: nn.Module, train_data: Dataset, eval_data: Mapping[str, Dataset], config: TrainConfig,
@@ -353,23 +356,21 @@ class _Loaders:
                         pass
         seed_everything(config.seed)  # building the cache must not shift the random streams of training
         generator = torch.Generator().manual_seed(config.seed)
-        pin = device.type == "cuda"
+        placed = {split: place_features(features, device) for split, features in
+                  {"train": train_features, **eval_features}.items() if features is not None}
         if train_features is not None:
-            # The same generator draws the same batches as the image DataLoader below would.
-            train = place_features(train_features, device).loader(config.batch_size, shuffle=True, drop_last=True,
-                                                                  generator=generator)
+            # The same generator draws the same batches as the image loader below would.
+            train = placed["train"].loader(config.batch_size, shuffle=True, drop_last=True, generator=generator)
         else:
-            train = DataLoader(train_data, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                               num_workers=config.num_workers, generator=generator, pin_memory=pin)
+            train = image_loader(train_data, config.batch_size, device, config.num_workers, order=generator,
+                                 drop_last=True, seed=config.seed)
         evaluated = {
-            split: place_features(eval_features[split], device).loader(config.eval_batch_size, shuffle=False,
-                                                                      drop_last=False)
-            if eval_features.get(split) is not None else
-            DataLoader(data, batch_size=config.eval_batch_size, shuffle=False, num_workers=config.num_workers,
-                       pin_memory=pin)
+            split: placed[split].loader(config.eval_batch_size, shuffle=False, drop_last=False) if split in placed
+            else image_loader(data, config.eval_batch_size, device, config.num_workers, persistent=evaluations > 1)
             for split, data in eval_data.items()
         }
-        return cls(train, evaluated, generator, cache_report)
+        gpu_bytes = sum(f.nbytes for f in placed.values() if f.device.type == "cuda")
+        return cls(train, evaluated, generator, cache_report, gpu_bytes)
 
 
 class _TrainingLoop:
@@ -385,8 +386,7 @@ class _TrainingLoop:
         self.scheduler = make_scheduler(self.optimizer, config)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        self.memory = GpuMemory(device, loaders.gpu_cache_bytes)
         self.history: list[dict] = []
         self.per_image_correct: dict[str, torch.Tensor] = {}
         self.best_trainable: dict[str, torch.Tensor] = {}
@@ -402,24 +402,28 @@ class _TrainingLoop:
         self.scaler.load_state_dict(state.scaler)
         self.loaders.generator.set_state(state.data_order)
         torch.set_rng_state(state.rng)
-        if self.device.type == "cuda" and state.cuda_rng:
-            torch.cuda.set_rng_state_all(state.cuda_rng)
+        restore_device_rng(state.cuda_rng, self.device)
         self.history = list(state.history)
         self.first_epoch = state.epochs_done
         self.train_time, self.images_seen = state.train_time_s, state.images_seen
         self.saved_bytes, self.cpu_before = state.saved_bytes_per_batch, state.cpu_time_s
         self.best_trainable, self.best_epoch = state.best_trainable, state.best_epoch
         self.best_accuracy = state.best_accuracy
+        memory = self.memory
+        memory.train_allocated, memory.train_reserved = state.gpu_peak_allocated_bytes, state.gpu_peak_reserved_bytes
+        memory.eval_allocated = state.gpu_eval_peak_allocated_bytes
 
     def snapshot(self) -> TrainingState:
         return TrainingState(
             epochs_done=len(self.history), trainable=trainable_state_dict(self.model),
             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
             data_order=self.loaders.generator.get_state(), rng=torch.get_rng_state(),
-            cuda_rng=torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            cuda_rng=device_rng_state(self.device),
             history=[dict(h) for h in self.history], train_time_s=self.train_time, images_seen=self.images_seen,
             saved_bytes_per_batch=self.saved_bytes, cpu_time_s=self.cpu_time(),
-            best_trainable=self.best_trainable, best_epoch=self.best_epoch, best_accuracy=self.best_accuracy)
+            best_trainable=self.best_trainable, best_epoch=self.best_epoch, best_accuracy=self.best_accuracy,
+            gpu_peak_allocated_bytes=self.memory.train_allocated, gpu_peak_reserved_bytes=self.memory.train_reserved,
+            gpu_eval_peak_allocated_bytes=self.memory.eval_allocated)
 
     def cpu_time(self) -> float:
         return self.cpu_before + time.process_time() - self.cpu_started
@@ -427,17 +431,20 @@ class _TrainingLoop:
     def run_epoch(self, epoch: int) -> dict:
         """Train one epoch, evaluate if it is an evaluation epoch, keep the best weights; its metrics."""
         config = self.config
-        metrics = {"epoch": epoch, **self.train_epoch(epoch)}
+        with self.memory.measure("train"):
+            metrics = {"epoch": epoch, **self.train_epoch(epoch)}
         last = epoch == config.epochs - 1
         if last or (config.eval_every and (epoch + 1) % config.eval_every == 0):
-            for split, loader in self.loaders.evaluated.items():
-                scores = evaluate(self.model, loader, self.device, self.precision, per_image=last)
-                if last:
-                    self.per_image_correct[split] = scores.pop("correct")
-                for key, value in scores.items():
-                    metrics[f"{split}/{key}"] = value
+            with self.memory.measure("eval"):
+                for split, loader in self.loaders.evaluated.items():
+                    scores = evaluate(self.model, loader, self.device, self.precision, per_image=last)
+                    if last:
+                        self.per_image_correct[split] = scores.pop("correct")
+                    for key, value in scores.items():
+                        metrics[f"{split}/{key}"] = value
             if self.keep_best is not None and metrics[f"{self.keep_best}/accuracy"] > self.best_accuracy:
                 self.best_accuracy, self.best_epoch = metrics[f"{self.keep_best}/accuracy"], epoch
+                # in host memory: a copy on the GPU would count as training memory
                 self.best_trainable = {k: v.clone() for k, v in trainable_state_dict(self.model).items()}
         self.history.append(metrics)
         return metrics
@@ -446,7 +453,11 @@ class _TrainingLoop:
         model, device, optimizer = self.model, self.device, self.optimizer
         self.scheduler.step(epoch)
         model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
+        # The epoch's sums stay on the device: reading them every step would make the host wait for the GPU at
+        # every step (a non-finite loss is caught at the epoch's end, where the sum is read once).
+        loss_sum = torch.zeros((), dtype=_sum_dtype(device), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
         start = time.perf_counter()
         for step, (inputs, labels) in enumerate(self.loaders.train):
             inputs, labels = to_device(inputs, device), labels.to(device, non_blocking=True)
@@ -457,9 +468,6 @@ class _TrainingLoop:
                 loss = self.criterion(logits.float(), labels)
             if first_step:
                 self.saved_bytes = counter.nbytes
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, step {step} "
-                                         f"(lr {optimizer.param_groups[0]['lr']:.3g}); try a lower training.lr")
             optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.config.grad_clip is not None:
@@ -467,14 +475,16 @@ class _TrainingLoop:
                 nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
             self.scaler.step(optimizer)
             self.scaler.update()
-            loss_sum += loss.item() * labels.numel()
-            correct += (logits.argmax(dim=1) == labels).sum().item()
+            loss_sum += loss.detach().to(loss_sum.dtype) * labels.numel()
+            correct += (logits.argmax(dim=1) == labels).sum()
             seen += labels.numel()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        mean_loss = loss_sum.item() / seen  # waits for the epoch's last step
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"loss became {mean_loss} at epoch {epoch} (lr "
+                                     f"{optimizer.param_groups[0]['lr']:.3g}); try a lower training.lr")
         self.train_time += time.perf_counter() - start
         self.images_seen += seen
-        return {"lr": optimizer.param_groups[0]["lr"], "train/loss": loss_sum / seen, "train/accuracy": correct / seen}
+        return {"lr": optimizer.param_groups[0]["lr"], "train/loss": mean_loss, "train/accuracy": correct.item() / seen}
 
     def result(self) -> TrainResult:
         """The finished run (``keep_best``: the best epoch's weights back in the model, re-scored per image)."""
@@ -483,21 +493,25 @@ class _TrainingLoop:
             final["best_epoch"] = self.best_epoch
             if self.best_epoch != self.config.epochs - 1:  # score the best epoch's weights again, per image
                 self.model.load_state_dict(self.best_trainable, strict=False)
-                for split, loader in self.loaders.evaluated.items():
-                    scores = evaluate(self.model, loader, self.device, self.precision, per_image=True)
-                    self.per_image_correct[split] = scores.pop("correct")
-                    final.update({f"{split}/{key}": value for key, value in scores.items()})
+                with self.memory.measure("eval"):
+                    for split, loader in self.loaders.evaluated.items():
+                        scores = evaluate(self.model, loader, self.device, self.precision, per_image=True)
+                        self.per_image_correct[split] = scores.pop("correct")
+                        final.update({f"{split}/{key}": value for key, value in scores.items()})
         rss_scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-        device = self.device
+        memory = self.memory
         return TrainResult(
             metrics=final,
             history=self.history,
             trainable_params=sum(p.numel() for p in self.trainable),
             images_per_s=self.images_seen / self.train_time if self.train_time > 0 else math.nan,
             train_time_s=self.train_time,
-            peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            gpu_peak_allocated_bytes=memory.train_allocated if memory.active else None,
+            gpu_peak_reserved_bytes=memory.train_reserved if memory.active else None,
+            gpu_eval_peak_allocated_bytes=memory.eval_allocated if memory.active else None,
+            gpu_cache_bytes=memory.resident_bytes if memory.active else None,
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_scale,
-            device=str(device),
+            device=str(self.device),
             precision=self.precision,
             cache_report=self.loaders.cache_report.to_dict(),
             saved_bytes_per_batch=self.saved_bytes,

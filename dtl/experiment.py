@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .config import ConfigError, ExperimentConfig
-from .engine import EpochHook, TrainingState, TrainResult, seed_everything, train_and_evaluate
+from .devices import SetupError, image_loader, resolve_device, resolve_precision
+from .engine import EpochHook, TrainingState, TrainResult, evaluate, seed_everything, train_and_evaluate
 from .methods import create_model
 
 
@@ -80,8 +81,6 @@ _CHECKED_CHECKPOINTS: set[tuple[str, str]] = set()
 def check_run(config: ExperimentConfig, task: str, train_images: int, num_classes: int) -> None:
     """Fail before any training when ``task`` cannot run with its settings here: a model its backbone cannot take,
     a batch larger than its training split, a device or precision this machine lacks (the errors name the key)."""
-    from .engine import SetupError, resolve_device, resolve_precision
-
     from .models.backbone import CheckpointError
 
     resolved = config.for_task(task)
@@ -177,11 +176,7 @@ def evaluate_saved(config: ExperimentConfig, task: str, seed: int, weights: str 
 def evaluate_model(config: ExperimentConfig, task: str, model: nn.Module, num_classes: int, *, seed: int,
                    shots: int | None = None, splits: dict[str, str] | None = None) -> dict:
     """Score a trained ``model`` of ``task`` (``config`` with the task's overrides applied) on ``splits`` (default:
-    the protocol's reported splits), as :func:`evaluate_saved` does."""
-    from torch.utils.data import DataLoader
-
-    from .engine import evaluate, resolve_device, resolve_precision
-
+    the protocol's reported splits), as :func:`evaluate_saved` does; ``<name>_images`` is each split's size."""
     device = resolve_device(config.training.device)
     precision = resolve_precision(config.training.precision, device)
     model.to(device)
@@ -193,8 +188,9 @@ def evaluate_model(config: ExperimentConfig, task: str, model: nn.Module, num_cl
                           model=model)
         present = sorted({label for _, label in getattr(data, "samples", [])})
         classes = present if 0 < len(present) < num_classes and split in protocol.target_splits() else None
-        loader = DataLoader(data, batch_size=config.training.eval_batch_size, shuffle=False,
-                            num_workers=config.training.num_workers)
+        loader = image_loader(data, config.training.eval_batch_size, device, config.training.num_workers,
+                              persistent=False)
         for key, value in evaluate(model, loader, device, precision, classes=classes).items():
             scores[f"{name}_{key}"] = value
+        scores[f"{name}_images"] = len(data)
     return scores

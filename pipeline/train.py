@@ -165,7 +165,7 @@ def train_one(config: ExperimentConfig, task: str, shots: int | None, seed: int,
         if cache:  # which variant trained (docs/design.md: the cache and drop-path)
             summary["cache_report"] = cache
             seed_run.set_tags({"prefix_cache": cache.get("mode", "?")})
-        seed_run.log_metrics({k: v for k, v in summary.items() if k in COST_KEYS})
+        seed_run.log_metrics({k: v for k, v in summary.items() if k in COST_KEYS and v is not None})
     return summary, history
 
 
@@ -186,7 +186,8 @@ def register_model(run, task_config: ExperimentConfig, task: str, staging: Path,
 
 
 COST_KEYS = ("trainable_params", "trainable_params_excl_head", "images_per_s", "train_time_s", "cpu_time_s",
-             "saved_bytes_per_batch", "peak_memory_bytes", "peak_rss_bytes")
+             "saved_bytes_per_batch", "gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes",
+             "gpu_eval_peak_allocated_bytes", "gpu_cache_bytes", "peak_rss_bytes")
 
 
 def _run_name(seed_summary: dict) -> str:

@@ -291,6 +291,9 @@ def check_options(options: SweepOptions, study: bool = False) -> None:
         raise SweepError(f"--scheduler: expected one of {', '.join(SCHEDULERS)}, got {options.scheduler!r}")
     if options.cpus_per_trial <= 0 or (options.gpus_per_trial is not None and options.gpus_per_trial < 0):
         raise SweepError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    if options.gpus_per_trial is not None and options.gpus_per_trial > 1:
+        raise SweepError(f"--gpus-per-trial {options.gpus_per_trial:g}: a trial trains on one GPU, so at most 1 (a "
+                         "fraction such as 0.25 packs several trials on one GPU)")
     if options.max_failures < 0:
         raise SweepError(f"--max-failures: expected an integer >= 0, got {options.max_failures}")
     if not options.checkpoint_every >= 0:

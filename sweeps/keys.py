@@ -15,8 +15,8 @@ CHECKPOINT_FILE = "training_state.pt"  # the trial's checkpoint: dtl.engine.Trai
 RUN_FILE = "mlflow_run.json"  # beside it: the trial's MLflow run and restarts, known with the store unreachable
 RUN_KEY = "mlflow_run_id"  # in every report: the driver closes a stopped trial's run without searching the store
 # Cost figures of a finished trial (dtl.engine.TrainResult.summary), next to its accuracy.
-COST_METRICS = ("trainable_params", "train_time_s", "cpu_time_s", "saved_bytes_per_batch", "peak_memory_bytes",
-                "images_per_s")
+COST_METRICS = ("trainable_params", "train_time_s", "cpu_time_s", "saved_bytes_per_batch", "gpu_peak_allocated_bytes",
+                "gpu_peak_reserved_bytes", "peak_rss_bytes", "images_per_s")
 
 # Keys of a trial's config next to the sampled values: its task, and whether it is the task's incumbent.
 TASK_KEY = "task"

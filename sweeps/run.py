@@ -69,10 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="trials running at once over all tasks (default: as many as the cluster's CPUs/GPUs "
                              "hold)")
     parser.add_argument("--gpus-per-trial", type=positive_float, default=None,
-                        help="GPUs reserved per trial; fractions pack several trials on one GPU (0.25: four). "
-                             "Default: 1 when the cluster has GPUs, else 0 (CPU training)")
+                        help="GPUs reserved per trial, at most 1; fractions pack several trials on one GPU (0.25: "
+                             "four), each capped at that share of the GPU's memory. Default: 1 when the cluster has "
+                             "GPUs, else 0 (CPU training; a trial with no GPU sees none)")
     parser.add_argument("--cpus-per-trial", type=positive_float, default=1.0,
-                        help="CPUs reserved per trial (also its torch thread count, at least 1; default: %(default)s)")
+                        help="CPUs reserved per trial (its torch thread count, at least 1, and at most one fewer data "
+                             "loader workers than that; default: %(default)s)")
     parser.add_argument("--address", default=None,
                         help="join an existing Ray cluster (e.g. 10.0.0.1:6379 or 'auto', as `ray start --head` "
                              "prints); default: start a private local Ray instance")

@@ -34,8 +34,13 @@ from .keys import SEED_KEY, STUDY_METRIC, TASK_KEY, TIME_ATTR, TRIAL_ERROR
 from .trainable import plain, split_trial_config
 
 STUDY_FILES = ("study.json", "study.md", "study.png")
-# Per trial, what a study keeps next to its test accuracy (from dtl.engine.TrainResult and the peak figure).
-STUDY_COSTS = ("trainable_params", "saved_bytes_per_batch", "peak_bytes", "images_per_s", "train_time_s")
+# Per trial, what a study keeps next to its test accuracy (from dtl.engine.TrainResult and, off a GPU, the
+# estimated peak of sweeps.trainable.study_scores).
+STUDY_COSTS = ("trainable_params", "saved_bytes_per_batch", "gpu_peak_allocated_bytes", "cpu_peak_estimate_bytes",
+               "images_per_s", "train_time_s")
+# The peak column: the GPU's where every point trained on one, else the CPU estimate.
+PEAK_COLUMNS = (("gpu_peak_allocated_bytes", "GPU peak allocated (MiB)"),
+                ("cpu_peak_estimate_bytes", "peak, CPU estimate (MiB)"))
 
 
 @dataclass
@@ -116,7 +121,9 @@ def _pct(mean: float | None, std: float | None, count: int = 2) -> str:
 
 def markdown(name: str, summary: Sequence[dict[str, Any]], tasks: Sequence[str], seeds: Sequence[int],
              epochs: int, protocol: str) -> str:
-    header = ["point", *tasks, "group mean", "trainable params", "kept for backward (MiB/batch)", "peak (MiB)",
+    peak, peak_label = next(((key, label) for key, label in PEAK_COLUMNS if all(key in p for p in summary)),
+                            PEAK_COLUMNS[-1])
+    header = ["point", *tasks, "group mean", "trainable params", "kept for backward (MiB/batch)", peak_label,
               "images/s"]
     spread = f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]} only"
     lines = [f"Study {name}: test accuracy (%), {spread}; every point "
@@ -128,7 +135,7 @@ def markdown(name: str, summary: Sequence[dict[str, Any]], tasks: Sequence[str],
         cells.append(_pct(point["group_mean"]["mean"], point["group_mean"]["std"], point["group_mean"]["seeds"]))
         cells.append(f"{point['trainable_params']:,.0f}" if "trainable_params" in point else "-")
         cells.append(f"{point['saved_bytes_per_batch'] / 2**20:.2f}" if "saved_bytes_per_batch" in point else "-")
-        cells.append(f"{point['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in point else "-")
+        cells.append(f"{point[peak] / 2**20:.0f}" if peak in point else "-")
         cells.append(f"{point['images_per_s']:.0f}" if "images_per_s" in point else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -97,7 +97,11 @@ def trial_config(setup: TrialSetup, params: Mapping[str, Any], seed: int | None 
     if not setup.study:
         selection = get_protocol(evaluation.get("protocol", "final")).selection
         raw["evaluation"] = {**evaluation, "protocol": selection}
-    raw["training"] = {**raw.get("training", {}), "progress": False, "seed": setup.seed if seed is None else seed}
+    training = raw.get("training", {})
+    # Loader workers beyond the CPUs Ray reserved for the trial would compete with the other trials' CPUs.
+    workers = min(int(training.get("num_workers", 0)), setup.threads - 1)
+    raw["training"] = {**training, "progress": False, "seed": setup.seed if seed is None else seed,
+                       "num_workers": max(0, workers)}
     return ExperimentConfig.from_dict(raw, where=f"sweep trial of {setup.task}")
 
 
@@ -114,7 +118,7 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
     task, incumbent, params = split_trial_config(config)
     setup = setups[task]
     seed = int(config.get(SEED_KEY, setup.seed))
-    prepare_worker(setup)
+    placement = prepare_worker(setup)
     resume_from, known = read_checkpoint(tune.get_checkpoint())
     context = tune.get_context()
     existing = find_child_run(setup, context.get_trial_id())  # its MLflow run, if an attempt opened one
@@ -128,6 +132,7 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
                 resolved = trial.for_task(task)
                 write_trial_files(Path(folder), resolved, task, seed, run.run_id, restarts)
                 record_trial(run, resolved, params, task)
+                run.set_tags(placement)
                 note_device(run, resolved.training.device)
                 report = CheckpointReporter(Path(folder), run.run_id, setup.checkpoint_every)
                 task_run = run_task(trial, task, seed=seed, hooks=[run.log_epoch, report], resume_from=resume_from)
@@ -139,17 +144,34 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
     tune.report(final)
 
 
-def prepare_worker(setup: TrialSetup) -> None:
-    """This process's threads and MLflow store. Workers of a `ray start` cluster do not inherit the driver's
-    environment: every MLflow call here must use the sweep's store, never a default file."""
+def prepare_worker(setup: TrialSetup) -> dict[str, str]:
+    """This process's GPUs, threads and MLflow store, before anything touches CUDA; returns the tags that say
+    which GPUs the trial sees and what share of one it has.
+
+    - A trial Ray gave no GPU sees none: Ray (since 2.60) leaves ``CUDA_VISIBLE_DEVICES`` as it was for a task
+      that asks for no GPU, so on a GPU node such a trial would train on GPU 0 beside the trials that own it.
+    - A trial with a fraction of a GPU (``--gpus-per-trial 0.25``) may allocate that fraction of its memory and
+      no more (``torch.cuda.set_per_process_memory_fraction``): Ray only counts the shares, so without the cap
+      one trial could take the memory of the others on its GPU.
+    - Workers of a `ray start` cluster do not inherit the driver's environment: every MLflow call here must use
+      the sweep's store, never a default file."""
+    import ray
     import torch
 
+    share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    tags = {"gpu_share": f"{share:g}"}
+    if share == 0:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif share < 1 and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(share)
+        tags["gpu_memory_fraction"] = f"{share:g}"
     torch.set_num_threads(max(1, setup.threads))
     os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
     if setup.outbox:
         from tracking.outbox import OUTBOX_ENV
 
         os.environ[OUTBOX_ENV] = setup.outbox
+    return {**tags, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "all")}
 
 
 def read_checkpoint(checkpoint) -> tuple[Any, dict | None]:
@@ -221,8 +243,8 @@ def final_metrics(task_run, setup: TrialSetup, run) -> dict[str, Any]:
 
 def study_scores(task_run) -> dict[str, float]:
     """What a study reports besides the run's own metrics: the protocol's reported splits the run did not score
-    (few-shot: the test list of the weights kept; domain generalisation: every target) and a peak-memory
-    figure (the GPU's peak, else an estimate: weights, gradients, AdamW state, kept activations, one batch)."""
+    (few-shot: the test list of the weights kept; domain generalisation: every target) and, off a GPU (whose peak
+    the run measured), an estimated peak: weights, gradients, AdamW state, kept activations, one batch."""
     from dtl.benchmark import cpu_peak_estimate
     from dtl.experiment import evaluate_model
 
@@ -231,10 +253,13 @@ def study_scores(task_run) -> dict[str, float]:
                if f"{name}/accuracy" not in result.metrics}
     scores = evaluate_model(task_run.config, task_run.task, task_run.model, task_run.num_classes,
                             seed=task_run.config.training.seed, shots=task_run.shots, splits=missing) if missing else {}
-    image = task_run.image_size
-    batch_bytes = task_run.config.training.batch_size * 3 * image * image * 4
-    peak = result.peak_memory_bytes or cpu_peak_estimate(task_run.model, result.saved_bytes_per_batch, batch_bytes)
-    return {**{k: float(v) for k, v in scores.items()}, "peak_bytes": float(peak)}
+    scores = {k: float(v) for k, v in scores.items()}
+    if result.gpu_peak_allocated_bytes is None:
+        image = task_run.image_size
+        batch_bytes = task_run.config.training.batch_size * 3 * image * image * 4
+        scores["cpu_peak_estimate_bytes"] = float(
+            cpu_peak_estimate(task_run.model, result.saved_bytes_per_batch, batch_bytes))
+    return scores
 
 
 def report_recorded_result(setup: TrialSetup, run) -> bool:

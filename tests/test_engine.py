@@ -6,21 +6,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 import dtl
+from conftest import quadrant_task
 from dtl.config import TrainConfig
 from dtl.engine import make_scheduler, parameter_groups, train_and_evaluate
 
 MICRO = "vit_micro_patch4_32"
-
-
-def quadrant_task(n: int, seed: int = 0) -> TensorDataset:
-    """4 classes: which image quadrant is bright. Learnable in a few epochs, chance = 0.25."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 4, (n,), generator=generator)
-    images = torch.randn(n, 3, 32, 32, generator=generator) * 0.3
-    for i, label in enumerate(labels.tolist()):
-        row, col = divmod(label, 2)
-        images[i, :, row * 16:(row + 1) * 16, col * 16:(col + 1) * 16] += 1.5
-    return TensorDataset(images, labels)
 
 
 def test_official_schedule_warmup_cosine_cooldown():
@@ -60,7 +50,7 @@ def test_training_lowers_the_loss_beats_chance_and_reports_every_epoch():
     assert seen[-1][1]["train/loss"] < 0.8 * seen[0][1]["train/loss"]
     assert result.metrics["test/accuracy"] > 0.5  # chance is 0.25
     assert result.trainable_params == dtl.trainable_parameters(model)
-    assert result.images_per_s > 0 and result.peak_rss_bytes > 0 and result.peak_memory_bytes is None
+    assert result.images_per_s > 0 and result.peak_rss_bytes > 0 and result.gpu_peak_allocated_bytes is None
     assert len(result.history) == 6
 
 

@@ -497,12 +497,14 @@ def sweep_factory(tmp_path, tiny_data):
 
 def test_tiny_sweep_records_parent_children_best_and_a_failed_trial(sweep_factory):
     sweep = sweep_factory(FAILING_SPACE)
+    sweep.env["CUDA_VISIBLE_DEVICES"] = "0"  # as on a GPU node: Ray leaves it to trials that asked for no GPU
     code, out = sweep.run("--seed", "0")
     assert code == 0, out
 
     parents, children = sweep.runs()
     assert len(parents) == 1 and parents[0].data.tags["task"] == TASK and parents[0].info.status == "FINISHED"
     assert len(children) == 3
+    assert all(c.data.tags["gpu_share"] == "0" and c.data.tags["cuda_visible_devices"] == "" for c in children)
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     failed = [c for c in children if c.info.status == "FAILED"]
     assert len(failed) == 1, [(c.info.status, c.data.params.get("trial.lr")) for c in children]

@@ -17,6 +17,13 @@ from torch import nn
 from ..models.family import BackboneFamily, CachedInputs
 
 
+def classify(head: nn.Linear, features: torch.Tensor) -> torch.Tensor:
+    """The head's logits in fp32, outside any autocast: the argmax and the loss read full-precision logits (bf16
+    logits round to 8 bits of mantissa, which changes the top-1 class of some images)."""
+    with torch.autocast(features.device.type, enabled=False):
+        return head(features.to(head.weight.dtype))
+
+
 class HeadModel(nn.Module):
     """A backbone with a fresh linear head; nothing of the backbone trains unless a subclass says so."""
 
@@ -38,8 +45,8 @@ class HeadModel(nn.Module):
 
     def forward(self, inputs: torch.Tensor | CachedInputs) -> torch.Tensor:
         if isinstance(inputs, CachedInputs):
-            return self.head(inputs["pooled"])
-        return self.head(self.features(inputs))
+            return classify(self.head, inputs["pooled"])
+        return classify(self.head, self.features(inputs))
 
     @property
     def frozen_blocks(self) -> range:

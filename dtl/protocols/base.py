@@ -185,8 +185,9 @@ class Protocol:
             short[target] = round(metrics[f"{target}_accuracy"], 4)
         if "val_accuracy" in metrics and not metrics.get("shots"):
             short["val_acc"] = round(metrics["val_accuracy"], 4)
-        short.update(params=metrics["trainable_params_excl_head"], memory_mb=round(metrics["peak_memory_mb"], 1),
-                     images_s=round(metrics["images_per_s"], 1))
+        short["params"] = metrics["trainable_params_excl_head"]
+        short.update({key: round(value, 1) for key, value in memory_figures(metrics).items()})
+        short["images_s"] = round(metrics["images_per_s"], 1)
         return short
 
     def build_report(self, evaluated: dict[str, tuple[dict, dict]]) -> dict[str, Any]:
@@ -272,7 +273,32 @@ def seed_means(per_seed: list[dict[str, Any]]) -> dict[str, float]:
     return metrics
 
 
-COST_KEYS = ("trainable_params", "trainable_params_excl_head", "peak_memory_mb", "images_per_s")
+COST_KEYS = ("trainable_params", "trainable_params_excl_head", "images_per_s")
+# The memory figures a task reports, each named for what it measures: the bytes autograd keeps for backward per
+# batch (DTL's saving; the same on every device), the CUDA allocator's peaks while training, and the process's
+# peak resident memory (host RAM: on a CPU, everything the process held).
+MEMORY_LABELS = {
+    "saved_for_backward_mb": "kept for backward (MB per batch)",
+    "gpu_peak_allocated_mb": "GPU peak allocated (MB)",
+    "gpu_peak_reserved_mb": "GPU peak reserved (MB)",
+    "peak_rss_mb": "process peak RSS (MB)",
+}
+
+
+def memory_figures(metrics: dict[str, Any], memory_kind: str | None = None) -> dict[str, float]:
+    """The memory figures of :data:`MEMORY_LABELS` that a task's evaluated metrics hold. Metrics written before
+    the figures had their own names hold one ``peak_memory_mb``: the GPU's peak allocated memory or the process's
+    peak RSS, as ``memory_kind`` (``gpu_allocated`` or ``process_rss``) says."""
+    figures = {key: metrics[key] for key in MEMORY_LABELS if metrics.get(key) is not None}
+    if "peak_memory_mb" in metrics:
+        old = "gpu_peak_allocated_mb" if memory_kind == "gpu_allocated" else "peak_rss_mb"
+        figures.setdefault(old, metrics["peak_memory_mb"])
+    return figures
+
+
+def measured_memory(rows: list[dict[str, Any]]) -> str:
+    """The peak every row measured: the GPU's where every run trained on one, else the process's RSS."""
+    return "gpu_peak_allocated_mb" if all("gpu_peak_allocated_mb" in r for r in rows) else "peak_rss_mb"
 
 
 def rounded(value: float | None) -> float | None:
@@ -288,25 +314,31 @@ def percent(value: float | None, std: float | None = None) -> str:
 def task_row(task: str, metrics: dict, info: dict) -> dict[str, Any]:
     """A task's row of a report: its method, costs and MLflow run (``rows``, which every report has)."""
     return {"task": task, "method": info.get("method"), "mlflow_run_id": info.get("mlflow_run_id"),
-            "memory_kind": info.get("memory_kind"), **{key: metrics[key] for key in COST_KEYS}}
+            **{key: metrics[key] for key in COST_KEYS}, **memory_figures(metrics, info.get("memory_kind"))}
 
 
 def cost_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means of the parameters and throughput over the rows, and each memory figure's maximum
+    (``max_<figure>``, for the figures every row has)."""
+    shared = [key for key in MEMORY_LABELS if all(key in r for r in rows)]
     return {"mean_trainable_params": statistics.fmean(r["trainable_params"] for r in rows),
             "mean_trainable_params_excl_head": statistics.fmean(r["trainable_params_excl_head"] for r in rows),
-            "max_peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
+            **{f"max_{key}": max(r[key] for r in rows) for key in shared},
             "mean_images_per_s": statistics.fmean(r["images_per_s"] for r in rows),
             "methods": sorted({str(r["method"]) for r in rows})}
 
 
-def memory_label(rows: list[dict[str, Any]]) -> str:
-    return ("peak GPU memory (MB)" if {r["memory_kind"] for r in rows} == {"gpu_allocated"}
-            else "peak memory (MB, process RSS)")
+def memory_sentence(report: dict[str, Any]) -> str:
+    """'maximum GPU peak allocated (MB): 812; maximum kept for backward (MB per batch): 44' (what the report has)."""
+    keys = [measured_memory(report["rows"]), "saved_for_backward_mb"]
+    return "; ".join(f"maximum {MEMORY_LABELS[key]}: {report[f'max_{key}']:.0f}" for key in keys
+                     if f"max_{key}" in report)
 
 
 def plot_costs(row: dict[str, Any]) -> dict[str, Any]:
     """The cost columns of a ``plots/tasks.json`` row."""
-    return {"params": row["trainable_params_excl_head"], "memory_mb": round(row["peak_memory_mb"], 1),
+    return {"params": row["trainable_params_excl_head"],
+            **{key: round(row[key], 1) for key in MEMORY_LABELS if key in row},
             "images_s": round(row["images_per_s"], 1)}
 
 

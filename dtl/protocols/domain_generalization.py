@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..validation import need
-from .base import (SyntheticSuite, cost_summary, finish_accuracy_figure, memory_label, percent, plot_costs, pyplot,
-                   register_protocol, rounded, task_row)
+from .base import (SyntheticSuite, cost_summary, finish_accuracy_figure, memory_sentence, percent, plot_costs,
+                   pyplot, register_protocol, rounded, task_row)
 from .noah import TARGET_PREFIX, ListFileProtocol
 
 
@@ -139,7 +139,7 @@ class DomainGeneralizationProtocol(ListFileProtocol):
             lines += ["", f"Source validation accuracy (val_meta.list): {percent(src['val_accuracy'])}."]
         row = report["rows"][0]
         lines += ["", f"Trainable parameters {row['trainable_params_excl_head']:,} ({row['trainable_params']:,} with "
-                  f"the head); {memory_label(report['rows'])}: {report['max_peak_memory_mb']:.0f}.", "",
+                  f"the head); {memory_sentence(report)}.", "",
                   "![accuracy per domain](report.png)", ""]
         return "\n".join(lines)
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import (SyntheticSuite, cost_summary, finish_accuracy_figure, memory_label, percent, plot_costs, pyplot,
-                   register_protocol, rounded, task_row)
+from .base import (SyntheticSuite, cost_summary, finish_accuracy_figure, memory_sentence, percent, plot_costs,
+                   pyplot, register_protocol, rounded, task_row)
 from .noah import ListFileProtocol
 
 
@@ -92,8 +92,8 @@ class FewShotProtocol(ListFileProtocol):
             lines.append(f"| {task} | " + " | ".join(cells) + f" | {rows[task]['trainable_params_excl_head']:,} |")
         lines.append("| **mean** | " + " | ".join(f"**{percent(report['mean_by_shots'][k])}**" for k in counts)
                      + " | |")
-        lines += ["", f"Maximum {memory_label(report['rows'])}: {report['max_peak_memory_mb']:.0f}; mean training "
-                  f"throughput {report['mean_images_per_s']:.0f} images/s.", "",
+        lines += ["", f"{memory_sentence(report).capitalize()}; mean training throughput "
+                  f"{report['mean_images_per_s']:.0f} images/s.", "",
                   "![test accuracy vs shots](report.png)", ""]
         return "\n".join(lines)
 

@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import (Protocol, SyntheticSuite, cost_summary, fingerprint, get_protocol, memory_label, percent, plot_costs,
-                   pyplot, rounded, save_figure, task_row)
+from .base import (MEMORY_LABELS, Protocol, SyntheticSuite, cost_summary, fingerprint, get_protocol, measured_memory,
+                   memory_sentence, percent, plot_costs, pyplot, rounded, save_figure, task_row)
 
 LIST_SPLITS = ("train800", "val200", "train800val200", "test")
 GROUP_COLOURS = {"Natural": "tab:green", "Specialized": "tab:orange", "Structured": "tab:blue"}
+SAVED = "saved_for_backward_mb"
 
 
 class VtabProtocol(Protocol):
@@ -102,8 +103,7 @@ class VtabProtocol(Protocol):
                 part = report[split]
                 public[split] = {**part["groups"], "group_mean": part["group_mean"], "task_mean": part["task_mean"],
                                  "num_tasks": part["num_tasks"]}
-        public.update({key: report[key] for key in ("mean_trainable_params", "mean_trainable_params_excl_head",
-                                                    "max_peak_memory_mb", "mean_images_per_s")})
+        public.update({key: value for key, value in report.items() if key.startswith(("mean_", "max_"))})
         test = report["test"]
         # the group mean first (test_acc, the column it shares with the per-task files), then each group's mean
         summary = {"test_acc": rounded(test["group_mean"]),
@@ -127,7 +127,8 @@ class VtabProtocol(Protocol):
     def report_markdown(self, report: dict[str, Any]) -> str:
         rows = report["rows"]
         has_val = "val" in report
-        memory = memory_label(rows)
+        memory = measured_memory(rows)
+        saved = all("saved_for_backward_mb" in r for r in rows)
         seeds = max(r["num_seeds"] for r in rows)
         lines = [
             "# DTL pipeline report",
@@ -136,14 +137,16 @@ class VtabProtocol(Protocol):
             f"accuracy in %, mean{' ± std' if seeds > 1 else ''} over {seeds} seed(s). Trainable parameters exclude "
             "the classifier head (as the paper counts them); the total is in brackets.",
             "",
-            f"| task | group | test acc |{' val acc |' if has_val else ''} trainable params | {memory} | images/s |",
-            f"|---|---|---:|{'---:|' if has_val else ''}---:|---:|---:|",
+            f"| task | group | test acc |{' val acc |' if has_val else ''} trainable params |"
+            f"{f' {MEMORY_LABELS[SAVED]} |' if saved else ''} {MEMORY_LABELS[memory]} | images/s |",
+            f"|---|---|---:|{'---:|' if has_val else ''}---:|{'---:|' if saved else ''}---:|---:|",
         ]
         for r in rows:
             val = f" {percent(r['val_accuracy'])} |" if has_val else ""
+            kept = f" {r[SAVED]:.1f} |" if saved else ""
             lines.append(f"| {r['task']} | {r['group']} | {percent(r['test_accuracy'], r['test_accuracy_std'])} |"
-                         f"{val} {r['trainable_params_excl_head']:,} ({r['trainable_params']:,}) | "
-                         f"{r['peak_memory_mb']:.0f} | {r['images_per_s']:.0f} |")
+                         f"{val} {r['trainable_params_excl_head']:,} ({r['trainable_params']:,}) |{kept} "
+                         f"{r[memory]:.0f} | {r['images_per_s']:.0f} |")
         lines += ["", "| summary | test acc |" + (" val acc |" if has_val else ""),
                   "|---|---:|" + ("---:|" if has_val else "")]
         test = report["test"]
@@ -158,8 +161,8 @@ class VtabProtocol(Protocol):
         lines += [
             "",
             f"Mean trainable parameters per task: {report['mean_trainable_params_excl_head']:,.0f} "
-            f"({report['mean_trainable_params']:,.0f} with the head); maximum {memory}: "
-            f"{report['max_peak_memory_mb']:.0f}; mean training throughput {report['mean_images_per_s']:.0f} images/s.",
+            f"({report['mean_trainable_params']:,.0f} with the head); {memory_sentence(report)}; mean training "
+            f"throughput {report['mean_images_per_s']:.0f} images/s.",
             "",
             "![accuracy per task and accuracy vs cost](report.png)",
             "",
@@ -185,9 +188,9 @@ class VtabProtocol(Protocol):
                          label=f"{group} {100 * mean:.1f}")
         bars.legend(fontsize=7, loc="upper center", ncol=2, frameon=False)
         bars.set_title("accuracy per task")
-        memory = memory_label(rows)
+        memory = measured_memory(rows)
         for axis, key, label in ((axes[1], "trainable_params", "trainable parameters (incl. head)"),
-                                 (axes[2], "peak_memory_mb", memory)):
+                                 (axes[2], memory, MEMORY_LABELS[memory])):
             axis.scatter([r[key] for r in rows], accuracy, c=colours)
             for r, acc in zip(rows, accuracy):
                 axis.annotate(r["task"], (r[key], acc), fontsize=7, xytext=(3, 3), textcoords="offset points")

@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ...models.family import BackboneFamily, CachedInputs, block_input_name
 from ...models.side_network import DepthwiseGridConv, LowRankMap, SharpSwish
+from ..base import classify
 from . import DTLOptions
 
 
@@ -192,7 +193,7 @@ class DTLModel(nn.Module):
                 x = x + self._side_step(stage, coded_blocks, codes)
         with self._frozen_context(x):
             features = family.pool(x.to(dtype))
-        return self.head(self._side_cast(features, self.head.weight))
+        return classify(self.head, features)
 
     def _run_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
         with self._frozen_context(x):
