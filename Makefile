@@ -6,12 +6,12 @@ BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 DTL_CACHE_DIR ?= $(HOME)/.cache/dtl/prefix
 
-.PHONY: setup quickstart test test-all lock clean
+.PHONY: setup quickstart test test-all lint lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-setup: $(BIN)/python  ## create .venv and install the project with its test extra, at the locked versions
+setup: $(BIN)/python  ## create .venv and install the project with every extra and the dev tools, at the locked versions
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[dev]"
 	$(BIN)/python -m pipeline.plots_page  # `dvc plots show` pages that render offline
 
@@ -22,8 +22,11 @@ quickstart: setup  ## set up, then run the DVC pipeline on the embedded default 
 test:  ## the fast test suite (CPU, no network)
 	$(BIN)/python -m pytest -q
 
-test-all:  ## every test, slow ones included
+test-all:  ## every test, slow ones included (the GPU tests run with `pytest -m gpu`)
 	$(BIN)/python -m pytest -q -m ""
+
+lint:  ## ruff: pyflakes, bugbear, import order (the rules and why: pyproject.toml)
+	$(BIN)/ruff check .
 
 lock:  ## pin what a fresh, unconstrained install resolves today (then run `make test` before committing it)
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock

@@ -23,8 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a cl
 
 import torch  # noqa: E402
 
-from dtl.benchmark import (BREAKDOWN_KINDS, BenchmarkSettings, _Row, device_name, saved_bytes_breakdown,  # noqa: E402
-                           saved_tensor_bytes)
+from dtl.benchmark import (  # noqa: E402
+    BREAKDOWN_KINDS,
+    BenchmarkSettings,
+    _Row,
+    device_name,
+    saved_bytes_breakdown,
+    saved_tensor_bytes,
+)
 from dtl.devices import SetupError, resolve_device  # noqa: E402
 from dtl.io import write_json  # noqa: E402
 from dtl.methods import available_methods  # noqa: E402

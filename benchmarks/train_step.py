@@ -23,8 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
 
-from dtl.benchmark import (PRECISIONS, PROTOCOLS, ROWS, BenchmarkSettings, check_targets, format_table,  # noqa: E402
-                           run_benchmark)
+from dtl.benchmark import PRECISIONS, PROTOCOLS, ROWS, BenchmarkSettings, check_targets, format_table, run_benchmark  # noqa: E402
 from dtl.devices import SetupError, resolve_device  # noqa: E402
 from dtl.io import write_json  # noqa: E402
 

@@ -43,8 +43,15 @@ from torch import nn
 
 from .devices import autocast, fp32_matmul, resolve_device
 from .engine import SavedTensorBytes, parameter_groups
-from .methods import (BACKBONE_DTYPES, DTLModel, PrefixState, available_methods, create_model, get_method,
-                      trainable_parameters)
+from .methods import (
+    BACKBONE_DTYPES,
+    DTLModel,
+    PrefixState,
+    available_methods,
+    create_model,
+    get_method,
+    trainable_parameters,
+)
 
 
 @dataclass(frozen=True)

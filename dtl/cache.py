@@ -292,8 +292,8 @@ def compute_frozen_features(
     labels = None
     start = 0
     try:
-        for images, batch_labels in tqdm(loader, desc="prefix cache", unit="batch", disable=not progress,
-                                         file=sys.stderr, dynamic_ncols=True):
+        for images, batch_labels in tqdm(loader, desc="prefix cache", unit="batch",  # on a terminal only
+                                         disable=None if progress else True, file=sys.stderr, dynamic_ncols=True):
             with fp32_matmul(device), autocast(device, precision):
                 outputs = model.compute_frozen(images.to(device, non_blocking=True))
             stop = start + images.shape[0]
@@ -322,11 +322,12 @@ def load_features(path: Path, expected_count: int, dtype: torch.dtype) -> Frozen
         labels = tensors.pop(_LABELS)
         features = FrozenFeatures(tensors, labels)
     except Exception as err:  # a truncated or foreign file: rebuild it
-        warnings.warn(f"prefix cache file {path} is unreadable ({type(err).__name__}: {err}); rebuilding it")
+        warnings.warn(f"prefix cache file {path} is unreadable ({type(err).__name__}: {err}); rebuilding it",
+                      stacklevel=2)
         return None
     if not tensors or len(features) != expected_count or features.dtype != dtype:
         warnings.warn(f"prefix cache file {path} does not fit this run (samples {len(features)} vs {expected_count}, "
-                      f"dtype {features.dtype if tensors else None} vs {dtype}); rebuilding it")
+                      f"dtype {features.dtype if tensors else None} vs {dtype}); rebuilding it", stacklevel=2)
         return None
     return features
 

@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .methods import (BACKBONE_DTYPES, all_option_names, available_methods, canonical_name, float_option_names,
-                      get_method, method_options)
+from .methods import (
+    BACKBONE_DTYPES,
+    all_option_names,
+    available_methods,
+    canonical_name,
+    float_option_names,
+    get_method,
+    method_options,
+)
 from .protocols import Protocol, available_protocols, data_sources, get_protocol, protocols_for_source
 from .validation import ConfigError, describe_number, is_int, is_number, need
-
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # DTL's frozen-prefix feature cache (dtl.cache): auto = use it when it is exact, memory/disk = require it, off

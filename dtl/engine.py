@@ -28,8 +28,17 @@ from tqdm.auto import tqdm
 
 from .cache import PrefixCacheError, place_features, prepare_prefix_cache, to_device
 from .config import TrainConfig
-from .devices import (GpuMemory, SetupError, autocast, device_rng_state, fp32_matmul, image_loader, resolve_device,
-                      resolve_precision, restore_device_rng)
+from .devices import (
+    GpuMemory,
+    SetupError,
+    autocast,
+    device_rng_state,
+    fp32_matmul,
+    image_loader,
+    resolve_device,
+    resolve_precision,
+    restore_device_rng,
+)
 from .io import atomic_path, trainable_state_dict
 
 

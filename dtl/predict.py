@@ -207,7 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     skipped: list[Path] = []
     rows: list[dict] = []
-    with tqdm(total=len(images), unit="img", desc="predict", disable=len(images) < 2 * args.batch_size,
+    # A bar on a terminal only (disable=None), where a skipped image's line is written above it.
+    few = len(images) < 2 * args.batch_size
+    with tqdm(total=len(images), unit="img", desc="predict", disable=True if few else None,
               file=sys.stderr) as progress:
 
         def skip(path: Path, reason: str) -> None:

@@ -25,8 +25,8 @@ from typing import Any
 
 from dtl.io import WeightsMismatchError, write_json
 
-from .params import load_pipeline_settings
 from .outputs import OutputPaths
+from .params import load_pipeline_settings
 from .stage import StageError, read_json, run_stage, stage_arguments
 
 # Exact on a CPU in fp32; on a GPU, non-deterministic reductions and reduced-precision kernels may flip a

@@ -27,8 +27,8 @@ from typing import Any
 from dtl.config import load_config
 from dtl.io import atomic_dir, write_json
 
-from .params import check_dvc_entries
 from .outputs import OutputPaths
+from .params import check_dvc_entries
 from .stage import StageError, run_stage, stage_arguments
 
 

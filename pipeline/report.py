@@ -27,10 +27,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import tracking
 from dtl.io import write_json, write_text
 
-from .params import load_stage_params
 from .outputs import OutputPaths
+from .params import load_stage_params
 from .stage import read_json, run_stage, stage_arguments
 
 
@@ -43,8 +44,8 @@ def evaluated_tasks(tasks: list[str], outputs: Path) -> dict[str, tuple[dict, di
 
 def log_to_mlflow(rows: list[dict[str, Any]], metrics: dict[str, float], paths: OutputPaths, experiment: str,
                   source: str) -> str:
-    import tracking
-
+    """The report's run (its metrics and files, also attached to every task run it summarises); the experiment's
+    id."""
     experiment_id = tracking.init_tracking(experiment)
     tags = {"dvc_stage": "report", "data_source": source, "pipeline": "dvc", "tasks": ",".join(r["task"] for r in rows)}
     files = [paths.report_md, paths.report_json, paths.report_png, paths.summary_metrics, paths.tasks_plot]
@@ -59,7 +60,7 @@ def log_to_mlflow(rows: list[dict[str, Any]], metrics: dict[str, float], paths: 
             task_run.set_tags({"report_run_id": run.run_id})
             for path in files:
                 task_run.log_artifacts(path, "report")
-    return run.run_id
+    return experiment_id
 
 
 def make_report(params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]:
@@ -76,9 +77,10 @@ def make_report(params_path: Path, best_path: Path, outputs: Path) -> dict[str, 
     write_json(paths.summary_metrics, summary)
     costs = {key: value for key, value in report.items()
              if key in ("mean_trainable_params", "mean_images_per_s") or key.startswith("max_")}
-    log_to_mlflow(report["rows"], {**protocol.report_metrics(report), **costs}, paths,
-                  settings.mlflow_experiment, config.data.source)
+    experiment_id = log_to_mlflow(report["rows"], {**protocol.report_metrics(report), **costs}, paths,
+                                  settings.mlflow_experiment, config.data.source)
     print(f"report: {protocol.report_line(report)} -> {paths.report_md}", flush=True)
+    print(f"report: every run in MLflow: {tracking.where_to_look(experiment_id)}", flush=True)
     return report
 
 

@@ -31,8 +31,8 @@ from dtl.config import ExperimentConfig, read_best
 from dtl.io import atomic_dir, save_trainable, write_json, write_text
 from dtl.trained import trained_metadata
 
-from .params import load_stage_params
 from .outputs import OutputPaths
+from .params import load_stage_params
 from .stage import StageError, read_json, run_stage, stage_arguments
 
 CURVE_COLUMNS = ("lr", "train/loss", "train/accuracy")

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 
 from .state import SweepError
 
-
 # Ray's switch between a one-machine instance and a cluster node. Off, every node, the GCS and the driver
 # advertise and bind 127.0.0.1; on (Ray's default on Linux), a node takes the machine's network address even
 # when it only ever talks to itself.

@@ -34,9 +34,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import tracking
+
 from .cluster import check_resources, default_concurrency, quiet_environment, start_ray
 from .keys import METRIC, TIME_ATTR
-from .results import (TaskOutcome, cost_plot, decide, decisions_table, format_params, trial_row, trials_table)
+from .results import TaskOutcome, cost_plot, decide, decisions_table, format_params, trial_row, trials_table
 from .selection import ALPHA
 from .space import SearchSpace, load_space
 from .state import STATE_FILE, SweepError, SweepState, find_saved_state
@@ -616,9 +618,8 @@ def collect(grid, plans: Mapping[str, TaskPlan], state: SweepState, client, clos
 
     import tracking
 
-    from .records import error_summary, reconcile_runs, record_decision
-    
     from .keys import TASK_KEY
+    from .records import error_summary, reconcile_runs, record_decision
 
     trials = ExperimentAnalysis(grid.experiment_path).trials
     outcomes = []
@@ -774,9 +775,12 @@ def report(state: SweepState, outcomes: Sequence[TaskOutcome], experiment_dir: P
         for outcome in decided:
             if outcome.importance:
                 print("  " + importance_table(outcome.task, outcome.importance))
-    browse = (f"open {state.tracking_uri}" if state.tracking_uri.startswith(("http://", "https://"))
-              else f"mlflow ui --backend-store-uri {state.tracking_uri}")
-    print(f"MLflow: experiment {state.experiment!r} at {state.tracking_uri}  ({browse})")
+    print(f"MLflow: experiment {state.experiment!r} at {state.tracking_uri}; its runs (this sweep's: filter "
+          f"tags.sweep = '{state.name}'): {tracking.where_to_look(state.experiment_id, uri=state.tracking_uri)}")
+    for outcome in outcomes:
+        parent = state.tasks.get(outcome.task, {}).get("parent_run_id")
+        if parent:
+            print(f"  {outcome.task}'s parent run: {tracking.runs_url(state.experiment_id, parent, state.tracking_uri)}")
     write_json(experiment_dir / RESULTS_FILE, {
         "sweep": state.name, "space": state.space, "wall_time_s": state.wall_time_s, "alpha": state.alpha,
         "tasks": {o.task: o.to_dict() for o in outcomes},

@@ -137,8 +137,8 @@ class LocalCluster:
                    "--workers", "1", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
                    "--default-artifact-root", str(self.folder / "mlartifacts")]
         # Its own process group: it spawns workers, and stopping the group stops them all.
-        self.server = subprocess.Popen(command, stdout=open(self.folder / "mlflow.log", "a"),
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.folder / "mlflow.log", "a") as log:  # the server writes to its own copy of the descriptor
+            self.server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.tracking_uri = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

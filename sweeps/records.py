@@ -71,7 +71,6 @@ def open_parent_run(experiment_id: str, tracking_uri: str, sweep_name: str, task
 def child_runs(client, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
     """trial id -> the trial's child run."""
     from tracking import TAG_PARENT
-
     from tracking.outbox import is_transient, outbox_for
 
     box = outbox_for(client.tracking_uri)

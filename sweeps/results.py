@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .selection import ALPHA, Candidate, Decision, choose_winner, decode_correct
 from .keys import CORRECT, COST_METRICS, METRIC, RUN_KEY, TIME_ATTR, TRIAL_ERROR
+from .selection import ALPHA, Candidate, Decision, choose_winner, decode_correct
 from .trainable import plain, split_trial_config
 
 STATUSES = ("done", "stopped early", "failed", "unfinished")

@@ -51,8 +51,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dtl.config import OVERRIDE_KEYS, yaml_number
-from dtl.config import TrainConfig
+from dtl.config import OVERRIDE_KEYS, TrainConfig, yaml_number
 from dtl.methods import available_methods, canonical_name, get_method, method_options
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"

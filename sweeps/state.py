@@ -51,7 +51,8 @@ class SweepState:
             data = json.loads(path.read_text())
             return cls(path=path, **data)
         except (OSError, ValueError, TypeError) as err:
-            raise SweepError(f"{path}: cannot read the sweep state ({err}); start a new sweep with another --name")
+            raise SweepError(f"{path}: cannot read the sweep state ({err}); start a new sweep with another "
+                             "--name") from None
 
 
 def latest_sweep(storage: Path, space: str) -> str | None:

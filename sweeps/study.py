@@ -28,9 +28,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import tracking
+
+from .keys import SEED_KEY, STUDY_METRIC, TASK_KEY, TIME_ATTR, TRIAL_ERROR
 from .space import SearchSpace
 from .state import SweepError, SweepState
-from .keys import SEED_KEY, STUDY_METRIC, TASK_KEY, TIME_ATTR, TRIAL_ERROR
 from .trainable import plain, split_trial_config
 
 STUDY_FILES = ("study.json", "study.md", "study.png")
@@ -382,5 +384,5 @@ def report_study(state: SweepState, space: SearchSpace, base_config, rows: Seque
     for name in STUDY_FILES:
         if (experiment_dir / name).is_file():
             parent.log_artifacts(experiment_dir / name)
-    print(f"study table, plot and records: {experiment_dir}/study.md, study.png, study.json "
-          f"(also on MLflow run {parent.run_id})", flush=True)
+    print(f"study table, plot and records: {experiment_dir}/study.md, study.png, study.json (also on its MLflow "
+          f"run: {tracking.where_to_look(state.experiment_id, parent.run_id, state.tracking_uri)})", flush=True)

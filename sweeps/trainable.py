@@ -31,8 +31,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .keys import (CHECKPOINT_FILE, CORRECT, COST_METRICS, INCUMBENT_KEY, METRIC, RUN_FILE, RUN_KEY, SEED_KEY,
-                   TAG_KIND, TAG_SWEEP, TAG_TASK, TAG_TRIAL, TASK_KEY, TIME_ATTR, TRIAL_ERROR)
+from .keys import (
+    CHECKPOINT_FILE,
+    CORRECT,
+    COST_METRICS,
+    INCUMBENT_KEY,
+    METRIC,
+    RUN_FILE,
+    RUN_KEY,
+    SEED_KEY,
+    TAG_KIND,
+    TAG_SWEEP,
+    TAG_TASK,
+    TAG_TRIAL,
+    TASK_KEY,
+    TIME_ATTR,
+    TRIAL_ERROR,
+)
 
 
 @dataclass(frozen=True)
@@ -265,9 +280,9 @@ def study_scores(task_run) -> dict[str, float]:
 def report_recorded_result(setup: TrialSetup, run) -> bool:
     """On --resume: a trial whose MLflow run (``run``, or None) FINISHED before the sweep stopped (only its last
     report to Tune was lost) is not trained again; its recorded final metrics are reported instead."""
-    import tracking
     from ray import tune
 
+    import tracking
     from tracking.outbox import is_transient
 
     if run is None or run.info.status != "FINISHED" or METRIC not in run.data.metrics:

@@ -14,8 +14,7 @@ import dtl
 from conftest import randomised
 from dtl import cache
 from dtl.cache import PrefixCacheError, compute_frozen_features, prepare_prefix_cache
-from dtl.config import ConfigError, ExperimentConfig
-from dtl.config import TrainConfig
+from dtl.config import ConfigError, ExperimentConfig, TrainConfig
 from dtl.engine import train_and_evaluate
 from dtl.methods import DTLModel
 

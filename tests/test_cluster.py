@@ -73,8 +73,9 @@ def children(client, name: str = "cluster") -> list:
 def start(command: list[str], tmp_path: Path, tracking_uri: str) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO),
            "DTL_CACHE_DIR": str(tmp_path / "prefix_cache"), "RAY_TMPDIR": tempfile.mkdtemp(prefix="rd", dir="/tmp")}
-    return subprocess.Popen(command, env=env, cwd=tmp_path, stdout=open(tmp_path / "sweep.log", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp_path / "sweep.log", "w") as output:  # the process writes to its own copy of the descriptor
+        return subprocess.Popen(command, env=env, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def finish(process: subprocess.Popen, tmp_path: Path, timeout: float) -> str:

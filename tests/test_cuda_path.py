@@ -258,7 +258,7 @@ def test_training_device_cuda_3_in_params_stops_prepare_in_one_line(fake_cuda, t
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     failed = [line for line in err.splitlines() if line.startswith("prepare failed")]
-    assert failed == [f"prepare failed: training.device is 'cuda:3' but this process sees 1 CUDA device: use cuda:0 "
+    assert failed == ["prepare failed: training.device is 'cuda:3' but this process sees 1 CUDA device: use cuda:0 "
                       "or 'auto'"], err
     assert "Traceback" not in err
 

@@ -11,8 +11,16 @@ import torchvision.transforms as T
 from PIL import Image
 
 from dtl.data import (
-    SPLITS, SYNTHETIC_TASKS, TASK_GROUPS, VTAB_TASKS, DataError, VTabDataset, check_vtab_root,
-    generate_synthetic_suite, sample_task, vtab_transform,
+    SPLITS,
+    SYNTHETIC_TASKS,
+    TASK_GROUPS,
+    VTAB_TASKS,
+    DataError,
+    VTabDataset,
+    check_vtab_root,
+    generate_synthetic_suite,
+    sample_task,
+    vtab_transform,
 )
 
 NUM_TEST = 60

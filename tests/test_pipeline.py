@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dtl.config import ConfigError
+from dtl.config import ConfigError, read_best, write_best
 from dtl.config import load_config as load_params
-from dtl.config import read_best, write_best
 from pipeline import params as pipeline_params
 from pipeline.params import check_dvc_entries, load_pipeline_settings
 

@@ -151,6 +151,7 @@ def test_a_stopped_pretraining_saves_its_state_and_prints_the_resume_command(tmp
         reader.join(timeout=10)
     finally:
         process.kill()
+        process.stderr.close()
     stderr = "".join(chunks)
     lines = [line for line in stderr.splitlines() if "stopped by SIGTERM" in line]
     assert process.returncode == 143 and len(lines) == 1, stderr[-2000:]

@@ -7,9 +7,9 @@ import random
 
 import pytest
 import yaml
+from test_sweeps import REPO, TASK, TINY_PARAMS, sweep_factory, tiny_data, write_yaml  # noqa: F401 (fixtures)
 
 from sweeps.space import SpaceError, load_space
-from test_sweeps import REPO, TASK, TINY_PARAMS, sweep_factory, tiny_data, write_yaml  # noqa: F401 (fixtures)
 
 STUDY = {"method": "dtl_plus", "seeds": [0, 1],
          "params": {"start_block": {"type": "grid", "values": [3, "last_block"]}}}
@@ -194,7 +194,7 @@ def test_a_budgeted_pick_never_exceeds_the_budget():
 
     generator = random.Random(1)
     checked_over_budget = False
-    for trial in range(40):
+    for _ in range(40):
         rows = [_row(f"t{i}", generator.random(), generator.uniform(1, 100), incumbent=i == 0) for i in range(10)]
         budget = generator.uniform(5, 100)
         state = SweepState(path=None, name="s", space="x", space_file="x", tasks={}, num_samples=10, scheduler="fifo",

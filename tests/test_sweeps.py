@@ -439,8 +439,9 @@ class Sweep:
                 "--best-path", str(self.best), "--storage-path", str(self.storage), "--name", "tiny", *extra]
 
     def start(self, *extra: str, log: str = "sweep.log") -> subprocess.Popen:
-        process = subprocess.Popen(self.command(*extra), env=self.env, cwd=self.tmp, start_new_session=True,
-                                   stdout=open(self.tmp / log, "w"), stderr=subprocess.STDOUT, text=True)
+        with open(self.tmp / log, "w") as output:  # the process writes to its own copy of the file descriptor
+            process = subprocess.Popen(self.command(*extra), env=self.env, cwd=self.tmp, start_new_session=True,
+                                       stdout=output, stderr=subprocess.STDOUT, text=True)
         self.processes.append(process)
         return process
 

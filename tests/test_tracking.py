@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parent.parent
 
 OUTAGE = """
@@ -43,8 +42,9 @@ def store(tmp_path: Path, monkeypatch) -> tuple[str, str]:
 
 
 def test_writes_during_an_outage_do_not_wait_and_land_when_the_store_answers(tmp_path, monkeypatch, capsys):
-    import tracking
     from mlflow.tracking import MlflowClient
+
+    import tracking
 
     uri, experiment_id = store(tmp_path, monkeypatch)
     namespace: dict = {}

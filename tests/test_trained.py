@@ -3,7 +3,9 @@ multi-task model whose DTL tasks share one frozen pass."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -38,14 +40,46 @@ def trained(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
     common = ["--params", str(params), "--best", str(best), "--outputs", str(root / "outputs")]
+    logged = StageLog()
     try:
         prepare.main(common)
-        train.main(["patterns", *common])
+        with logged:  # what the train stage's log would hold from MLflow: its warnings and log records
+            train.main(["patterns", *common])
         evaluate.main(["patterns", *common])
+        from tracking.outbox import flush_all
+
+        flush_all(30)  # what the stage's process does as it exits: its last records (the version's tags) sent
     finally:
         mp.undo()
     metrics = json.loads((root / "outputs" / "evaluate" / "patterns.json").read_text())
+    TRAIN_LOG[:] = logged.lines
     return root, root / "outputs" / "train" / "patterns", metrics
+
+
+TRAIN_LOG: list[str] = []
+
+
+class StageLog(logging.Handler):
+    """The warnings and the MLflow log records of the code run inside it."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self._warnings = warnings.catch_warnings(record=True)
+
+    def emit(self, record) -> None:
+        self.lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+    def __enter__(self) -> "StageLog":
+        logging.getLogger("mlflow").addHandler(self)
+        self._caught = self._warnings.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lines += [f"{w.category.__name__}: {w.message}" for w in self._caught]
+        self._warnings.__exit__(*exc)
+        logging.getLogger("mlflow").removeHandler(self)
 
 
 def test_load_trained_reproduces_the_evaluate_stages_test_accuracy(trained):
@@ -217,6 +251,13 @@ def test_the_registered_pyfunc_predicts_what_load_trained_predicts(trained, monk
     assert "sweep_winner" not in version.tags  # best.yaml had no settings for the task
     pyfunc = mlflow.pyfunc.load_model("models:/dtl-patterns/latest")
     assert list(pyfunc.metadata.get_input_schema().input_names()) == ["image"]
+    assert pyfunc.metadata.get_output_schema().input_names() == ["label", "name", "score", "error"]
+    # logged as code: MLflow runs the toolkit's model file to load it; no pickled object in the version
+    local = Path(mlflow.artifacts.download_artifacts("models:/dtl-patterns/1"))
+    assert "model_code_path" in (local / "MLmodel").read_text() and not list(local.rglob("*.pkl"))
+    assert (local / "artifacts").is_dir() and json.loads(next((local / "artifacts").glob("settings*")).read_text())[
+        "class_names"] == list(load_trained(folder).trained.class_names)
+    assert not [line for line in TRAIN_LOG if "CloudPickle" in line or "cloudpickle" in line.lower()], TRAIN_LOG
     paths = list_entries(root / "data" / "patterns" / "test.txt")[:10]
     out = pyfunc.predict(pd.DataFrame({"image": [encode_image(p) for p in paths] + ["bm90IGFuIGltYWdl"]}))
     predictor = Predictor([load_trained(folder)], top_k=1)
@@ -224,7 +265,24 @@ def test_the_registered_pyfunc_predicts_what_load_trained_predicts(trained, monk
     expected = predictor.predict(paths, batch)
     assert list(out["label"][:10]) == [p.labels[0] for p in expected]
     assert list(out["score"][:10]) == pytest.approx([p.scores[0] for p in expected], abs=1e-6)
-    assert (out["label"][10], out["name"][10]) == (-1, "")  # the bad row only
+    assert out["error"][:10].isna().all()
+    # the bad row ("not an image", base64-encoded) gets the reason and no prediction; the others are predicted
+    assert out["error"][10] == "not an image: cannot identify image file"
+    assert pd.isna(out["label"][10]) and pd.isna(out["score"][10]) and pd.isna(out["name"][10])
+
+
+def test_a_served_model_refuses_a_request_without_images_naming_the_input(trained, monkeypatch):
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    root, _, _ = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    pyfunc = mlflow.pyfunc.load_model("models:/dtl-patterns/latest")
+    for bad in (pd.DataFrame({"picture": ["aGVsbG8="]}), pd.DataFrame({"image": ["not base64!"]})):
+        with pytest.raises(MlflowException, match="image") as error:
+            pyfunc.predict(bad)
+        assert error.value.get_http_status_code() == 400
 
 
 @pytest.mark.slow
@@ -235,6 +293,7 @@ def test_mlflow_models_serve_answers_over_http_on_loopback(trained, tmp_path):
     import subprocess
     import sys
     import time
+    import urllib.error
     import urllib.request
 
     from dtl.predict import list_entries
@@ -263,14 +322,31 @@ def test_mlflow_models_serve_answers_over_http_on_loopback(trained, tmp_path):
                 assert time.monotonic() < deadline, "the model server did not answer /ping within 120 s"
                 time.sleep(1)
         paths = list_entries(root / "data" / "patterns" / "test.txt")[:4]
-        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[encode_image(p)] for p in paths]}})
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
-                                         headers={"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        corrupt = encode_image(b"\x89PNG\r\n\x1a\n but not a picture")  # one corrupt row among good ones
+
+        def invoke(columns: list[str], data: list) -> tuple[int, dict]:
+            body = json.dumps({"dataframe_split": {"columns": columns, "data": data}}).encode()
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as error:
+                return error.code, json.loads(error.read())
+
+        status, answer = invoke(["image"], [[encode_image(p)] for p in paths] + [[corrupt]])
+        refused = invoke(["picture"], [["aGVsbG8="]]), invoke(["image"], [["not base64!"]])
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+    assert status == 200
     rows = answer["predictions"]
+    assert rows[4]["label"] is None and rows[4]["error"].startswith(("not an image", "unreadable image")), rows[4]
+    assert all(row["error"] is None for row in rows[:4]), rows
+    assert rows[4]["name"] is None and rows[4]["score"] is None
+    for code, body in refused:  # MLflow's 400 answer, naming the input it expects
+        assert code == 400 and "image" in body["message"], body
+    rows = rows[:4]
     model = load_trained(folder)
     transform = model.trained.transform()
     from PIL import Image

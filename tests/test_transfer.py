@@ -28,7 +28,7 @@ def embedded(name: str) -> dict:
 
 
 def test_the_few_shot_suite_has_every_shot_and_seed_nested_and_disjoint_from_val_and_test(tmp_path):
-    from dtl.data.synthetic_few_shot import POOL_PER_CLASS, VAL_PER_CLASS, SYNTHETIC_FEW_SHOT, generate_few_shot_suite
+    from dtl.data.synthetic_few_shot import POOL_PER_CLASS, SYNTHETIC_FEW_SHOT, VAL_PER_CLASS, generate_few_shot_suite
 
     assert generate_few_shot_suite(tmp_path, ["textures"], image_size=16, num_test=45) == {"textures": True}
     classes = SYNTHETIC_FEW_SHOT["textures"].num_classes

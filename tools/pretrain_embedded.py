@@ -53,12 +53,17 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: make the ``
     sys.path.insert(0, str(REPO_ROOT))
 
 from dtl.data.scenes import (  # noqa: E402
-    BACKGROUNDS, DEFAULT_RADIUS_RANGE, PALETTE, SHAPES, orientation_bins, render_scenes,
+    BACKGROUNDS,
+    DEFAULT_RADIUS_RANGE,
+    PALETTE,
+    SHAPES,
+    orientation_bins,
+    render_scenes,
 )
 from dtl.io import atomic_path, write_text  # noqa: E402
 from dtl.models import family_for  # noqa: E402
-from dtl.models.family import BackboneFamily  # noqa: E402
 from dtl.models.embedded import EMBEDDED_BACKBONE, EMBEDDED_MODELS  # noqa: E402  (registers the models)
+from dtl.models.family import BackboneFamily  # noqa: E402
 from dtl.models.vit import VitFamily  # noqa: E402
 
 OUT_DIR = REPO_ROOT / "outputs" / "pretrain"

@@ -16,6 +16,7 @@ imported lazily; the ``dtl`` library never needs it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import re
@@ -39,8 +40,43 @@ _PARAM_BATCH = 100  # MLflow takes at most 100 params per call
 FINISH_WAIT_S = 30.0
 
 
+UI_PORT = 5000  # where `mlflow ui` listens by default
+
+if not os.isatty(2):  # a log, not a terminal: MLflow's download bars would be lines of carriage returns in it
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow's INFO lines that every stage would print and none needs: a new SQLite store's schema being created (once
+# per store, by design: init_tracking), and a logged model's input example being checked against its signature
+# (the toolkit builds both; a mismatch is still raised as an error).
+for _name in ("mlflow.store.db.utils", "mlflow.pyfunc"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
+
+
+def runs_url(experiment_id: str, run_id: str | None = None, uri: str | None = None) -> str:
+    """The MLflow UI's page of the experiment's runs table (or of one run): a tracking server's own address; for
+    a local store, where ``mlflow ui`` (:func:`ui_command`) answers. The experiment's own page would open on
+    MLflow 3's GenAI overview; the runs table is what the toolkit writes."""
+    uri = uri or tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{UI_PORT}"
+    return f"{base}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+
+
+def ui_command(uri: str | None = None) -> str | None:
+    """The command that serves the MLflow UI of a local store (None for a tracking server: it serves its own)."""
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return None
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port {UI_PORT} --workers 1"
+
+
+def where_to_look(experiment_id: str, run_id: str | None = None, uri: str | None = None) -> str:
+    """:func:`runs_url`, with the command to run first for a local store."""
+    command = ui_command(uri)
+    url = runs_url(experiment_id, run_id, uri)
+    return url if command is None else f"{url} (serve it with `{command}`)"
 
 
 def client(uri: str | None = None):

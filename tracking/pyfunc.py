@@ -1,31 +1,31 @@
-"""A trained task as an MLflow Model: a pyfunc that classifies base64-encoded image files, logged on the task's
-``train@<task>`` run and registered as ``dtl-<task>`` (a new version per run).
+"""A trained task as an MLflow Model, logged on the task's ``train@<task>`` run and registered as ``dtl-<task>`` (a
+new version per run).
 
-Input: a table with one column ``image``, each value the bytes of a PNG or JPEG file, base64-encoded. Output: one
-row per image with ``label`` (the top-1 class index), ``name`` (its class name) and ``score`` (its softmax
-probability); an unreadable image gets label -1, an empty name and score 0 (the other rows are unaffected). The
-model holds only the trained weights file (kilobytes for DTL, carrying its settings); the frozen backbone comes
-from the installed toolkit (the shipped embedded weights, a timm hub name or the local file the settings name), so
-serve it from the toolkit's environment:
+The model is logged as code: ``tracking/task_model.py`` (its input, output and error answers are described
+there) is the file MLflow runs to load it, and the trained weights file (carrying its settings) and the task's
+settings and class names are its artifacts. No Python object is pickled. The frozen backbone comes from the
+installed toolkit (the shipped embedded weights, a timm hub name or the local file the settings name), so serve
+it from the toolkit's environment:
 
     mlflow models serve -m models:/dtl-<task>/latest --env-manager local --host 127.0.0.1 --port 5001
+
+Versions registered before the model was logged as code hold a pickled ``tracking.pyfunc.TaskModel``; that name
+still resolves (to the class in ``task_model.py``), so they keep loading.
 """
 from __future__ import annotations
 
 import base64
-import io
+import json
 import tempfile
-import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
-with warnings.catch_warnings():  # importing it warns about its own type hints (MLflow 3.17)
-    warnings.simplefilter("ignore", UserWarning)
-    import mlflow.pyfunc
-import pandas as pd  # loaded by mlflow.pyfunc already; TaskModel.predict's type hint names it
+from .task_model import EXPECTED_INPUT, INPUT, SETTINGS, WEIGHTS, TaskModel
 
 MODEL_PATH = "model"  # the run's artifact folder of the MLflow Model
-WEIGHTS = "weights"  # the artifact key of the trained weights file
+MODEL_CODE = Path(__file__).with_name("task_model.py")
+
+__all__ = ["TaskModel", "encode_image", "log_task_model", "registered_name", "register_model",
+           "tag_tested_version"]
 
 
 def registered_name(task: str) -> str:
@@ -37,68 +37,43 @@ def encode_image(path_or_bytes: str | Path | bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-class TaskModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc: ``dtl.load_trained`` on the weights artifact, then batched top-1 predictions."""
+def signature():
+    """Input: the ``image`` column. Output: label, name, score, and the error of a row that was not an image (each
+    may be null: a predicted row has no error, an unreadable one no label)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
 
-    batch_size = 64
-
-    def load_context(self, context) -> None:
-        from dtl.trained import load_trained
-
-        self.model = load_trained(context.artifacts[WEIGHTS], device="cpu")
-        self.transform = self.model.trained.transform()
-
-    # A DataFrame hint: MLflow infers no schema from it (the model's signature comes from log_task_model) and,
-    # unlike no hint at all, does not warn at class definition.
-    def predict(self, context, model_input: pd.DataFrame, params=None):
-        import torch
-        from PIL import Image
-
-        info = self.model.trained
-        values = list(model_input["image"])
-        labels, scores = [-1] * len(values), [0.0] * len(values)
-        readable, tensors = [], []
-        for i, value in enumerate(values):
-            try:
-                raw = value if isinstance(value, bytes) else base64.b64decode(value, validate=True)
-                with Image.open(io.BytesIO(raw)) as image:
-                    tensors.append(self.transform(image.convert("RGB")))
-                readable.append(i)
-            except Exception:  # a bad row must not fail the whole request
-                continue
-        for start in range(0, len(tensors), self.batch_size):
-            with torch.no_grad():
-                logits = self.model(torch.stack(tensors[start:start + self.batch_size]))
-            best = logits.float().softmax(-1).max(-1)
-            for j, (score, label) in enumerate(zip(best.values.tolist(), best.indices.tolist())):
-                row = readable[start + j]
-                labels[row], scores[row] = label, score
-        names = [info.class_names[label] if label >= 0 else "" for label in labels]
-        return pd.DataFrame({"label": labels, "name": names, "score": scores})
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", INPUT)]),
+        outputs=Schema([ColSpec("long", "label", required=False), ColSpec("string", "name", required=False),
+                        ColSpec("double", "score", required=False), ColSpec("string", "error", required=False)]),
+        params=None)
 
 
 def log_task_model(run, weights: str | Path, task: str, example_image: str | Path | None = None,
                    tags: dict[str, str] | None = None) -> int | None:
-    """Save the pyfunc of ``weights`` (a trained weights file with its settings), log it as ``run``'s artifact
+    """Save the model of ``weights`` (a trained weights file with its settings), log it as ``run``'s artifact
     folder ``model`` and register it as ``dtl-<task>`` (the new version gets ``tags``); returns its number, or
     None while the store is unreachable (the version is then registered when the delayed records are sent)."""
-    from mlflow.models import infer_signature
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from dtl.trained import load_trained
 
     from .outbox import is_transient
 
-    examples = pd.DataFrame({"image": [encode_image(example_image)]}) if example_image else None
-    signature = None
-    # MLflow's hints (type-hinted predict, integer columns) do not apply: the schema comes from a real example.
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        model = TaskModel()
-        if examples is not None:
-            model.load_context(SimpleNamespace(artifacts={WEIGHTS: str(weights)}))
-            signature = infer_signature(examples, model.predict(None, examples))
+    examples = pd.DataFrame({INPUT: [encode_image(example_image)]}) if example_image else None
+    with tempfile.TemporaryDirectory() as folder:
+        info = load_trained(weights, device="cpu").trained
+        settings = Path(folder) / "settings.json"
+        settings.write_text(json.dumps({"task": task, "num_classes": info.num_classes, "seed": info.seed,
+                                        "image_size": info.image_size, "class_names": list(info.class_names),
+                                        "input": EXPECTED_INPUT, "config": info.config.to_dict()}, indent=2))
         target = Path(folder) / MODEL_PATH
-        mlflow.pyfunc.save_model(str(target), python_model=TaskModel(), artifacts={WEIGHTS: str(weights)},
-                                 signature=signature, input_example=examples,
-                                 pip_requirements=[], metadata={"task": task})
+        mlflow.pyfunc.save_model(str(target), python_model=str(MODEL_CODE),
+                                 artifacts={WEIGHTS: str(weights), SETTINGS: str(settings)},
+                                 signature=signature(), input_example=examples, pip_requirements=[],
+                                 metadata={"task": task})
         run_id = run.outbox.known(run.run_id)
         if run_id is not None and not run.outbox.unreachable:
             try:

@@ -5,8 +5,7 @@ renderer they and the embedded backbone's pretraining use (``dtl.data.scenes``).
 them read, and its checks, are in ``dtl.data.lists``."""
 from dtl.data.domain_generalization import DG_TARGETS, check_domain_root, masked_predictions
 from dtl.data.few_shot import FEW_SHOT_DATASETS, FewShotDataset, check_few_shot_root
-from dtl.data.synthetic_domain_shift import generate_domain_shift_suite
-from dtl.data.synthetic_few_shot import SYNTHETIC_FEW_SHOT, generate_few_shot_suite
+from dtl.data.lists import DataError
 from dtl.data.synthetic import (
     GENERATOR_VERSION,
     PATTERNS,
@@ -15,7 +14,8 @@ from dtl.data.synthetic import (
     generate_synthetic_suite,
     sample_task,
 )
-from dtl.data.lists import DataError
+from dtl.data.synthetic_domain_shift import generate_domain_shift_suite
+from dtl.data.synthetic_few_shot import SYNTHETIC_FEW_SHOT, generate_few_shot_suite
 from dtl.data.vtab import (
     SPLITS,
     TASK_GROUPS,

@@ -14,7 +14,6 @@ from typing import Callable, Mapping
 
 from PIL import Image
 
-
 LINE_FORMAT = "'relative/path/to/image <integer label>'"
 
 
@@ -145,8 +144,9 @@ def unreadable_images(images: Mapping[Path, str], verified: str | os.PathLike[st
     workers = min(32, 2 * (os.cpu_count() or 1))  # decoding releases the GIL for most of its work
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(_decode, todo)
+        # disable=None: a bar on a terminal only (in a log, a bar is one long line of carriage returns)
         for path, error in tqdm(zip(todo, results), total=len(todo), desc="checking images", unit="image",
-                                disable=not progress or not todo, mininterval=2):
+                                disable=True if not progress or not todo else None, mininterval=2):
             if error is None:
                 known[str(path.resolve())] = stamps[path]
             else:

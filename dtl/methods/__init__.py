@@ -13,8 +13,19 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .registry import (BACKBONE_DTYPES, Method, MethodOptions, OptionError, all_option_names, available_methods,
-                       canonical_name, float_option_names, get_method, method_options, register_method)
+from .registry import (
+    BACKBONE_DTYPES,
+    Method,
+    MethodOptions,
+    OptionError,
+    all_option_names,
+    available_methods,
+    canonical_name,
+    float_option_names,
+    get_method,
+    method_options,
+    register_method,
+)
 
 _INFRASTRUCTURE = {"base", "factory", "registry"}
 importlib.import_module(f"{__name__}.dtl")  # DTL and DTL+ first: the rows and option keys start with them

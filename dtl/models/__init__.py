@@ -11,12 +11,12 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from . import embedded  # noqa: F401  (registers the embedded backbone with timm)
 from ..config import DROP_PATH_SCOPES
-from .family import BackboneFamily, CachedInputs, ConvFamily
+from . import embedded  # noqa: F401  (registers the embedded backbone with timm)
 from .backbone import CheckpointError, create_backbone, load_checkpoint
 from .convnext import ConvNeXtFamily
 from .embedded import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
+from .family import BackboneFamily, CachedInputs, ConvFamily
 from .resnet import ResNetFamily
 from .swin import SwinFamily
 from .vit import VitFamily

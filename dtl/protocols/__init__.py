@@ -7,11 +7,17 @@ stages, the sweeps and the report ask it, so a new protocol is one module here t
 """
 from __future__ import annotations
 
-# isort: off  (registration order is the order messages and docs list the protocols in)
-from . import final, val, few_shot, domain_generalization  # noqa: F401
-# isort: on
-from .base import (Protocol, SyntheticSuite, available_protocols, data_sources, get_protocol, protocols_for_source,
-                   register_protocol)
+# Registration order is the order messages and docs list the protocols in.
+from . import final, val, few_shot, domain_generalization  # noqa: F401  # isort: skip
+from .base import (
+    Protocol,
+    SyntheticSuite,
+    available_protocols,
+    data_sources,
+    get_protocol,
+    protocols_for_source,
+    register_protocol,
+)
 from .noah import TARGET_PREFIX
 
 __all__ = ["TARGET_PREFIX", "Protocol", "SyntheticSuite", "available_protocols", "data_sources", "get_protocol",

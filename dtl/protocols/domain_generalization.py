@@ -14,8 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from ..validation import need
-from .base import (SyntheticSuite, cost_summary, finish_accuracy_figure, memory_sentence, percent, plot_costs,
-                   pyplot, register_protocol, rounded, task_row)
+from .base import (
+    SyntheticSuite,
+    cost_summary,
+    finish_accuracy_figure,
+    memory_sentence,
+    percent,
+    plot_costs,
+    pyplot,
+    register_protocol,
+    rounded,
+    task_row,
+)
 from .noah import TARGET_PREFIX, ListFileProtocol
 
 

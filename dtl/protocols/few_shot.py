@@ -12,8 +12,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import (SyntheticSuite, cost_summary, finish_accuracy_figure, memory_sentence, percent, plot_costs,
-                   pyplot, register_protocol, rounded, task_row)
+from .base import (
+    SyntheticSuite,
+    cost_summary,
+    finish_accuracy_figure,
+    memory_sentence,
+    percent,
+    plot_costs,
+    pyplot,
+    register_protocol,
+    rounded,
+    task_row,
+)
 from .noah import ListFileProtocol
 
 

@@ -11,8 +11,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import (MEMORY_LABELS, Protocol, SyntheticSuite, cost_summary, fingerprint, get_protocol, measured_memory,
-                   memory_sentence, percent, plot_costs, pyplot, rounded, save_figure, task_row)
+from .base import (
+    MEMORY_LABELS,
+    Protocol,
+    SyntheticSuite,
+    cost_summary,
+    fingerprint,
+    get_protocol,
+    measured_memory,
+    memory_sentence,
+    percent,
+    plot_costs,
+    pyplot,
+    rounded,
+    save_figure,
+    task_row,
+)
 
 LIST_SPLITS = ("train800", "val200", "train800val200", "test")
 GROUP_COLOURS = {"Natural": "tab:green", "Specialized": "tab:orange", "Structured": "tab:blue"}

@@ -6,7 +6,6 @@ deprecation warning.
 """
 from __future__ import annotations
 
-
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn

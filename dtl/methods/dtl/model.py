@@ -39,7 +39,6 @@ from ...models.side_network import DepthwiseGridConv, LowRankMap, SharpSwish
 from ..base import classify
 from . import DTLOptions
 
-
 CHECKPOINTING = (False, True, "mlp")
 
 
