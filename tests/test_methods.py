@@ -9,6 +9,7 @@ import torch
 import dtl
 from dtl.io import load_trainable, save_trainable
 from dtl.methods import available_methods, get_method
+from dtl.models import create_backbone, family_for
 
 MICRO = "vit_micro_patch4_32"
 VIT_B_HEAD = 768 * 100 + 100
@@ -19,16 +20,18 @@ def trainable_without_head(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head."))
 
 
-@pytest.mark.parametrize("backbone, size", [(MICRO, 32), ("resnet18", 64), ("convnext_atto", 64)])
+@pytest.mark.parametrize("backbone, size", [(MICRO, 32), ("resnet18", 64), ("convnext_atto", 64),
+                                            ("eva02_tiny_patch14_224", 28), ("vit_small_patch14_reg4_dinov2", 28)])
 @pytest.mark.parametrize("method", available_methods())
 def test_every_registered_method_keeps_the_contract(tmp_path, method, backbone, size):
     spec = get_method(method)
-    torch.manual_seed(0)
-    if spec.families and backbone != MICRO:  # a method for transformers only: refused on a CNN, in one line
-        with pytest.raises(ValueError, match=f"method '{method}' is implemented for ViT backbones only") as error:
+    if not spec.supports(family_for(create_backbone(backbone, img_size=size))):  # e.g. LoRA on a CNN: one line
+        with pytest.raises(ValueError, match=f"method '{method}' is implemented for ViT(, [A-Za-z]+)* backbones only"
+                           ) as error:
             dtl.create_model(backbone, method, num_classes=5, img_size=size)
         assert "\n" not in str(error.value)
         return
+    torch.manual_seed(0)
     model = dtl.create_model(backbone, method, num_classes=5, img_size=size)
     frozen = {n: p.detach().clone() for n, p in model.family.named_parameters() if not p.requires_grad}
     assert model.head.out_features == 5 and model.head.weight.requires_grad  # every method keeps model.head

@@ -246,7 +246,7 @@ def test_bad_options_raise_clear_errors():
         dtl.create_model("vit_nonexistent", "dtl", num_classes=3)
     with pytest.raises(ValueError, match="use extract_start >= 4"):
         dtl.create_model("swin_tiny_patch4_window7_224", "dtl", num_classes=3, start_block=6, extract_start=0)
-    with pytest.raises(ValueError, match="ViT backbones only"):
+    with pytest.raises(ValueError, match="ViT, Eva, BEiT backbones only"):
         dtl.create_model("swin_tiny_patch4_window7_224", "lora", num_classes=3)
     assert {"dtl", "dtl_plus", "linear", "full", "lora", "adaptformer"} <= set(dtl.available_methods())
 

@@ -17,6 +17,15 @@ from torch import nn
 from ..models.family import BackboneFamily, CachedInputs
 
 
+def call_qkv_as_module(backbone: nn.Module) -> None:
+    """EVA's and BEiT's attention fold their separate q/v biases into ``F.linear`` on ``qkv.weight``, which skips
+    the ``qkv`` module itself: methods that wrap that module (LoRA, SSF) make the attention call it and add the
+    biases to its output instead (the same sum)."""
+    for module in backbone.modules():
+        if hasattr(module, "qkv_bias_separate"):
+            module.qkv_bias_separate = True
+
+
 def classify(head: nn.Linear, features: torch.Tensor) -> torch.Tensor:
     """The head's logits in fp32, outside any autocast: the argmax and the loss read full-precision logits (bf16
     logits round to 8 bits of mantissa, which changes the top-1 class of some images)."""

@@ -1,6 +1,7 @@
 """Creating a frozen-able timm backbone from a hub name or a local checkpoint, with errors a user can act on."""
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -8,9 +9,14 @@ import timm
 import torch
 from torch import nn
 
+from .registry import creation_options
+
 CHECKPOINT_SUFFIXES = (".npz", ".pth", ".pt", ".bin", ".safetensors")
 # Keys a classification checkpoint may carry that a headless backbone does not use.
-_HEAD_PREFIXES = ("head.", "fc_norm.", "head_drop.")
+# Parts of a classifier that a headless backbone may lack (an attention pool: SigLIP's, PE's, replaced by DTL's
+# head); a checkpoint's weights of those parts are skipped unless the backbone has them (EVA-02's fc_norm is its
+# final norm).
+_HEAD_PREFIXES = ("head.", "fc_norm.", "head_drop.", "attn_pool.")
 
 
 class CheckpointError(ValueError):
@@ -28,20 +34,28 @@ def create_backbone(
 
     ``pretrained`` is False (random init), True (timm's hub; fails offline with advice) or the path of a local
     ``.npz`` (original ViT release), ``.pth``/``.pt``/``.bin`` or ``.safetensors`` checkpoint.
-    Drop-path follows timm's stochastic-depth rule over all blocks, as in the authors' code.
+    Drop-path follows timm's stochastic-depth rule over all blocks, as in the authors' code. Only keywords the
+    model's class takes are passed to it: the family's creation options where it takes them, and a setting it
+    cannot take is refused in one line naming the model and the keyword.
     """
     if not timm.is_model(timm.models.split_model_name_tag(name)[0]):
         raise ValueError(
             f"unknown backbone {name!r}: expected a timm model name such as 'vit_base_patch16_224' "
             "or the embedded 'vit_micro_patch4_32' (see timm.list_models('vit_*'))"
         )
-    kwargs: dict = dict(num_classes=0, drop_path_rate=drop_path_rate)
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    if name.startswith("vit_"):
-        # Keep the pretrained final `norm`: DTL applies it after the patch-token mean itself. timm's
-        # global_pool='avg' would swap it for a new, untrained fc_norm.
-        kwargs.update(global_pool="", fc_norm=False)
+    skeleton = backbone_skeleton(name)
+    model_class = type(skeleton)
+    accepted = constructor_keywords(model_class)
+    kwargs: dict = {"num_classes": 0, **{key: value for key, value in creation_options(skeleton).items()
+                                         if accepted is None or key in accepted}}
+    for key, value in (("drop_path_rate", drop_path_rate), ("img_size", img_size)):
+        if not value:
+            continue
+        if accepted is None or key in accepted:
+            kwargs[key] = value
+        elif key == "drop_path_rate":
+            raise ValueError(f"backbone {name!r} ({model_class.__name__}) takes no drop_path_rate: set "
+                             "model.drop_path: 0")
 
     if pretrained is True:
         shipped = timm.models.get_pretrained_cfg(name)
@@ -49,7 +63,7 @@ def create_backbone(
             pretrained = shipped.file
     if pretrained is True:
         try:
-            return _create(name, True, kwargs)
+            return _create(name, True, kwargs, img_size)
         except Exception as err:  # offline hub: LocalEntryNotFoundError, OSError, HTTP errors
             raise CheckpointError(
                 f"could not fetch pretrained weights for {name!r} from the hub ({type(err).__name__}: {err}). "
@@ -57,24 +71,36 @@ def create_backbone(
                 "e.g. pretrained='/path/to/ViT-B_16.npz' (or .pth/.safetensors)."
             ) from err
 
-    model = _create(name, False, kwargs)
+    model = _create(name, False, kwargs, img_size)
     if pretrained:
         load_checkpoint(model, pretrained)
     return model
 
 
-def _create(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+def backbone_skeleton(name: str) -> nn.Module:
+    """The model timm builds for ``name`` with its defaults, on the meta device (no memory, no weights): what
+    the family's creation options and the accepted keywords are read from."""
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False, num_classes=0)
+    except Exception:  # a model whose construction computes with real tensors: build it for real, once
+        return timm.create_model(name, pretrained=False, num_classes=0)
+
+
+def constructor_keywords(model_class: type[nn.Module]) -> set[str] | None:
+    """The keyword arguments ``model_class`` takes (None: any, through ``**kwargs``)."""
+    parameters = inspect.signature(model_class.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return set(parameters)
+
+
+def _create(name: str, pretrained: bool, kwargs: dict, img_size: int | None) -> nn.Module:
     """``timm.create_model``; a model that takes any input size (a CNN) has no ``img_size`` argument, so the size
     it runs at is recorded in its ``pretrained_cfg`` instead (what the token grids and the data are sized by)."""
-    img_size = kwargs.get("img_size")
-    try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as err:
-        if img_size is None or "img_size" not in str(err):
-            raise
-    kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, img_size, img_size)}
+    if img_size is not None and "img_size" not in kwargs:
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, img_size, img_size)}
     return model
 
 
@@ -113,9 +139,11 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
             state_dict = filter_fn(state_dict, model)
         except Exception as err:
             raise CheckpointError(f"{path} does not fit {type(model).__name__}: {type(err).__name__}: {err}") from err
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_HEAD_PREFIXES)}
+    own = model.state_dict()
+    absent = tuple(prefix for prefix in _HEAD_PREFIXES if not any(k.startswith(prefix) for k in own))
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(absent)}
 
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(_HEAD_PREFIXES)}
+    expected = {k: v.shape for k, v in own.items()}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     mismatched = [

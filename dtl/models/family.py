@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..presets import transformer_defaults
+
 
 @dataclass(frozen=True)
 class StageInfo:
@@ -34,6 +36,12 @@ class BackboneFamily(nn.Module):
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
+
+    @classmethod
+    def creation_options(cls, skeleton: nn.Module) -> dict:
+        """Keywords to build the backbone with, given ``skeleton``, the model timm builds by default (on the
+        meta device); ``dtl.models.create_backbone`` passes those its class takes."""
+        return {}
 
     # --- structure -------------------------------------------------------------------------------------
     @property
@@ -157,6 +165,52 @@ class BackboneFamily(nn.Module):
             for module in self.blocks[block].modules():
                 if getattr(module, "drop_prob", None):
                     module.drop_prob = 0.0
+
+
+class TokenFamily(BackboneFamily):
+    """Transformers of one stage of blocks over ``(B, T, C)`` tokens: ``num_prefix_tokens`` tokens (class,
+    registers) first, then the patch tokens of a fixed grid (ViT and its relatives: EVA, DINOv3, BEiT...).
+    Subclasses give :meth:`embed` and the final norms of :meth:`pool`; the head is DTL's: the mean of the patch
+    tokens, then the backbone's pretrained final norm."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__(backbone)
+        self._stages = [StageInfo(0, len(backbone.blocks) - 1, backbone.embed_dim)]
+        self.num_prefix_tokens = backbone.num_prefix_tokens
+        self.grid_size_ = tuple(backbone.patch_embed.grid_size)
+
+    @property
+    def paper_defaults(self) -> dict:
+        return transformer_defaults(len(self.blocks))
+
+    @property
+    def blocks(self):
+        return self.backbone.blocks
+
+    @property
+    def stages(self):
+        return self._stages
+
+    def final_norm(self, features: torch.Tensor) -> torch.Tensor:
+        """The backbone's pretrained norm of the pooled features."""
+        raise NotImplementedError
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        # DTL's head: the mean of the patch tokens (prefix tokens left out), THEN the pretrained final norm.
+        return self.final_norm(x[:, self.num_prefix_tokens:].mean(dim=1))
+
+    def grid_size(self, stage: int) -> tuple[int, int]:
+        return self.grid_size_
+
+    def to_grid(self, x: torch.Tensor):
+        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+        B, _, C = patches.shape
+        grid = patches.transpose(1, 2).reshape(B, C, *self.grid_size_)
+        return grid, prefix
+
+    def from_grid(self, grid: torch.Tensor, extra, like: torch.Tensor) -> torch.Tensor:
+        patches = grid.flatten(2).transpose(1, 2)
+        return torch.cat([extra, patches], dim=1) if extra is not None and extra.shape[1] else patches
 
 
 class ChannelsLastFamily(BackboneFamily):

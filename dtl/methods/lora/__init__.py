@@ -1,4 +1,5 @@
-"""LoRA (Hu et al., 2022): a low-rank update beside every attention ``qkv`` projection of a ViT.
+"""LoRA (Hu et al., 2022): a low-rank update beside every attention ``qkv`` projection of a transformer (ViT, EVA,
+BEiT).
 
 The model is in ``model.py``.
 """
@@ -23,4 +24,5 @@ class LoRAOptions(MethodOptions):
 register_method(Method(
     name="lora", description="LoRA: a low-rank update of every attention qkv projection", options=LoRAOptions,
     build=f"{__name__}.model:build",
-    families=("ViT",), needs="the attention qkv projections of transformer blocks", searchable=("rank",)))
+    families=("ViT", "Eva", "BEiT"), needs="the attention qkv projections of transformer blocks",
+    searchable=("rank",)))

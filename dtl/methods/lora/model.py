@@ -1,17 +1,17 @@
-"""LoRA (Hu et al., 2022): a low-rank update beside every attention ``qkv`` projection of a ViT.
+"""LoRA (Hu et al., 2022): a low-rank update beside every attention ``qkv`` projection of a transformer.
 
 ``qkv(x) + (alpha / r) x A B`` with ``A`` Kaiming-uniform and ``B`` zero, so the model starts equal to the
-backbone. LoRA is *entangled* with the backbone: its gradients flow through every block, the memory cost DTL avoids.
+backbone. Attention with separate ``q_proj``, ``k_proj`` and ``v_proj`` (EVA-02) gets one update on each. LoRA is
+*entangled* with the backbone: its gradients flow through every block, the memory cost DTL avoids.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..base import HeadModel
+from ..base import HeadModel, call_qkv_as_module
 
 
 class LoRALinear(nn.Module):
@@ -38,10 +38,16 @@ class LoRAModel(HeadModel):
         super().__init__(family, num_classes)
 
     def _prepare(self) -> None:
-        for block in self.family.blocks:
-            if not isinstance(block, Block):
-                raise ValueError("method 'lora' is implemented for ViT backbones only")
-            block.attn.qkv = LoRALinear(block.attn.qkv, self.rank)
+        for index, block in enumerate(self.family.blocks):
+            attn = getattr(block, "attn", None)
+            targets = [name for name in ("qkv",) if isinstance(getattr(attn, name, None), nn.Linear)] or [
+                name for name in ("q_proj", "k_proj", "v_proj") if isinstance(getattr(attn, name, None), nn.Linear)]
+            if not targets:
+                raise ValueError(f"method 'lora' needs attention qkv (or q, k and v) projections; block {index} of "
+                                 f"this {self.family.name} has none")
+            for name in targets:
+                setattr(attn, name, LoRALinear(getattr(attn, name), self.rank))
+        call_qkv_as_module(self.family.backbone)
 
 
 def build(family, num_classes: int, options, backbone_dtype) -> LoRAModel:

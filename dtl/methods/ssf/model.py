@@ -11,7 +11,7 @@ import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from ..base import HeadModel
+from ..base import HeadModel, call_qkv_as_module
 
 WRAPPED = (nn.Linear, nn.LayerNorm, nn.Conv2d, nn.BatchNorm2d)
 CHANNELS_FIRST = (nn.Conv2d, nn.BatchNorm2d, LayerNorm2d)  # (B, C, H, W) outputs: scale along dim 1
@@ -54,6 +54,7 @@ class SSFModel(HeadModel):
             parent_name, _, child = name.rpartition(".")
             parent = self.family.backbone.get_submodule(parent_name) if parent_name else self.family.backbone
             setattr(parent, child, ScaleShift(module, _channels(module)))
+        call_qkv_as_module(self.family.backbone)
 
 
 def build(family, num_classes: int, options, backbone_dtype) -> SSFModel:
