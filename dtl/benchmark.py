@@ -23,6 +23,11 @@ All methods run in ONE process on the SAME batch, so their figures compare. Per 
 can stand beside them like for like. On a GPU, fp32 matrix products use TF32 as training does
 (``dtl.devices.fp32_matmul``).
 
+With ``decode_head`` (``linear`` or ``fpn``) every row is a segmentation model: the labels are label maps of the
+input's size, the loss is ``dtl.objectives.Segmentation``'s (the logits resized to the labels), and
+``loss_saved_bytes`` says what that loss itself keeps for backward (the full-resolution log-probabilities: the same
+for every row, and not part of ``saved_bytes``, which counts the model's forward as for classification).
+
 Rows beyond the plain methods: ``dtl_plus_mlp`` (``grad_checkpointing="mlp"``: the MLP hidden layer of the
 blocks after M is recomputed in backward), ``dtl_plus_ckpt`` (``grad_checkpointing=True``: blocks after M and the
 prefix are recomputed in backward) and ``dtl_plus_cached`` (training from cached prefix states: only blocks M+1..N-1, the CSN
@@ -90,6 +95,8 @@ RATIO_TARGETS = (
     ("dtl_plus_cached", "images_per_s", "full", 3.3, "min"),
     ("dtl_plus_cached", "images_per_s", "lora", 2.2, "min"),
 )
+# Segmentation (ViT-B/16, 512 px, the multi-level head): DTL+'s bytes kept for backward against full fine-tuning.
+SEGMENTATION_TARGETS = (("dtl_plus", "saved_bytes", "full", 0.35, "max"),)
 # GPU peak memory targets (bytes), bf16.
 PEAK_TARGETS = (("dtl_plus", 0.8e9), ("dtl_plus_mlp", 0.8e9), ("dtl_plus_ckpt", 0.5e9))
 # The settings under which published training-memory figures were measured (batch size, autocast, storage dtype
@@ -119,6 +126,7 @@ class BenchmarkSettings:
     timing: bool = True  # False: parameters, saved bytes and the CPU peak estimate only (fast)
     seed: int = 0
     protocol: str | None = None  # the PROTOCOLS entry these settings follow (recorded with the results)
+    decode_head: str | None = None  # linear | fpn: segmentation models and label maps (dtl.methods.heads)
 
     @classmethod
     def for_protocol(cls, protocol: str, device: str = "auto", **settings) -> "BenchmarkSettings":
@@ -278,7 +286,8 @@ class _Row:
         dtype = settings.dtl_backbone_dtype() if get_method(spec.method).low_precision_backbone else "fp32"
         self.backbone_dtype = dtype
         self.model = create_model(settings.backbone, spec.method, settings.num_classes, img_size=settings.img_size,
-                                  backbone_dtype=None if dtype == "fp32" else dtype, **options).to(device).train()
+                                  backbone_dtype=None if dtype == "fp32" else dtype, decode_head=settings.decode_head,
+                                  **options).to(device).train()
         self.labels = labels
         self.inputs: torch.Tensor | PrefixState = images.clone()  # each row's own batch counts in its peak
         self.prefix_s_per_batch: float | None = None
@@ -288,7 +297,7 @@ class _Row:
             self.inputs, self.prefix_s_per_batch = self._cached_state(images)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, 0.05), lr=1e-4)
         self.scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
-        self.criterion = nn.CrossEntropyLoss()
+        self.objective = benchmark_objective(settings)
 
     def _cached_state(self, images: torch.Tensor) -> tuple[PrefixState, float]:
         """The batch as the prefix cache stores it (dtl.cache.storage_dtype), and the prefix's time per batch."""
@@ -303,7 +312,8 @@ class _Row:
                 state = self.model.forward_prefix(images)
             _synchronize(self.device)
             times.append(time.perf_counter() - start)
-        state = PrefixState(tuple(t.to(dtype) for t in state.side_inputs), state.block_output.to(dtype))
+        state = PrefixState(*(tuple(t.to(dtype) for t in part) if isinstance(part, tuple) else part.to(dtype)
+                              for part in state))
         return state, statistics.median(times)
 
     def forward(self) -> torch.Tensor:
@@ -312,7 +322,7 @@ class _Row:
 
     def step(self) -> None:
         with autocast(self.device, self.precision):
-            loss = self.criterion(self.model(self.inputs).float(), self.labels)
+            loss = self.objective.loss(self.model(self.inputs), self.labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -321,7 +331,8 @@ class _Row:
     @property
     def input_bytes(self) -> int:
         if isinstance(self.inputs, PrefixState):
-            return tensor_bytes((*self.inputs.side_inputs, self.inputs.block_output))
+            state = self.inputs
+            return tensor_bytes((*state.side_inputs, state.block_output, *state.head_outputs))
         return tensor_bytes([self.inputs])
 
 
@@ -349,7 +360,8 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
     del probe
     generator = torch.Generator().manual_seed(settings.seed)
     images = torch.randn(settings.batch_size, 3, img_size, img_size, generator=generator).to(device)
-    labels = torch.randint(0, settings.num_classes, (settings.batch_size,), generator=generator).to(device)
+    label_shape = (settings.batch_size, img_size, img_size) if settings.decode_head else (settings.batch_size,)
+    labels = torch.randint(0, settings.num_classes, label_shape, generator=generator).to(device)
 
     with fp32_matmul(device):
         run_settings = {
@@ -358,6 +370,8 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
             "device_name": device_name(device), "dtl_backbone_dtype": settings.dtl_backbone_dtype(),
             "threads": torch.get_num_threads(), "warmup": settings.warmup, "steps": steps, "rounds": settings.rounds,
             "tf32_matmul": device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32,
+            "decode_head": settings.decode_head, "num_classes": settings.num_classes,
+            "loss_saved_bytes": loss_saved_bytes(settings, images, labels),
             "torch": torch.__version__, "timm": timm.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         }
         results = {}
@@ -370,6 +384,25 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
             _time_rows(settings, device, images, labels, steps, results, log)
     add_ratios(results)
     return [{**result, **run_settings} for result in results.values()]
+
+
+def benchmark_objective(settings: BenchmarkSettings):
+    from .objectives import Classification, Segmentation
+
+    return Segmentation(settings.num_classes) if settings.decode_head else Classification()
+
+
+def loss_saved_bytes(settings: BenchmarkSettings, images: torch.Tensor, labels: torch.Tensor) -> int:
+    """What the loss alone keeps for backward, for logits of a decode head's finest stride (4 pixels) or of a
+    classifier: the same for every row."""
+    stride = 4 if settings.decode_head else None
+    shape = ((images.shape[0], settings.num_classes, images.shape[-2] // stride, images.shape[-1] // stride)
+             if stride else (images.shape[0], settings.num_classes))
+    logits = torch.zeros(shape, device=images.device, requires_grad=True)
+    with SavedTensorBytes(nn.Identity()) as counter:
+        loss = benchmark_objective(settings).loss(logits, labels)
+    del loss
+    return counter.nbytes
 
 
 def _measure_memory(name: str, settings: BenchmarkSettings, device: torch.device, images: torch.Tensor,
@@ -485,8 +518,9 @@ def check_targets(results: list[dict]) -> list[dict]:
     """The ratio targets (and, on CUDA, the peak-memory targets) that these results can check."""
     by_name = {r["method"]: r for r in results}
     checks = []
-    targets = list(RATIO_TARGETS)
-    targets += [(row, "images_per_cpu_s", ref, bound, kind) for row, figure, ref, bound, kind in RATIO_TARGETS
+    segmentation = bool(results and results[0].get("decode_head"))
+    targets = list(SEGMENTATION_TARGETS if segmentation else RATIO_TARGETS)
+    targets += [(row, "images_per_cpu_s", ref, bound, kind) for row, figure, ref, bound, kind in targets
                 if figure == "images_per_s"]
     for row, figure, reference, bound, kind in targets:
         value = (by_name.get(row) or {}).get(f"{figure}_vs_{reference}")
@@ -495,7 +529,7 @@ def check_targets(results: list[dict]) -> list[dict]:
         met = value <= bound if kind == "max" else value >= bound
         checks.append(dict(target=f"{row} {figure} {'<=' if kind == 'max' else '>='} {bound}x {reference}",
                            value=value, met=met))
-    for row, bound in PEAK_TARGETS:
+    for row, bound in () if segmentation else PEAK_TARGETS:
         result = by_name.get(row)
         if result and result["peak_kind"] == "cuda_max_allocated":
             checks.append(dict(target=f"{row} peak memory <= {bound / 1e9:.1f} GB ({result['precision']})",

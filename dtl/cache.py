@@ -73,7 +73,7 @@ class FrozenFeatures:
     the batch's copy to the GPU runs beside the computation (:func:`place_features`)."""
 
     tensors: dict[str, torch.Tensor]
-    labels: torch.Tensor  # (N,) int64
+    labels: torch.Tensor  # (N,) int64; (N, H, W) label maps for segmentation
     pinned: bool = False
 
     def __len__(self) -> int:
@@ -300,7 +300,7 @@ def compute_frozen_features(
             if labels is None:
                 count = len(dataset)
                 tensors = {k: torch.empty((count, *t.shape[1:]), dtype=dtype) for k, t in outputs.items()}
-                labels = torch.empty(count, dtype=torch.int64)
+                labels = torch.empty((count, *torch.as_tensor(batch_labels).shape[1:]), dtype=torch.int64)
             for name, value in outputs.items():
                 tensors[name][start:stop] = value.to("cpu", dtype)
             labels[start:stop] = torch.as_tensor(batch_labels, dtype=torch.int64)
@@ -349,7 +349,7 @@ class CacheReport:
     reason: str = ""  # why the cache is off (auto) or why disk fell back to memory
     notice: bool = False  # worth telling the user: a run that could have used the cache or the disk but did not
     key: str | None = None
-    layout: str | None = None  # blocks (DTL: every block's input) | pooled (linear probe)
+    layout: str | None = None  # blocks (DTL: every block's input) | pooled, maps (linear probe: what its head reads)
     path: str | None = None
     num_samples: int = 0
     bytes: int = 0  # the whole entry (what every trial of a task shares)

@@ -32,6 +32,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CACHE_MODES = ("auto", "memory", "disk", "off")
 # where drop-path applies: every block (timm's rule) or only the blocks gradients flow through (dtl.methods)
 DROP_PATH_SCOPES = ("all", "suffix")
+# segmentation decode heads (dtl.methods.heads): BatchNorm + 1x1 conv on the last block; a light multi-level FPN
+DECODE_HEADS = ("linear", "fpn")
 
 
 @dataclass
@@ -102,6 +104,8 @@ class _ModelSection:
               self.drop_path_scope)
         need(isinstance(self.backbone_dtype, str) and self.backbone_dtype in BACKBONE_DTYPES, "model.backbone_dtype",
               f"one of {', '.join(BACKBONE_DTYPES)}", self.backbone_dtype)
+        need(self.decode_head is None or self.decode_head in DECODE_HEADS, "model.decode_head",
+             f"null (a classifier) or one of {', '.join(DECODE_HEADS)} (segmentation)", self.decode_head)
         capable = [m for m in available_methods() if get_method(m).low_precision_backbone]
         need(self.backbone_dtype == "fp32" or canonical_name(self.method) in capable, "model.backbone_dtype",
               f"fp32 for method {self.method!r} (low-precision backbones are for {', '.join(capable)})",
@@ -129,6 +133,7 @@ ModelConfig = make_dataclass("ModelConfig", [
     # DTL, none for the linear probe), which keeps the frozen part deterministic and the prefix cache exact
     ("drop_path_scope", str, field(default="all")),
     ("backbone_dtype", str, field(default="fp32")),  # bf16/fp16: store and run the frozen backbone in low precision
+    ("decode_head", "str | None", field(default=None)),  # segmentation: linear or fpn; null: a classifier
     *[(name, Any, field(default=None)) for name in all_option_names()],
 ], bases=(_ModelSection,))
 ModelConfig.__module__ = __name__  # so configs pickle into Ray workers by this module's name
@@ -281,6 +286,13 @@ class ExperimentConfig:
         allowed = protocols_for_source(source)
         need(protocol in allowed, "evaluation.protocol", f"one of {', '.join(allowed)} for data.source {source}",
              protocol)
+        head = self.model.decode_head
+        if self.protocol.segments:
+            need(head is not None, "model.decode_head", f"one of {', '.join(DECODE_HEADS)} for evaluation.protocol "
+                 f"{protocol} (a segmentation model ends in a decode head)", head)
+        else:
+            need(head is None, "model.decode_head", f"null for evaluation.protocol {protocol} (decode heads are for "
+                 "the segmentation protocols)", head)
         self.protocol.check()
 
     @property

@@ -111,11 +111,12 @@ def image_loader(data: Dataset, batch_size: int, device: torch.device, num_worke
     """Batches of ``data`` for ``device``: shuffled by ``order`` each epoch (:class:`EpochOrder`; None: in
     dataset order), in page-locked memory on a GPU (so the copy overlaps the computation), loaded by
     ``num_workers`` processes that stay alive between epochs when ``persistent`` (an epoch does not wait for
-    them to start again). ``seed`` seeds the workers of a shuffled loader."""
+    them to start again). ``seed`` seeds the workers of a shuffled loader. A dataset with a ``collate`` function
+    (items of different sizes) batches its items with it."""
     return DataLoader(
         data, batch_size=batch_size, sampler=EpochOrder(data, generator=order) if order is not None else None,
         drop_last=drop_last, num_workers=num_workers, persistent_workers=persistent and num_workers > 0,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda", collate_fn=getattr(data, "collate", None),
         # Without a generator a loader draws its workers' seed from torch's default generator (that of dropout and
         # drop-path), as evaluation loaders always have; a shuffled loader has its own.
         generator=torch.Generator().manual_seed(seed) if order is not None else None)

@@ -40,6 +40,7 @@ from .devices import (
     restore_device_rng,
 )
 from .io import atomic_path, trainable_state_dict
+from .objectives import Classification, Objective, sum_dtype
 
 
 @dataclass
@@ -61,10 +62,11 @@ class TrainingState:
     images_seen: int = 0
     saved_bytes_per_batch: int = 0
     cpu_time_s: float = 0.0
-    # keep_best: the trainable weights of the best evaluation so far, its epoch and its accuracy
+    # keep_best: the trainable weights of the best evaluation so far, its epoch and its primary score (accuracy;
+    # mIoU for segmentation)
     best_trainable: dict[str, torch.Tensor] = field(default_factory=dict)
     best_epoch: int = -1
-    best_accuracy: float = -1.0
+    best_score: float = -1.0
     # the GPU memory peaks so far (dtl.devices.GpuMemory), so a resumed run reports the whole run's
     gpu_peak_allocated_bytes: int = 0
     gpu_peak_reserved_bytes: int = 0
@@ -79,7 +81,10 @@ class TrainingState:
 
     @classmethod
     def load(cls, path) -> "TrainingState":
-        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if "best_accuracy" in state:  # checkpoints written before segmentation named the score so
+            state["best_score"] = state.pop("best_accuracy")
+        return cls(**state)
 
 
 @dataclass
@@ -103,9 +108,10 @@ class TrainResult:
     # batch (DTL's saving, and how it shrinks as M moves later), measurable on any device.
     saved_bytes_per_batch: int = 0
     cpu_time_s: float = 0.0  # CPU seconds of this process while training and evaluating (all its threads)
-    # Per evaluated split, whether each image (in dataset order) was classified correctly at the last epoch:
-    # what a paired comparison of two models on the same images needs.
-    correct: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Per evaluated split, each image's score at the last epoch (in dataset order): whether it was classified
+    # correctly (bool), or for segmentation the image's mean IoU. What a paired comparison of two models on the
+    # same images needs.
+    per_image: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def summary(self) -> dict:
         """Flat, JSON-ready: final metrics plus the run's cost figures."""
@@ -183,46 +189,24 @@ class SavedTensorBytes:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str,
-             per_image: bool = False, classes: Sequence[int] | None = None) -> dict:
-    """Top-1 accuracy and mean cross-entropy over ``loader``; with ``per_image`` also ``correct``, a bool tensor
-    saying for each item (in loader order) whether it was classified correctly; with ``classes`` also
-    ``accuracy_masked``, the accuracy of the argmax over those classes only (a test set that holds a subset of
-    the classes the model tells apart, such as ImageNet-A and -R)."""
-    from .data.domain_generalization import masked_predictions
-
+             per_image: bool = False, classes: Sequence[int] | None = None,
+             objective: Objective | None = None) -> dict:
+    """Score ``model`` over ``loader`` as ``objective`` scores (default: classification, i.e. top-1 accuracy and
+    mean cross-entropy; ``dtl.objectives``). With ``per_image`` also ``per_image``, each item's score in loader
+    order (classification: whether it was classified correctly); with ``classes`` also ``accuracy_masked``, the
+    accuracy of the argmax over those classes only (a test set that holds a subset of the classes the model
+    tells apart, such as ImageNet-A and -R)."""
+    objective = objective or Classification()
     model.eval()
-    # Sums stay on the device until the end: reading one per batch would make the host wait for the GPU each time.
-    counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, correct over ``classes``
-    loss_sum = torch.zeros((), dtype=_sum_dtype(device), device=device)
-    total = 0
-    hits = []
+    # The sums stay on the device until the end: reading them per batch would make the host wait for the GPU.
+    tally = objective.tally(device, per_image, classes)
     with fp32_matmul(device):
         for inputs, labels in loader:
             inputs, labels = to_device(inputs, device), labels.to(device, non_blocking=True)
             with autocast(device, precision):
-                logits = model(inputs)
-            loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").to(loss_sum.dtype)
-            hit = logits.argmax(dim=1) == labels
-            counts[0] += hit.sum()
-            if classes is not None:
-                counts[1] += (masked_predictions(logits, classes) == labels).sum()
-            total += labels.numel()
-            if per_image:
-                hits.append(hit)
-    if total == 0:
-        raise ValueError("evaluation split is empty")
-    correct, masked_correct = counts.tolist()
-    metrics = {"accuracy": correct / total, "loss": loss_sum.item() / total}
-    if classes is not None:
-        metrics["accuracy_masked"] = masked_correct / total
-    if per_image:
-        metrics["correct"] = torch.cat(hits).cpu()
-    return metrics
-
-
-def _sum_dtype(device: torch.device) -> torch.dtype:
-    """Running sums of losses in float64 (as Python floats summed them before), where the device has it."""
-    return torch.float32 if device.type == "mps" else torch.float64
+                logits = objective.predict(model, inputs)
+            tally.add(logits, labels)
+    return tally.result()
 
 
 class EpochProgress:
@@ -289,11 +273,13 @@ def train_and_evaluate(
     *,
     resume_from: TrainingState | None = None,
     keep_best: str | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data``, evaluate on each of ``eval_data`` (e.g. {"val": ..., "test": ...}).
 
-    ``keep_best`` names one split of ``eval_data``: the weights of the evaluation epoch that scored it best (the
-    earliest on a tie) are put back into ``model`` at the end, and the final metrics are those of that epoch's
+    ``objective`` (``dtl.objectives``; default: classification with ``config.label_smoothing``) gives the loss and
+    the scores. ``keep_best`` names one split of ``eval_data``: the weights of the evaluation epoch that scored it
+    best in the objective's primary score (the earliest on a tie) are put back into ``model`` at the end, and the final metrics are those of that epoch's
     weights, with ``best_epoch`` (the few-shot recipe: validate every few epochs, test the best weights).
 
     After every epoch each hook gets an :class:`EpochEnd`: the epoch's metrics and its resumable state (a hook
@@ -315,7 +301,8 @@ def train_and_evaluate(
         raise ValueError(f"keep_best={keep_best!r} is not one of the evaluated splits ({', '.join(eval_data)})")
     with fp32_matmul(device):  # the prefix cache is built with the matmul precision that training uses
         loaders = _Loaders.build(model, train_data, eval_data, config, device, precision)
-        loop = _TrainingLoop(model, config, device, precision, loaders, keep_best, cpu_started)
+        objective = objective or Classification(config.label_smoothing)
+        loop = _TrainingLoop(model, config, device, precision, loaders, keep_best, cpu_started, objective)
         if resume_from is not None:
             loop.restore(resume_from)
         progress = EpochProgress(config.epochs, loop.first_epoch, len(loaders.train) * config.batch_size,
@@ -387,19 +374,19 @@ class _TrainingLoop:
     holds (so :meth:`snapshot` and :meth:`restore` are each other's inverse)."""
 
     def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device, precision: str,
-                 loaders: _Loaders, keep_best: str | None, cpu_started: float):
+                 loaders: _Loaders, keep_best: str | None, cpu_started: float, objective: Objective):
         self.model, self.config, self.device, self.precision = model, config, device, precision
         self.loaders, self.keep_best, self.cpu_started = loaders, keep_best, cpu_started
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
         self.scheduler = make_scheduler(self.optimizer, config)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.objective = objective
         self.memory = GpuMemory(device, loaders.gpu_cache_bytes)
         self.history: list[dict] = []
-        self.per_image_correct: dict[str, torch.Tensor] = {}
+        self.per_image: dict[str, torch.Tensor] = {}
         self.best_trainable: dict[str, torch.Tensor] = {}
-        self.best_epoch, self.best_accuracy = -1, -1.0
+        self.best_epoch, self.best_score = -1, -1.0
         self.train_time, self.images_seen, self.saved_bytes, self.cpu_before = 0.0, 0, 0, 0.0
         self.first_epoch = 0
 
@@ -417,7 +404,7 @@ class _TrainingLoop:
         self.train_time, self.images_seen = state.train_time_s, state.images_seen
         self.saved_bytes, self.cpu_before = state.saved_bytes_per_batch, state.cpu_time_s
         self.best_trainable, self.best_epoch = state.best_trainable, state.best_epoch
-        self.best_accuracy = state.best_accuracy
+        self.best_score = state.best_score
         memory = self.memory
         memory.train_allocated, memory.train_reserved = state.gpu_peak_allocated_bytes, state.gpu_peak_reserved_bytes
         memory.eval_allocated = state.gpu_eval_peak_allocated_bytes
@@ -430,7 +417,7 @@ class _TrainingLoop:
             cuda_rng=device_rng_state(self.device),
             history=[dict(h) for h in self.history], train_time_s=self.train_time, images_seen=self.images_seen,
             saved_bytes_per_batch=self.saved_bytes, cpu_time_s=self.cpu_time(),
-            best_trainable=self.best_trainable, best_epoch=self.best_epoch, best_accuracy=self.best_accuracy,
+            best_trainable=self.best_trainable, best_epoch=self.best_epoch, best_score=self.best_score,
             gpu_peak_allocated_bytes=self.memory.train_allocated, gpu_peak_reserved_bytes=self.memory.train_reserved,
             gpu_eval_peak_allocated_bytes=self.memory.eval_allocated)
 
@@ -444,18 +431,26 @@ class _TrainingLoop:
             metrics = {"epoch": epoch, **self.train_epoch(epoch)}
         last = epoch == config.epochs - 1
         if last or (config.eval_every and (epoch + 1) % config.eval_every == 0):
-            with self.memory.measure("eval"):
-                for split, loader in self.loaders.evaluated.items():
-                    scores = evaluate(self.model, loader, self.device, self.precision, per_image=last)
-                    if last:
-                        self.per_image_correct[split] = scores.pop("correct")
-                    for key, value in scores.items():
-                        metrics[f"{split}/{key}"] = value
-            if self.keep_best is not None and metrics[f"{self.keep_best}/accuracy"] > self.best_accuracy:
-                self.best_accuracy, self.best_epoch = metrics[f"{self.keep_best}/accuracy"], epoch
+            metrics.update(self.score(per_image=last))
+            score = metrics.get(f"{self.keep_best}/{self.objective.primary}")
+            if self.keep_best is not None and score > self.best_score:
+                self.best_score, self.best_epoch = score, epoch
                 # in host memory: a copy on the GPU would count as training memory
                 self.best_trainable = {k: v.clone() for k, v in trainable_state_dict(self.model).items()}
         self.history.append(metrics)
+        return metrics
+
+    def score(self, per_image: bool) -> dict:
+        """Every evaluated split's scores as ``<split>/<score>`` (with ``per_image``: each image's score kept)."""
+        metrics = {}
+        with self.memory.measure("eval"):
+            for split, loader in self.loaders.evaluated.items():
+                scores = evaluate(self.model, loader, self.device, self.precision, per_image=per_image,
+                                  objective=self.objective)
+                if per_image:
+                    self.per_image[split] = scores.pop("per_image")
+                scores.pop("class_iou", None)  # a list per class: what evaluating the saved weights reports
+                metrics.update({f"{split}/{key}": value for key, value in scores.items()})
         return metrics
 
     def train_epoch(self, epoch: int) -> dict:
@@ -464,8 +459,8 @@ class _TrainingLoop:
         model.train()
         # The epoch's sums stay on the device: reading them every step would make the host wait for the GPU at
         # every step (a non-finite loss is caught at the epoch's end, where the sum is read once).
-        loss_sum = torch.zeros((), dtype=_sum_dtype(device), device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
+        loss_sum = torch.zeros((), dtype=sum_dtype(device), device=device)
+        hits = torch.zeros(2, dtype=torch.int64, device=device)  # correctly labelled items (images, pixels), all
         seen = 0
         start = time.perf_counter()
         for step, (inputs, labels) in enumerate(self.loaders.train):
@@ -474,7 +469,7 @@ class _TrainingLoop:
             counter = SavedTensorBytes(model) if first_step else nullcontext()
             with autocast(device, self.precision), counter:
                 logits = model(inputs)  # images, or a batch of the prefix cache (CachedInputs)
-                loss = self.criterion(logits.float(), labels)
+                loss = self.objective.loss(logits, labels)
             if first_step:
                 self.saved_bytes = counter.nbytes
             optimizer.zero_grad(set_to_none=True)
@@ -484,16 +479,20 @@ class _TrainingLoop:
                 nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
             self.scaler.step(optimizer)
             self.scaler.update()
-            loss_sum += loss.detach().to(loss_sum.dtype) * labels.numel()
-            correct += (logits.argmax(dim=1) == labels).sum()
-            seen += labels.numel()
+            loss_sum += loss.detach().to(loss_sum.dtype) * labels.shape[0]
+            correct, labelled = self.objective.hits(logits, labels)
+            hits[0] += correct
+            hits[1] += labelled
+            seen += labels.shape[0]
         mean_loss = loss_sum.item() / seen  # waits for the epoch's last step
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"loss became {mean_loss} at epoch {epoch} (lr "
                                      f"{optimizer.param_groups[0]['lr']:.3g}); try a lower training.lr")
         self.train_time += time.perf_counter() - start
         self.images_seen += seen
-        return {"lr": optimizer.param_groups[0]["lr"], "train/loss": mean_loss, "train/accuracy": correct.item() / seen}
+        correct, labelled = hits.tolist()
+        return {"lr": optimizer.param_groups[0]["lr"], "train/loss": mean_loss,
+                "train/accuracy": correct / labelled if labelled else math.nan}
 
     def result(self) -> TrainResult:
         """The finished run (``keep_best``: the best epoch's weights back in the model, re-scored per image)."""
@@ -502,11 +501,7 @@ class _TrainingLoop:
             final["best_epoch"] = self.best_epoch
             if self.best_epoch != self.config.epochs - 1:  # score the best epoch's weights again, per image
                 self.model.load_state_dict(self.best_trainable, strict=False)
-                with self.memory.measure("eval"):
-                    for split, loader in self.loaders.evaluated.items():
-                        scores = evaluate(self.model, loader, self.device, self.precision, per_image=True)
-                        self.per_image_correct[split] = scores.pop("correct")
-                        final.update({f"{split}/{key}": value for key, value in scores.items()})
+                final.update(self.score(per_image=True))
         rss_scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
         memory = self.memory
         return TrainResult(
@@ -525,5 +520,5 @@ class _TrainingLoop:
             cache_report=self.loaders.cache_report.to_dict(),
             saved_bytes_per_batch=self.saved_bytes,
             cpu_time_s=self.cpu_time(),
-            correct=self.per_image_correct,
+            per_image=self.per_image,
         )

@@ -17,6 +17,7 @@ from .config import ConfigError, ExperimentConfig
 from .devices import SetupError, image_loader, resolve_device, resolve_precision
 from .engine import EpochHook, TrainingState, TrainResult, evaluate, seed_everything, train_and_evaluate
 from .methods import create_model
+from .objectives import Objective, objective_for
 
 
 @dataclass
@@ -67,6 +68,7 @@ def build_model(config: ExperimentConfig, num_classes: int, pretrained: bool | s
             drop_path_scope=model.drop_path_scope,
             img_size=config.data.image_size,
             backbone_dtype=None if model.backbone_dtype == "fp32" else model.backbone_dtype,
+            decode_head=model.decode_head,
             **model.model_options(),
         )
     except CheckpointError:
@@ -106,6 +108,12 @@ def check_run(config: ExperimentConfig, task: str, train_images: int, num_classe
         resolve_precision(resolved.training.precision, resolve_device(resolved.training.device))
     except SetupError as err:
         raise ConfigError(f"{where}{err}") from None
+
+
+def task_objective(config: ExperimentConfig, num_classes: int, image_size: int) -> Objective:
+    """What ``config``'s protocol optimises and scores (``dtl.objectives``), for a model reading ``image_size``."""
+    return objective_for(config.protocol.objective, num_classes=num_classes, crop_size=image_size,
+                         label_smoothing=config.training.label_smoothing)
 
 
 def backbone_image_size(model: nn.Module) -> int:
@@ -152,6 +160,7 @@ def run_task(
         hooks,
         resume_from=resume_from,
         keep_best=protocol.keep_best,
+        objective=task_objective(config, num_classes, img_size),
     )
     return TaskRun(task=task, config=config, model=model, result=result, num_classes=num_classes, shots=shots,
                    image_size=img_size)
@@ -176,13 +185,15 @@ def evaluate_saved(config: ExperimentConfig, task: str, seed: int, weights: str 
 def evaluate_model(config: ExperimentConfig, task: str, model: nn.Module, num_classes: int, *, seed: int,
                    shots: int | None = None, splits: dict[str, str] | None = None) -> dict:
     """Score a trained ``model`` of ``task`` (``config`` with the task's overrides applied) on ``splits`` (default:
-    the protocol's reported splits), as :func:`evaluate_saved` does; ``<name>_images`` is each split's size."""
+    the protocol's reported splits), as :func:`evaluate_saved` does; ``<name>_images`` is each split's size (and,
+    for segmentation, ``<name>_miou`` and the list ``<name>_class_iou``)."""
     device = resolve_device(config.training.device)
     precision = resolve_precision(config.training.precision, device)
     model.to(device)
     img_size = config.data.image_size or backbone_image_size(model)
     scores: dict[str, float] = {}
     protocol = config.protocol
+    objective = task_objective(config, num_classes, img_size)
     for name, split in (protocol.reported_splits(task) if splits is None else splits).items():
         data = protocol.open_split(task, split, num_classes=num_classes, img_size=img_size, shots=shots, seed=seed,
                           model=model)
@@ -190,7 +201,7 @@ def evaluate_model(config: ExperimentConfig, task: str, model: nn.Module, num_cl
         classes = present if 0 < len(present) < num_classes and split in protocol.target_splits() else None
         loader = image_loader(data, config.training.eval_batch_size, device, config.training.num_workers,
                               persistent=False)
-        for key, value in evaluate(model, loader, device, precision, classes=classes).items():
+        for key, value in evaluate(model, loader, device, precision, classes=classes, objective=objective).items():
             scores[f"{name}_{key}"] = value
         scores[f"{name}_images"] = len(data)
     return scores

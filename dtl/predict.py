@@ -1,10 +1,14 @@
-"""Classify images with trained task models: ``python -m dtl.predict --model outputs/train/<task> PATH...``.
+"""Predict images with trained task models: ``python -m dtl.predict --model outputs/train/<task> PATH...``.
 
 Inputs are image files, folders (every image below them, in name order) and list files (``.txt`` / ``.list``:
 one ``<path> [label]`` per line, the VTAB-1K and NOAH layouts, paths relative to the list's folder or, for NOAH's
 ``annotations/`` lists, to the folder above it). Several ``--model`` folders predict every image for every task;
 the DTL tasks among them share one frozen pass (``dtl.multitask``). The output's suffix picks CSV or JSON: one row
 per image and task with ``path, task, label, name, score`` and then ``top<i>_label, top<i>_score``.
+
+A segmentation model (one per run) writes into the ``--output`` folder one PNG label map per image (the image's
+size, a class index per pixel, with a palette so it can be looked at) and ``fractions.csv``: per image, its
+mask file and the share of its pixels predicted as each class.
 
 An image that cannot be read is reported on stderr with its path and skipped; the run goes on. Exit status: 0 when
 every image was predicted, 1 when some were skipped, 2 when nothing could run (bad arguments, a model that does
@@ -18,10 +22,13 @@ import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 LIST_SUFFIXES = (".txt", ".list")
@@ -30,6 +37,8 @@ EXAMPLES = """examples:
   python -m dtl.predict --model outputs/train/patterns photo1.png photo2.jpg --output preds.json --top-k 3
   python -m dtl.predict --model outputs/train/digits --model outputs/train/patterns \\
       data/synthetic/digits/test.txt --output both.csv           # two tasks, one shared frozen pass
+  python -m dtl.predict --model outputs/train/shape_masks data/segmentation/shape_masks/images/validation \\
+      --output masks/                                           # a segmentation model: masks/*.png + fractions
 """
 
 
@@ -167,6 +176,78 @@ def write_predictions(rows: list[dict], path: Path) -> None:
     write_text(path, buffer.getvalue())
 
 
+def is_segmentation(model: nn.Module) -> bool:
+    return model.trained.config.protocol.segments
+
+
+def segment(model: nn.Module, image) -> "np.ndarray":
+    """The label map (uint8, the image's own size) a loaded segmentation model predicts for a PIL ``image``: read
+    as its evaluation read images (the shorter side resized to the training crop), through a sliding window, the
+    logits resized back to the image."""
+    from .engine import autocast
+    from .objectives import resized_logits, sliding_window
+
+    info = model.trained
+    device = next(model.parameters()).device
+    tensor = info.transform()(image.convert("RGB"))
+    with torch.no_grad(), autocast(device, info.precision):
+        logits = sliding_window(model, tensor[None].to(device), info.image_size)
+    return resized_logits(logits, (image.height, image.width)).argmax(1)[0].to(torch.uint8).cpu().numpy()
+
+
+def mask_image(labels: "np.ndarray"):
+    """A label map as a palette PNG image: the pixel values are the class indices, the palette shows them."""
+    from PIL import Image
+
+    from .data.segmentation import label_palette
+
+    image = Image.fromarray(labels, mode="P")
+    image.putpalette(label_palette().reshape(-1).tolist())
+    return image
+
+
+def class_fractions(labels: "np.ndarray", names: Sequence[str]) -> dict[str, float]:
+    """The share of the pixels predicted as each class, by class name."""
+    import numpy as np
+
+    counts = np.bincount(labels.reshape(-1), minlength=len(names))[:len(names)]
+    return {name: round(float(count) / labels.size, 6) for name, count in zip(names, counts)}
+
+
+def predict_masks(model: nn.Module, images: Sequence[Path], output: Path, on_skip: Callable[[Path, str], None],
+                  on_done: Callable[[], None]) -> int:
+    """Write a mask per readable image of ``images`` into ``output`` and ``fractions.csv`` beside them; returns how
+    many were predicted."""
+    from PIL import Image
+
+    from .io import atomic_path
+
+    output.mkdir(parents=True, exist_ok=True)
+    names = model.trained.class_names
+    rows, used = [], set()
+    for path in images:
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = opened.convert("RGB")
+        except Exception as err:  # PIL raises many types for a truncated, foreign or missing file
+            on_skip(path, f"{type(err).__name__}: {err}")
+            continue
+        labels = segment(model, image)
+        name = f"{path.stem}.png"
+        for counter in range(1, len(used) + 2):  # images of the same name from other folders get a suffix
+            if name not in used:
+                break
+            name = f"{path.stem}-{counter}.png"
+        used.add(name)
+        with atomic_path(output / name) as tmp:
+            mask_image(labels).save(tmp, format="PNG")
+        rows.append({"path": str(path), "mask": name, **class_fractions(labels, names)})
+        on_done()
+    write_predictions(rows, output / "fractions.csv")
+    return len(rows)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dtl.predict", description=__doc__.split("\n\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,7 +255,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", action="append", required=True, metavar="TRAINED",
                         help="a train stage's output folder (outputs/train/<task>), a trained .safetensors file or "
                              "a sweep trial's checkpoint folder; repeat for several tasks")
-    parser.add_argument("--output", type=Path, required=True, help="predictions file: .csv or .json")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="predictions file: .csv or .json; for a segmentation model, a folder for the masks")
     parser.add_argument("--top-k", type=int, default=5, help="top classes per image and task (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
     parser.add_argument("--device", default=None,
@@ -182,8 +264,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None,
                         help="which seed's weights of a train folder (default: its first)")
     args = parser.parse_args(argv)
-    if args.output.suffix.lower() not in (".csv", ".json"):
-        parser.error(f"--output {args.output}: expected a .csv or .json file name")
+    if args.output.suffix and args.output.suffix.lower() not in (".csv", ".json"):
+        parser.error(f"--output {args.output}: expected a .csv or .json file name (or, for a segmentation model, a "
+                     "folder)")
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be at least 1")
     return args
@@ -197,7 +280,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         models = [load_trained(path, seed=args.seed, device=args.device) for path in args.model]
-        predictor = Predictor(models, top_k=args.top_k)
+        dense = [model.trained.task for model in models if is_segmentation(model)]
+        if dense and len(models) > 1:
+            raise PredictError(f"segmentation models predict one per run (got {', '.join(dense)} among "
+                               f"{len(models)} models)")
+        if dense and args.output.suffix.lower() in (".csv", ".json"):
+            raise PredictError(f"--output {args.output}: a segmentation model writes masks into a folder; give a "
+                               "folder name")
+        if not dense and args.output.suffix.lower() not in (".csv", ".json"):
+            raise PredictError(f"--output {args.output}: expected a .csv or .json file name")
+        predictor = None if dense else Predictor(models, top_k=args.top_k)
         images = find_images(args.paths)
     except (TrainedModelError, PredictError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -217,9 +309,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress.write(f"skipped {path}: {reason}", file=sys.stderr)
             progress.update(1)
 
-        for paths, batch in decode_batches(images, predictor.transform, args.batch_size, skip):
-            rows.extend(p.row() for p in predictor.predict(paths, batch))
-            progress.update(len(paths))
+        if dense:
+            done = predict_masks(models[0], images, args.output, skip, lambda: progress.update(1))
+        else:
+            for paths, batch in decode_batches(images, predictor.transform, args.batch_size, skip):
+                rows.extend(p.row() for p in predictor.predict(paths, batch))
+                progress.update(len(paths))
+    if dense:
+        print(f"wrote {done} mask(s) of task {dense[0]} and fractions.csv to {args.output}"
+              + (f"; skipped {len(skipped)} unreadable image(s)" if skipped else ""), file=sys.stderr)
+        return 1 if skipped else 0
     write_predictions(rows, args.output)
     done = len(images) - len(skipped)
     tasks = ", ".join(predictor.infos)

@@ -85,7 +85,8 @@ def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]
         if summary.get("registered_model"):  # its registered model version, tested now
             from tracking.pyfunc import tag_tested_version
 
-            tag_tested_version(summary["registered_model"], metrics["test_accuracy"],
+            tag_tested_version(summary["registered_model"],
+                               {key: metrics[key] for key in ("test_accuracy", "test_miou") if key in metrics},
                                summary.get("sweep_winner", False))
     return {**metrics, "details": details}
 
@@ -116,7 +117,7 @@ def rescore(config, task: str, train_dir: Path, summary: dict[str, Any]) -> list
         shots = seed_summary.get("shots")
         per_seed.append({"seed": seed_summary["seed"], **({"shots": shots} if shots is not None else {}), **scores})
         print(f"evaluate@{task}: {'' if shots is None else f'{shots}-shot '}seed {seed_summary['seed']}: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.endswith("accuracy")), flush=True)
+              + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.endswith(("accuracy", "miou"))), flush=True)
     return per_seed
 
 

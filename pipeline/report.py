@@ -63,6 +63,19 @@ def log_to_mlflow(rows: list[dict[str, Any]], metrics: dict[str, float], paths: 
     return experiment_id
 
 
+def trained_segmenter(paths: OutputPaths):
+    """task -> its trained segmentation model (the train stage's first run) as a function from a PIL image to its
+    label map, loaded when asked."""
+    def load(task: str):
+        from dtl.predict import segment
+        from dtl.trained import load_trained
+
+        model = load_trained(paths.train_dir(task), device="cpu")
+        return lambda image: segment(model, image)
+
+    return load
+
+
 def make_report(params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]:
     """Aggregate the evaluated tasks as the protocol reports them, write the report files, record them."""
     config, settings = load_stage_params(params_path, best_path)
@@ -71,6 +84,7 @@ def make_report(params_path: Path, best_path: Path, outputs: Path) -> dict[str, 
     report = protocol.build_report(evaluated_tasks(config.data.tasks, outputs))
     public, summary, plot_rows = protocol.report_outputs(report)
     write_json(paths.tasks_plot, plot_rows)
+    protocol.report_samples(report, trained_segmenter(paths))
     protocol.report_plot(report, paths.report_png)
     write_text(paths.report_md, protocol.report_markdown(report))
     write_json(paths.report_json, public)

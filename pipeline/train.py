@@ -36,6 +36,7 @@ from .params import load_stage_params
 from .stage import StageError, read_json, run_stage, stage_arguments
 
 CURVE_COLUMNS = ("lr", "train/loss", "train/accuracy")
+SCORES = ("/accuracy", "/miou")  # the per-split scores a run's summary line and its task run show
 
 
 def run_tags(stage: str, task: str, config: ExperimentConfig) -> dict[str, str]:
@@ -116,7 +117,7 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
         write_text(staging / "history.tsv", tsv(curve))
         if len(runs) > 1:  # the runs' own curves are in their child runs; the task run gets the means
             run.log_metrics({key: statistics.fmean(s[key] for s in seed_results)
-                             for key in {k for s in seed_results for k in s if k.endswith("/accuracy")}})
+                             for key in {k for s in seed_results for k in s if k.endswith(SCORES)}})
         run.log_metrics({k: statistics.fmean(s[k] for s in seed_results) for k in COST_KEYS
                          if all(isinstance(s.get(k), (int, float)) for s in seed_results)})
         run.log_artifacts(staging, "train")
@@ -173,12 +174,12 @@ def register_model(run, task_config: ExperimentConfig, task: str, staging: Path,
                    winner: dict | None) -> dict[str, Any]:
     """The first run's weights as an MLflow Model, registered as dtl-<task> (``tracking.pyfunc``), tagged with
     the sweep's settings when a sweep chose them (``winner``)."""
-    from dtl.predict import list_entries
+    from dtl.predict import find_images
     from tracking.pyfunc import log_task_model, registered_name
 
     protocol = task_config.protocol
     shots, seed = first_run
-    example = next(iter(list_entries(protocol.split_list(task, protocol.train, shots, seed))), None)
+    example = next(iter(find_images([protocol.split_list(task, protocol.train, shots, seed)])), None)
     version = log_task_model(run, staging / weights_name(shots, seed), task, example,
                              tags={"sweep_settings": json.dumps(winner, sort_keys=True)} if winner else None)
     run.set_tags({"registered_model": f"{registered_name(task)}/{version or 'pending'}"})
@@ -196,7 +197,7 @@ def _run_name(seed_summary: dict) -> str:
 
 
 def _final_accuracy(seed_summary: dict) -> str:
-    parts = [f"{k} {v:.4f}" for k, v in seed_summary.items() if k.endswith("/accuracy") and not k.startswith("train")]
+    parts = [f"{k} {v:.4f}" for k, v in seed_summary.items() if k.endswith(SCORES) and not k.startswith("train")]
     return ", ".join(parts) or "no evaluation"
 
 

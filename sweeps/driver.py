@@ -37,7 +37,8 @@ from typing import Any
 import tracking
 
 from .cluster import check_resources, default_concurrency, quiet_environment, start_ray
-from .keys import METRIC, TIME_ATTR
+from .keys import TIME_ATTR, score_metric
+from .pareto import parse_objectives
 from .results import TaskOutcome, cost_plot, decide, decisions_table, format_params, trial_row, trials_table
 from .selection import ALPHA
 from .space import SearchSpace, load_space
@@ -73,7 +74,7 @@ class SweepOptions:
     scheduler: str | None = None  # None: asha for a search, fifo for a study (its points train to the end)
     seed: int = 0
     seeds: list[int] | None = None  # a study's training seeds; None: the space file's
-    objectives: list[str] | None = None  # None: val accuracy alone; e.g. [val_accuracy, saved_bytes] (sweeps.pareto)
+    objectives: list[str] | None = None  # None: the score alone; e.g. [val_accuracy, saved_bytes] (sweeps.pareto)
     memory_budget: float | None = None  # bytes kept for backward per batch a winner may keep at most
     alpha: float = ALPHA  # level of the incumbent rule's paired test
     max_failures: int = 3  # restarts of a trial whose worker or node died, from its last checkpoint
@@ -244,7 +245,7 @@ def _check_model_cached(resolved) -> None:
 
 
 def prepare_state(options: SweepOptions, space: SearchSpace, tasks: list[str], params_path: Path, best_path: Path,
-                  storage: Path) -> SweepState:
+                  storage: Path, metric: str) -> SweepState:
     from tracking import init_tracking, tracking_uri
 
     if options.resume:
@@ -263,7 +264,7 @@ def prepare_state(options: SweepOptions, space: SearchSpace, tasks: list[str], p
         scheduler=options.scheduler, seed=options.seed, alpha=options.alpha, params_path=str(params_path),
         best_path=str(best_path), experiment=options.experiment, experiment_id=experiment_id, tracking_uri=uri,
         started=datetime.now().isoformat(timespec="seconds"), objectives=options.objectives,
-        memory_budget=options.memory_budget)
+        memory_budget=options.memory_budget, metric=metric)
     state.save()
     return state
 
@@ -323,7 +324,7 @@ def build_tuner(state: SweepState, plans: Mapping[str, TaskPlan], base_config, c
         tracking_uri=state.tracking_uri,
         experiment_id=state.experiment_id, parent_run_id=closer.parents[task], sweep_name=state.name,
         space_name=plan.space.name, checkpoint_every=options.checkpoint_every,
-        outbox=use_sweep_outbox(experiment_dir)) for task, plan in plans.items()}
+        outbox=use_sweep_outbox(experiment_dir), metric=state.metric) for task, plan in plans.items()}
     trainable = tune.with_resources(tune.with_parameters(train_trial, setups=setups), {"cpu": cpus, "gpu": gpus})
     path = experiment_dir / TRIALS_DIR
     if tune.Tuner.can_restore(str(path)):
@@ -344,17 +345,19 @@ def build_tuner(state: SweepState, plans: Mapping[str, TaskPlan], base_config, c
         sampler = optuna.samplers.TPESampler(seed=state.seed + index, multivariate=True, group=True,
                                              constant_liar=True,
                                              n_startup_trials=max(2, min(10, state.num_samples // 3)))
-        from .pareto import metrics_and_modes, parse_objectives
+        from .pareto import metrics_and_modes
 
-        metrics, modes = metrics_and_modes(parse_objectives(state.objectives))
-        # one objective: plain TPE on val accuracy; several: Optuna's multi-objective TPE (a Pareto front)
-        searchers[task] = OptunaSearch(space=plan.space.define_by_run(), metric=metrics if len(metrics) > 1 else METRIC,
+        metrics, modes = metrics_and_modes(parse_objectives(state.objectives, state.metric))
+        # one objective: plain TPE on the val score; several: Optuna's multi-objective TPE (a Pareto front)
+        searchers[task] = OptunaSearch(space=plan.space.define_by_run(),
+                                       metric=metrics if len(metrics) > 1 else state.metric,
                                        mode=modes if len(modes) > 1 else "max", sampler=sampler,
                                        points_to_evaluate=[plan.start] if plan.start else None)
     search = TaskSearch(searchers, dict.fromkeys(plans, state.num_samples),
-                        {task: plan.start is not None for task, plan in plans.items()}, metric=METRIC, mode="max")
+                        {task: plan.start is not None for task, plan in plans.items()}, metric=state.metric, mode="max")
     if state.scheduler == "asha":
-        scheduler = TaskASHA({task: ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode="max", max_t=plan.epochs,
+        scheduler = TaskASHA({task: ASHAScheduler(time_attr=TIME_ATTR, metric=state.metric, mode="max",
+                                                  max_t=plan.epochs,
                                                   grace_period=plan.grace_epochs,
                                                   reduction_factor=plan.space.reduction_factor)
                               for task, plan in plans.items()},
@@ -412,6 +415,8 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
         if saved.finished:
             return report_finished(saved, storage)
     base_config, params_path, best_path = load_base(options)
+    metric = saved.metric if saved else score_metric(base_config.for_selection().protocol)
+    parse_objectives(options.objectives, metric)  # the sweep's own score first
     tasks = list(saved.tasks) if saved else list(options.tasks or base_config.data.tasks)
     if len(set(tasks)) != len(tasks):
         raise SweepError(f"--tasks: a task is repeated in {tasks}")
@@ -426,7 +431,7 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
 
     from .records import TRACKING_WAIT_S, deliver_records, use_sweep_outbox
 
-    state, total, gpus = start_cluster(options, space, tasks, params_path, best_path, storage)
+    state, total, gpus = start_cluster(options, space, tasks, params_path, best_path, storage, metric)
     earlier_wall_time = state.wall_time_s  # of earlier, interrupted runs of this sweep
     experiment_dir = storage / state.name
     use_sweep_outbox(experiment_dir)  # before the first record: the parent runs
@@ -468,7 +473,7 @@ def run_sweep(options: SweepOptions, started: float | None = None) -> int:
 
 
 def start_cluster(options: SweepOptions, space: SearchSpace, tasks: list[str], params_path: Path, best_path: Path,
-                  storage: Path) -> tuple[SweepState, dict, float]:
+                  storage: Path, metric: str) -> tuple[SweepState, dict, float]:
     """Start (or join) Ray and check that it holds a trial before anything of the sweep is written; the sweep's
     state (new, or the one resumed), the cluster's resources and the GPUs per trial."""
     import ray
@@ -481,7 +486,7 @@ def start_cluster(options: SweepOptions, space: SearchSpace, tasks: list[str], p
         total = check_resources(options.cpus_per_trial, options.gpus_per_trial or 0)
         gpus = options.gpus_per_trial if options.gpus_per_trial is not None else (1.0 if total["GPU"] > 0 else 0.0)
         check_resources(options.cpus_per_trial, gpus)
-        return prepare_state(options, space, tasks, params_path, best_path, storage), total, gpus
+        return prepare_state(options, space, tasks, params_path, best_path, storage, metric), total, gpus
     except BaseException:
         ray.shutdown()
         raise
@@ -502,7 +507,8 @@ def fit(state: SweepState, plans: Mapping[str, TaskPlan], base_config, options: 
     closer = ChildRunCloser(state.tracking_uri, state.experiment_id,
                             {task: state.tasks[task]["parent_run_id"] for task in plans},
                             {task: plan.epochs for task, plan in plans.items()})
-    progress = ProgressView({task: (state.num_samples, plan.epochs) for task, plan in plans.items()})
+    progress = ProgressView({task: (state.num_samples, plan.epochs) for task, plan in plans.items()},
+                            metric=state.metric)
     tuner, resuming = build_tuner(state, plans, base_config, options.cpus_per_trial, gpus, max_concurrent,
                                   options, closer, progress, experiment_dir)
     announce(plans, state, max_concurrent, options.cpus_per_trial, gpus, resuming)
@@ -626,9 +632,9 @@ def collect(grid, plans: Mapping[str, TaskPlan], state: SweepState, client, clos
     for task, plan in plans.items():
         own = [t for t in trials if (t.config or {}).get(TASK_KEY) == task]
         runs = reconcile_runs(client, closer, task, own)
-        outcome = TaskOutcome(task=task, epochs=plan.epochs, final_epochs=plan.final_epochs)
+        outcome = TaskOutcome(task=task, epochs=plan.epochs, final_epochs=plan.final_epochs, metric=state.metric)
         for trial in own:
-            outcome.rows.append(trial_row(trial, plan.epochs, runs.get(trial.trial_id),
+            outcome.rows.append(trial_row(trial, plan.epochs, state.metric, runs.get(trial.trial_id),
                                           error_summary(trial) if trial.status == "ERROR" else None))
         outcome.finished = len(own) >= state.num_samples and all(r.status != "unfinished" for r in outcome.rows)
         parent = tracking.Run(state.tasks[task]["parent_run_id"], state.tracking_uri)
@@ -661,14 +667,14 @@ def decide_task(outcome: TaskOutcome, state: SweepState) -> None:
         outcome.decision.incumbent = incumbent.trial_id
         outcome.decision.replaced = outcome.decision.winner is not None
         if outcome.best is not None:
-            outcome.decision.margin = outcome.best.val_accuracy - incumbent.val_accuracy
+            outcome.decision.margin = outcome.best.val_score - incumbent.val_score
         outcome.decision.reason = (f"the incumbent keeps {incumbent.cost.get('saved_bytes_per_batch', 0) / 2**20:.2f} "
                                    f"MiB per batch, over the budget of {state.memory_budget / 2**20:.2f} MiB: the "
-                                   "best val accuracy within the budget wins")
+                                   "best val score within the budget wins")
 
 
-def trial_history(trial) -> dict[int, float]:
-    """{epoch: val accuracy} of every report of ``trial`` that scored val (Tune's result.json in its folder)."""
+def trial_history(trial, metric: str) -> dict[int, float]:
+    """{epoch: val score} of every report of ``trial`` that scored val (Tune's result.json in its folder)."""
     import json
 
     history: dict[int, float] = {}
@@ -680,8 +686,8 @@ def trial_history(trial) -> dict[int, float]:
             result = json.loads(line)
         except ValueError:
             continue
-        if isinstance(result.get(METRIC), (int, float)) and TIME_ATTR in result:
-            history[int(result[TIME_ATTR])] = float(result[METRIC])
+        if isinstance(result.get(metric), (int, float)) and TIME_ATTR in result:
+            history[int(result[TIME_ATTR])] = float(result[metric])
     return history
 
 
@@ -690,15 +696,16 @@ def record_analysis(parent, outcome: TaskOutcome, trials, plan: TaskPlan, state:
     """Each parameter's importance and, for a multi-objective sweep, the Pareto set: on the outcome (results.json,
     the console) and on the task's parent run."""
     from .importance import task_importance
-    from .pareto import pareto_plot, pareto_set, parse_objectives
+    from .pareto import pareto_plot, pareto_set
 
-    outcome.importance = task_importance(outcome.rows, {t.trial_id: trial_history(t) for t in trials}, plan.space)
+    outcome.importance = task_importance(outcome.rows, {t.trial_id: trial_history(t, state.metric) for t in trials},
+                                         plan.space)
     if outcome.importance["importance"]:
         parent.log_metrics({f"importance.{k}": v for k, v in outcome.importance["importance"].items()})
         parent.set_tags({"importance": f"{outcome.importance['evaluator']}; {outcome.importance['trials']} trials at "
                                        f"epoch {outcome.importance['epoch']}"
                                        + ("" if outcome.importance["reliable"] else "; unreliable: too few trials")})
-    objectives = parse_objectives(state.objectives)
+    objectives = parse_objectives(state.objectives, state.metric)
     if len(objectives) > 1:
         outcome.pareto = [r.trial_id for r in pareto_set(outcome.rows, objectives)]
         plot = pareto_plot(outcome, objectives, state.memory_budget, experiment_dir / f"pareto_{outcome.task}.png")
@@ -725,7 +732,7 @@ def objective(state: SweepState) -> str:
     try:
         return load_config(state.params_path).protocol.selection_objective()
     except (ConfigError, OSError):  # the params file changed since the sweep: say it plainly
-        return "validation accuracy"
+        return "the validation score"
 
 
 def report(state: SweepState, outcomes: Sequence[TaskOutcome], experiment_dir: Path, wall_time_s: float) -> None:
@@ -749,29 +756,31 @@ def report(state: SweepState, outcomes: Sequence[TaskOutcome], experiment_dir: P
               + "): their ranking may not hold when the winner is retrained")
     decided = [o for o in outcomes if o.decision]
     if decided:
-        print(f"\nIncumbent rule (exact McNemar test on the same val images, one-sided, level {state.alpha:g} "
-              f"Bonferroni-corrected over the challengers):\n{decisions_table(decided)}")
+        test = ("exact McNemar test on the same val images" if state.metric == "val_accuracy" else
+                "exact sign test on the same val images' own scores")
+        print(f"\nIncumbent rule ({test}, one-sided, level {state.alpha:g} Bonferroni-corrected over the "
+              f"challengers):\n{decisions_table(decided)}")
         replaced = {o.task: o.best for o in decided if o.best and o.decision.replaced}
         if replaced:
             print(f"\nWinners that replace the current configuration, written to {state.best_path}:")
             for task, row in replaced.items():
-                print(f"  {task}: val_accuracy {row.val_accuracy:.4f}  {format_params(row.params)}")
+                print(f"  {task}: {state.metric} {row.val_score:.4f}  {format_params(row.params)}")
             print("Retrain them with the pipeline's protocol and test them:  dvc repro")
         else:
             print(f"\nNo task's incumbent was beaten: {state.best_path} is unchanged.")
         print(f"Accuracy vs cost per task: {experiment_dir}/cost_<task>.png (also on each task's parent run)")
         from .importance import EVALUATOR, importance_table
-        from .pareto import pareto_table, parse_objectives
+        from .pareto import pareto_table
 
-        objectives = parse_objectives(state.objectives)
+        objectives = parse_objectives(state.objectives, state.metric)
         if len(objectives) > 1:
             budget = (f"; pick (*) within {state.memory_budget:.0f} bytes kept for backward per batch"
-                      if state.memory_budget is not None else "; pick (*) by the incumbent rule on accuracy")
+                      if state.memory_budget is not None else "; pick (*) by the incumbent rule on the score")
             print(f"\nPareto sets ({', '.join(objectives)}{budget}):")
             for outcome in decided:
                 print(pareto_table(outcome, objectives))
             print(f"Plots: {experiment_dir}/pareto_<task>.png")
-        print(f"\nParameter importance ({EVALUATOR}; the val accuracy at the latest epoch every trial reached):")
+        print(f"\nParameter importance ({EVALUATOR}; the val score at the latest epoch every trial reached):")
         for outcome in decided:
             if outcome.importance:
                 print("  " + importance_table(outcome.task, outcome.importance))

@@ -5,9 +5,26 @@ results and the MLflow records read them.
 """
 from __future__ import annotations
 
-METRIC = "val_accuracy"  # the objective: val200 accuracy after training on train800
+from dtl.protocols.base import SCORES
+
+# The split scores a trial reports: "<split>_<score>", e.g. val_accuracy (VTAB: val200 accuracy after training on
+# train800), val_miou for segmentation; a study reports its points' test_<score>.
+SCORE_METRICS = tuple(f"val_{score}" for score in SCORES.values())
+
+
+def score_metric(protocol, split: str = "val") -> str:
+    """The key of ``protocol``'s score on ``split``: a search ranks its trials on its base configuration's
+    selection protocol's ``val`` score, a study reports its own protocol's ``test`` score."""
+    return f"{split}_{protocol.score}"
+
+
+def metric_label(metric: str) -> str:
+    """``val_accuracy`` -> ``val accuracy``, ``test_miou`` -> ``test mIoU`` (axis labels, table headings)."""
+    return metric.replace("_", " ").replace("miou", "mIoU")
+
+
 TIME_ATTR = "epoch"  # epochs completed; ASHA's time attribute
-CORRECT = "val_correct"  # which val images the final model got right (sweeps.selection.encode_correct)
+PER_IMAGE = "val_per_image"  # each val image's score, final model (sweeps.selection.encode_scores)
 # A trial that fails on its own (a bad configuration, a NaN loss, out of memory) reports this key and ends; Tune
 # would retry a raised error like a lost node, and retrying cannot fix those.
 TRIAL_ERROR = "trial_error"
@@ -22,7 +39,7 @@ COST_METRICS = ("trainable_params", "train_time_s", "cpu_time_s", "saved_bytes_p
 TASK_KEY = "task"
 INCUMBENT_KEY = "incumbent"
 SEED_KEY = "seed"  # a study trial's training seed (a sweep trains every trial with the base's first seed)
-STUDY_METRIC = "test_accuracy"  # what a study reports per point: the final protocol's test split
+
 
 TAG_KIND = "kind"
 TAG_SWEEP = "sweep"

@@ -1,8 +1,8 @@
 """Live progress of a sweep on the console, quiet enough for a log file.
 
 One status line for the whole sweep: trials done / running / stopped early / failed out of the total, the best
-val accuracy so far per task, the elapsed time and an estimate of the time left (from the epochs still to train
-and the epochs per second so far). On a terminal the line is redrawn in place every few seconds; in a log (no
+val score (accuracy; mIoU for segmentation) so far per task, the elapsed time and an estimate of the time left
+(from the epochs still to train and the epochs per second so far). On a terminal the line is redrawn in place every few seconds; in a log (no
 terminal) it is printed once a minute. Each trial that ends adds one line saying how (``done``, ``stopped early
 at epoch 5``, ``failed: <error>``).
 """
@@ -15,7 +15,7 @@ from typing import IO
 
 from ray.tune import Callback
 
-from .keys import INCUMBENT_KEY, METRIC, TASK_KEY, TIME_ATTR, TRIAL_ERROR
+from .keys import INCUMBENT_KEY, TASK_KEY, TIME_ATTR, TRIAL_ERROR
 
 
 def format_duration(seconds: float) -> str:
@@ -27,7 +27,7 @@ class ProgressView(Callback):
     """A Tune callback that prints the sweep's progress (see the module docstring)."""
 
     def __init__(self, plans: Mapping[str, tuple[int, int]], stream: IO[str] | None = None,
-                 interval_s: float | None = None, metric: str = METRIC, metric_label: str = "best val"):
+                 interval_s: float | None = None, *, metric: str, metric_label: str = "best val"):
         self.plans = dict(plans)  # task -> (trials, epochs of a trial trained to the end)
         self.metric, self.metric_label = metric, metric_label
         self.stream = stream or sys.stdout

@@ -4,8 +4,8 @@ Trials write their own child runs (``sweeps/trainable.py``); the driver owns the
 
 * a parent run per task (``<sweep>/<task>``): the space, the base configuration, then the winner's values
   (``best.<key>``), the incumbent rule's outcome (tags ``decision``, ``replaced_incumbent``; metrics
-  ``best_val_accuracy``, ``incumbent_val_accuracy``, ``margin``, ``p_value``), trial counts and the
-  accuracy-vs-cost plot (``cost.png``);
+  ``best_<metric>`` and ``incumbent_<metric>`` such as ``best_val_accuracy``, ``margin``, ``p_value``), trial
+  counts and the score-vs-cost plot (``cost.png``);
 * the status of child runs that their trial could not close itself: trials that ASHA stopped (the process ends
   while the trial waits in ``tune.report``) and trials whose worker died (:func:`status_callback`, then
   :func:`reconcile_runs` after ``fit()``).
@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .keys import METRIC, RUN_KEY, TAG_KIND, TAG_SWEEP, TAG_TASK, TAG_TRIAL, TASK_KEY, TIME_ATTR, TRIAL_ERROR
+from .keys import RUN_KEY, TAG_KIND, TAG_SWEEP, TAG_TASK, TAG_TRIAL, TASK_KEY, TIME_ATTR, TRIAL_ERROR
 
 OUTBOX_DIR = "mlflow-outbox"  # the sweep's MLflow journals while the store is unreachable (tracking.outbox)
 # How long a sweep that has ended waits for an unreachable store to take its delayed records before it leaves
@@ -200,8 +200,8 @@ def record_decision(parent, outcome, plot: Path | None) -> None:
     incumbent = next((r for r in outcome.rows if r.trial_id == decision.incumbent), None)
     chosen = next((c for c in decision.comparisons if c.trial_id == best.trial_id), None)
     parent.log_metrics({
-        f"best_{METRIC}": best.val_accuracy,
-        f"incumbent_{METRIC}": incumbent.val_accuracy if incumbent else None,
+        f"best_{outcome.metric}": best.val_score,
+        f"incumbent_{outcome.metric}": incumbent.val_score if incumbent else None,
         "margin": decision.margin,
         "p_value": chosen.p_value if chosen else None,
         "images_won": chosen.wins if chosen else None,

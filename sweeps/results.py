@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .keys import CORRECT, COST_METRICS, METRIC, RUN_KEY, TIME_ATTR, TRIAL_ERROR
-from .selection import ALPHA, Candidate, Decision, choose_winner, decode_correct
+from .keys import COST_METRICS, PER_IMAGE, RUN_KEY, TIME_ATTR, TRIAL_ERROR, metric_label
+from .selection import ALPHA, Candidate, Decision, choose_winner, decode_scores
 from .trainable import plain, split_trial_config
 
 STATUSES = ("done", "stopped early", "failed", "unfinished")
@@ -20,11 +20,11 @@ class TrialRow:
     trial_id: str
     status: str  # done | stopped early | failed | unfinished
     epochs: int
-    val_accuracy: float | None
+    val_score: float | None  # the sweep's metric: val accuracy (val mIoU for segmentation)
     params: dict[str, Any]
     incumbent: bool = False
     cost: dict[str, float] = field(default_factory=dict)  # COST_METRICS of a trial trained to the end
-    correct: str | None = None  # encoded per-image val correctness (sweeps.selection)
+    per_image: str | None = None  # each val image's score, encoded (sweeps.selection)
     error: str | None = None
     run_id: str | None = None
     restarts: int = 0  # times the trial was restarted from its checkpoint after its worker or node died
@@ -40,6 +40,7 @@ class TaskOutcome:
     finished: bool = False
     importance: dict[str, Any] = field(default_factory=dict)  # sweeps.importance.task_importance
     pareto: list[str] = field(default_factory=list)  # trial ids of the Pareto set (multi-objective sweeps)
+    metric: str = "val_accuracy"  # what the trials are ranked on (sweeps.keys.score_metric)
 
     @property
     def best(self) -> TrialRow | None:
@@ -58,18 +59,20 @@ class TaskOutcome:
         from .selection import Comparison
 
         data = dict(data)
-        rows = [TrialRow(**row) for row in data.pop("rows")]
+        legacy = {"val_accuracy": "val_score", "correct": "per_image"}  # results written before segmentation
+        rows = [TrialRow(**{legacy.get(k, k): v for k, v in row.items()}) for row in data.pop("rows")]
         decision = data.pop("decision")
         if decision:
-            decision = Decision(**{**decision, "comparisons": [Comparison(**c) for c in decision["comparisons"]]})
+            comparisons = [Comparison(**{legacy.get(k, k): v for k, v in c.items()}) for c in decision["comparisons"]]
+            decision = Decision(**{**decision, "comparisons": comparisons})
         return cls(**data, rows=rows, decision=decision)
 
 
-def trial_row(trial, epochs: int, run=None, error: str | None = None) -> TrialRow:
-    """A Tune trial as a row (``epochs``: the length of a trial trained to the end)."""
+def trial_row(trial, epochs: int, metric: str, run=None, error: str | None = None) -> TrialRow:
+    """A Tune trial as a row (``epochs``: the length of a trial trained to the end; ``metric``: its score)."""
     task, incumbent, params = split_trial_config(trial.config or {})
     result = trial.last_result or {}
-    accuracy = result.get(METRIC)
+    score = result.get(metric)
     epoch = int(result.get(TIME_ATTR, 0) or 0)
     if trial.status == "ERROR" or TRIAL_ERROR in result:
         status, error = "failed", result.get(TRIAL_ERROR) or error
@@ -79,20 +82,20 @@ def trial_row(trial, epochs: int, run=None, error: str | None = None) -> TrialRo
         status = "unfinished"
     return TrialRow(
         task=task, trial_id=trial.trial_id, status=status, epochs=epoch,
-        val_accuracy=float(accuracy) if isinstance(accuracy, (int, float)) and math.isfinite(accuracy) else None,
+        val_score=float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None,
         params=plain(params), incumbent=incumbent,
         cost={k: float(result[k]) for k in COST_METRICS if isinstance(result.get(k), (int, float))},
-        correct=result.get(CORRECT) if status == "done" else None, error=error,
+        per_image=result.get(PER_IMAGE) if status == "done" else None, error=error,
         run_id=run.info.run_id if run else result.get(RUN_KEY),
         restarts=int(getattr(trial, "num_failures", 0) or 0))
 
 
 def decide(rows: Sequence[TrialRow], alpha: float = ALPHA) -> Decision:
     """The incumbent rule over the trials trained to the end (``sweeps.selection.choose_winner``)."""
-    done = [r for r in rows if r.status == "done" and r.val_accuracy is not None]
+    done = [r for r in rows if r.status == "done" and r.val_score is not None]
 
     def candidate(row: TrialRow) -> Candidate:
-        return Candidate(row.trial_id, row.val_accuracy, decode_correct(row.correct) if row.correct else None)
+        return Candidate(row.trial_id, row.val_score, decode_scores(row.per_image) if row.per_image else None)
 
     incumbent = next((candidate(r) for r in done if r.incumbent), None)
     challengers = [candidate(r) for r in done if not r.incumbent]
@@ -100,7 +103,7 @@ def decide(rows: Sequence[TrialRow], alpha: float = ALPHA) -> Decision:
         failed = next((r for r in rows if r.incumbent), None)
         decision = choose_winner(None, challengers, alpha)
         if failed is not None:
-            decision.reason = f"the incumbent trial {failed.trial_id} {failed.status}: the best val accuracy wins"
+            decision.reason = f"the incumbent trial {failed.trial_id} {failed.status}: the best val score wins"
         return decision
     return choose_winner(incumbent, challengers, alpha, tried=sum(not r.incumbent for r in rows))
 
@@ -113,19 +116,25 @@ def format_params(params: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={show(v)}" for k, v in params.items())
 
 
+def short_name(metric: str) -> str:
+    """A column heading for a metric: val_accuracy -> val_acc, val_miou -> val_miou."""
+    return metric.replace("accuracy", "acc")
+
+
 def trials_table(outcomes: Sequence[TaskOutcome]) -> str:
-    header = (f"{'task':<14} {'trial':<12} {'status':<16} {'epochs':>6} {'val_acc':>8} {'train_s':>8} "
+    metric = short_name(outcomes[0].metric) if outcomes else "val_acc"
+    header = (f"{'task':<14} {'trial':<12} {'status':<16} {'epochs':>6} {metric:>8} {'train_s':>8} "
               f"{'saved_MiB':>9}  params")
     lines = [header, "-" * len(header)]
     for outcome in outcomes:
         winner = outcome.decision.winner if outcome.decision else None
         for row in outcome.rows:
             status = row.status + (" *" if row.trial_id == winner else "") + (" (i)" if row.incumbent else "")
-            accuracy = f"{row.val_accuracy:.4f}" if row.val_accuracy is not None else "-"
+            score = f"{row.val_score:.4f}" if row.val_score is not None else "-"
             train_s = f"{row.cost['train_time_s']:.0f}" if "train_time_s" in row.cost else "-"
             saved = (f"{row.cost['saved_bytes_per_batch'] / 2**20:.1f}" if "saved_bytes_per_batch" in row.cost
                      else "-")
-            lines.append(f"{row.task:<14} {row.trial_id:<12} {status:<16} {row.epochs:>6} {accuracy:>8} "
+            lines.append(f"{row.task:<14} {row.trial_id:<12} {status:<16} {row.epochs:>6} {score:>8} "
                          f"{train_s:>8} {saved:>9}  {format_params(row.params)}"
                          + (f"  [{row.error}]" if row.error else ""))
     return "\n".join(lines)
@@ -142,25 +151,25 @@ def decisions_table(outcomes: Sequence[TaskOutcome]) -> str:
         incumbent = next((r for r in outcome.rows if r.trial_id == decision.incumbent), None)
         best = outcome.best
         chosen = next((c for c in decision.comparisons if c.trial_id == decision.winner), None)
-        best_challenger = max(decision.comparisons, key=lambda c: c.val_accuracy, default=None)
+        best_challenger = max(decision.comparisons, key=lambda c: c.val_score, default=None)
         shown = chosen or best_challenger
         lines.append(
-            f"{outcome.task:<14} {_acc(incumbent.val_accuracy if incumbent else None):>9} "
-            f"{_acc(best.val_accuracy if best else None):>8} "
+            f"{outcome.task:<14} {_score(incumbent.val_score if incumbent else None):>9} "
+            f"{_score(best.val_score if best else None):>8} "
             f"{(f'{decision.margin:+.3f}' if decision.margin is not None else '-'):>7} "
             f"{(f'+{shown.wins}/-{shown.losses}' if shown else '-'):>10} "
             f"{(f'{shown.p_value:.2g}' if shown else '-'):>8}  {decision.reason}")
     return "\n".join(lines)
 
 
-def _acc(value: float | None) -> str:
+def _score(value: float | None) -> str:
     return f"{value:.4f}" if value is not None else "-"
 
 
 def cost_plot(outcome: TaskOutcome, path: Path) -> Path | None:
-    """Val accuracy against training time, memory kept for backward and trainable parameters, one point per trial
+    """The val score against training time, memory kept for backward and trainable parameters, one point per trial
     trained to the end, coloured by start block M (DTL's memory/accuracy knob); incumbent and winner marked."""
-    rows = [r for r in outcome.rows if r.status == "done" and r.val_accuracy is not None and r.cost]
+    rows = [r for r in outcome.rows if r.status == "done" and r.val_score is not None and r.cost]
     if not rows:
         return None
     import matplotlib
@@ -177,7 +186,7 @@ def cost_plot(outcome: TaskOutcome, path: Path) -> Path | None:
     colours = [b if isinstance(b, (int, float)) else -1 for b in blocks]
     winner = outcome.decision.winner if outcome.decision else None
     for axis, (key, label, scale) in zip(axes, axes_spec):
-        points = [(r.cost.get(key, math.nan) / scale, r.val_accuracy) for r in rows]
+        points = [(r.cost.get(key, math.nan) / scale, r.val_score) for r in rows]
         scatter = axis.scatter([x for x, _ in points], [y for _, y in points], c=colours, cmap="viridis",
                                vmin=-1, vmax=max(max(colours), 1), s=40)
         for row, (x, y) in zip(rows, points):
@@ -189,7 +198,7 @@ def cost_plot(outcome: TaskOutcome, path: Path) -> Path | None:
         if key == "trainable_params":
             axis.set_xscale("log")
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("val accuracy")
+    axes[0].set_ylabel(metric_label(outcome.metric))
     handles, labels = axes[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     if unique:

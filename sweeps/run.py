@@ -7,8 +7,9 @@
 
 The objective is val200 accuracy after training on train800 with the pipeline's own schedule (VTAB's rule: the
 test split is never used for selection; few-shot and domain generalisation: val_meta.list after training on one
-k-shot list); a winner replaces the current configuration only when it beats it on
-the same val images beyond chance. See docs/sweeps.md.
+k-shot list; segmentation: mIoU on a held-out tenth of the training images after training on the rest); a winner
+replaces the current configuration only when it beats it on the same val images beyond chance. See
+docs/sweeps.md.
 """
 from __future__ import annotations
 
@@ -82,10 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="asha: stop weak trials early at rungs of epochs (time attribute: epoch); "
                              "fifo: run every trial to the end (default: asha; a study is always fifo)")
     parser.add_argument("--objectives", default=None, metavar="NAMES",
-                        help="comma-separated objectives, val_accuracy first: val_accuracy,saved_bytes searches "
-                             "accuracy and memory together (Optuna multi-objective TPE, every trial to the end) and "
-                             "reports each task's Pareto set; also train_time, trainable_params (default: "
-                             "val_accuracy)")
+                        help="comma-separated objectives, the sweep's score first (val_accuracy; val_miou for "
+                             "segmentation): val_accuracy,saved_bytes searches accuracy and memory together (Optuna "
+                             "multi-objective TPE, every trial to the end) and reports each task's Pareto set; also "
+                             "train_time, trainable_params (default: the score alone)")
     parser.add_argument("--memory-budget", type=positive_float, default=None, metavar="BYTES",
                         help="the winner must keep at most this many bytes for backward per batch (the trials' "
                              "recorded saved_bytes_per_batch); the incumbent rule applies within the budget")

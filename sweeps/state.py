@@ -35,7 +35,8 @@ class SweepState:
     kind: str = "sweep"  # sweep: search and select; study: a grid of points, reported (sweeps.study)
     seeds: list[int] | None = None  # a study's training seeds
     study_run_id: str | None = None  # a study's one MLflow parent run
-    objectives: list[str] | None = None  # sweeps.pareto objectives; None: val accuracy alone
+    objectives: list[str] | None = None  # sweeps.pareto objectives; None: the metric alone
+    metric: str = "val_accuracy"  # what trials are ranked on (sweeps.keys.score_metric): val_accuracy, val_miou
     memory_budget: float | None = None  # bytes kept for backward per batch a winner may keep at most
 
     def save(self) -> None:

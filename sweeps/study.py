@@ -13,9 +13,10 @@ a search, ``python sweeps/run.py --space study_start_block``:
 * ``sweeps/best.yaml`` is never written: a study reports.
 
 Outputs in ``<storage>/<name>/``: ``study.json`` (every trial and the aggregates), ``study.md`` (a table ready to
-paste: test accuracy mean ± std over seeds per task and point, the group mean, trainable parameters, bytes kept
-for backward, peak memory, images/s) and ``study.png`` (accuracy against the varied parameter with memory on a
-second axis; for a study of methods, accuracy against training memory). The same files go on the parent run.
+paste: the test score (accuracy; mIoU for segmentation) mean ± std over seeds per task and point, the group mean,
+trainable parameters, bytes kept for backward, peak memory, images/s) and ``study.png`` (the score against the
+varied parameter with memory on a second axis; for a study of methods, the score against training memory). The
+same files go on the parent run.
 """
 from __future__ import annotations
 
@@ -30,13 +31,13 @@ from typing import Any
 
 import tracking
 
-from .keys import SEED_KEY, STUDY_METRIC, TASK_KEY, TIME_ATTR, TRIAL_ERROR
+from .keys import SEED_KEY, TASK_KEY, TIME_ATTR, TRIAL_ERROR, metric_label, score_metric
 from .space import SearchSpace
 from .state import SweepError, SweepState
 from .trainable import plain, split_trial_config
 
 STUDY_FILES = ("study.json", "study.md", "study.png")
-# Per trial, what a study keeps next to its test accuracy (from dtl.engine.TrainResult and, off a GPU, the
+# Per trial, what a study keeps next to its test score (from dtl.engine.TrainResult and, off a GPU, the
 # estimated peak of sweeps.trainable.study_scores).
 STUDY_COSTS = ("trainable_params", "saved_bytes_per_batch", "gpu_peak_allocated_bytes", "cpu_peak_estimate_bytes",
                "images_per_s", "train_time_s")
@@ -52,27 +53,27 @@ class StudyRow:
     params: dict[str, Any]  # the override entry the point sets
     seed: int
     status: str  # done | failed | unfinished
-    accuracy: float | None  # the protocol's test accuracy
-    scores: dict[str, float] = field(default_factory=dict)  # every reported accuracy (val, targets...)
+    score: float | None  # the protocol's test score (accuracy; mIoU for segmentation)
+    scores: dict[str, float] = field(default_factory=dict)  # every reported score (val, targets...)
     cost: dict[str, float] = field(default_factory=dict)
     trial_id: str = ""
     error: str | None = None
 
 
-def study_row(trial, space: SearchSpace, epochs: Mapping[str, int]) -> StudyRow:
+def study_row(trial, space: SearchSpace, epochs: Mapping[str, int], metric: str) -> StudyRow:
     config = dict(trial.config or {})
     task, _, params = split_trial_config(config)
     label = ", ".join(spec.label(config[spec.name]) for spec in space.params if spec.name in config)
     result = trial.last_result or {}
     done = trial.status == "TERMINATED" and int(result.get(TIME_ATTR, 0) or 0) >= epochs[task]
     error = result.get(TRIAL_ERROR)
-    status = "failed" if error or trial.status == "ERROR" else ("done" if done and STUDY_METRIC in result
+    status = "failed" if error or trial.status == "ERROR" else ("done" if done and metric in result
                                                                 else "unfinished")
-    accuracy = result.get(STUDY_METRIC) if status == "done" else None
+    score = result.get(metric) if status == "done" else None
     return StudyRow(task=task, point=label, params=plain(params), seed=int(config.get(SEED_KEY, 0)), status=status,
-                    accuracy=float(accuracy) if isinstance(accuracy, (int, float)) else None,
+                    score=float(score) if isinstance(score, (int, float)) else None,
                     scores={k: float(v) for k, v in result.items()
-                            if k.endswith("_accuracy") or k.endswith("_accuracy_masked")} if status == "done" else {},
+                            if k.endswith(("_accuracy", "_accuracy_masked", "_miou"))} if status == "done" else {},
                     cost={k: float(result[k]) for k in STUDY_COSTS if isinstance(result.get(k), (int, float))},
                     trial_id=trial.trial_id, error=error)
 
@@ -85,7 +86,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 def aggregate(rows: Sequence[StudyRow], points: Sequence[str], tasks: Sequence[str],
               groups: Mapping[str, str]) -> list[dict[str, Any]]:
-    """Per point: each task's test accuracy mean ± std over seeds and its mean costs, and the group mean (the
+    """Per point: each task's test score mean ± std over seeds and its mean costs, and the group mean (the
     mean of the VTAB group means, per seed, then mean ± std over the seeds that finished on every task)."""
     from dtl.data.vtab import group_summary
 
@@ -95,14 +96,14 @@ def aggregate(rows: Sequence[StudyRow], points: Sequence[str], tasks: Sequence[s
         per_task = {}
         for task in tasks:
             runs = [r for r in mine if r.task == task]
-            mean, std = _mean_std([r.accuracy for r in runs])
+            mean, std = _mean_std([r.score for r in runs])
             per_task[task] = {"mean": mean, "std": std, "seeds": len(runs),
                               **{k: statistics.fmean(r.cost[k] for r in runs) for k in STUDY_COSTS
                                  if runs and all(k in r.cost for r in runs)}}
         seeds = sorted({r.seed for r in mine})
         group_means = []
         for seed in seeds:
-            by_task = {r.task: r.accuracy for r in mine if r.seed == seed}
+            by_task = {r.task: r.score for r in mine if r.seed == seed}
             if set(by_task) == set(tasks):
                 group_means.append(group_summary([{"group": groups.get(t, "Other"), "test_accuracy": a}
                                                   for t, a in by_task.items()])["group_mean"])
@@ -122,13 +123,13 @@ def _pct(mean: float | None, std: float | None, count: int = 2) -> str:
 
 
 def markdown(name: str, summary: Sequence[dict[str, Any]], tasks: Sequence[str], seeds: Sequence[int],
-             epochs: int, protocol: str) -> str:
+             epochs: int, protocol: str, metric: str = "test_accuracy") -> str:
     peak, peak_label = next(((key, label) for key, label in PEAK_COLUMNS if all(key in p for p in summary)),
                             PEAK_COLUMNS[-1])
     header = ["point", *tasks, "group mean", "trainable params", "kept for backward (MiB/batch)", peak_label,
               "images/s"]
     spread = f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]} only"
-    lines = [f"Study {name}: test accuracy (%), {spread}; every point "
+    lines = [f"Study {name}: {metric_label(metric)} (%), {spread}; every point "
              f"trained {epochs} epochs under the {protocol} protocol. Costs: means over tasks.", "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for point in summary:
@@ -143,9 +144,10 @@ def markdown(name: str, summary: Sequence[dict[str, Any]], tasks: Sequence[str],
     return "\n".join(lines) + "\n"
 
 
-def plot(name: str, space: SearchSpace, summary: Sequence[dict[str, Any]], tasks: Sequence[str], path: Path) -> None:
-    """Accuracy against the varied parameter, memory kept for backward on a second axis; for a study that
-    varies the method, accuracy against that memory (the paper's Figure 1)."""
+def plot(name: str, space: SearchSpace, summary: Sequence[dict[str, Any]], tasks: Sequence[str], path: Path,
+         metric: str = "test_accuracy") -> None:
+    """The score against the varied parameter, memory kept for backward on a second axis; for a study that
+    varies the method, the score against that memory (the paper's Figure 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,7 +165,7 @@ def plot(name: str, space: SearchSpace, summary: Sequence[dict[str, Any]], tasks
             axis.annotate(point["point"].replace("method=", ""), (x, y), textcoords="offset points", xytext=(5, 5))
         axis.set_xscale("log")
         axis.set_xlabel("memory kept for backward per batch (MiB, log)")
-        axis.set_ylabel("test accuracy (%), group mean")
+        axis.set_ylabel(f"{metric_label(metric)} (%), group mean")
     else:
         spec = space.params[0]
         numeric = len(space.params) == 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -177,7 +179,7 @@ def plot(name: str, space: SearchSpace, summary: Sequence[dict[str, Any]], tasks
         axis.set_xlabel(spec.name if numeric else "point")
         if not numeric:
             axis.set_xticks(xs, [p["point"] for p in summary], rotation=20, ha="right")
-        axis.set_ylabel("test accuracy (%)")
+        axis.set_ylabel(f"{metric_label(metric)} (%)")
         second = axis.twinx()
         second.plot(xs, memory, linestyle="--", color="tab:red", marker="s", label="kept for backward")
         second.set_ylabel("kept for backward per batch (MiB)", color="tab:red")
@@ -242,7 +244,8 @@ def study_tuner(options, state: SweepState, space: SearchSpace, base_config, tas
         eval_every=base_config.for_task(task).training.eval_every, threads=max(1, int(options.cpus_per_trial)),
         tracking_uri=state.tracking_uri, experiment_id=state.experiment_id, parent_run_id=parent_run_id,
         sweep_name=state.name, space_name=space.name, checkpoint_every=options.checkpoint_every,
-        tags={"study": space.name}, study=True, outbox=use_sweep_outbox(path.parent)) for task in tasks}
+        tags={"study": space.name}, study=True, outbox=use_sweep_outbox(path.parent), metric=state.metric)
+        for task in tasks}
     trainable = tune.with_resources(tune.with_parameters(train_trial, setups=setups),
                                     {"cpu": options.cpus_per_trial, "gpu": gpus})
     if tune.Tuner.can_restore(str(path)):
@@ -285,8 +288,9 @@ def run_study(options, space: SearchSpace, started: float) -> int:
     points = [label for label, _ in resolved.grid_points()]
     print(resolved.summary(), flush=True)
     prepare_data(base_config, tasks)
+    metric = score_metric(base_config.protocol, "test")
     state, total, gpus = start_cluster(replace(options, num_samples=len(points) * len(seeds), scheduler="fifo"),
-                                       space, tasks, params_path, best_path, storage)
+                                       space, tasks, params_path, best_path, storage, metric)
     state.kind, state.seeds = "study", seeds
     experiment_dir = storage / state.name
     use_sweep_outbox(experiment_dir)  # before the first record
@@ -301,7 +305,7 @@ def run_study(options, space: SearchSpace, started: float) -> int:
     epochs = {task: plans[task][1] for task in tasks}
     closer = ChildRunCloser(state.tracking_uri, state.experiment_id, dict.fromkeys(tasks, parent.run_id), epochs)
     progress = ProgressView({task: (len(points) * len(seeds), epochs[task]) for task in tasks},
-                            metric=STUDY_METRIC, metric_label="best test")
+                            metric=metric, metric_label="best test")
     max_concurrent = options.max_concurrent or default_concurrency(total, options.cpus_per_trial, gpus, num_trials)
     interrupted, rows = False, []
     try:
@@ -316,7 +320,7 @@ def run_study(options, space: SearchSpace, started: float) -> int:
 
         trials = ExperimentAnalysis(grid.experiment_path).trials
         reconcile_runs(None, closer, tasks[0], trials)  # one parent run holds every task's trials
-        rows = [study_row(trial, resolved, epochs) for trial in trials]
+        rows = [study_row(trial, resolved, epochs, metric) for trial in trials]
         interrupted = len(rows) < num_trials or any(r.status == "unfinished" for r in rows)
     except KeyboardInterrupt:
         interrupted = True
@@ -362,7 +366,7 @@ def report_study(state: SweepState, space: SearchSpace, base_config, rows: Seque
     groups = {task: task_group(task, root / task) for task in tasks}
     summary = aggregate(rows, points, tasks, groups)
     protocol = base_config.evaluation.protocol
-    table = markdown(state.name, summary, tasks, seeds, max(epochs.values()), protocol)
+    table = markdown(state.name, summary, tasks, seeds, max(epochs.values()), protocol, state.metric)
     counts = {s: sum(r.status == s for r in rows) for s in ("done", "failed", "unfinished")}
     print(f"\n{table}\n{len(rows)} runs: {counts['done']} done, {counts['failed']} failed, {counts['unfinished']} "
           f"unfinished; wall time {state.wall_time_s:.0f} s", flush=True)
@@ -374,10 +378,10 @@ def report_study(state: SweepState, space: SearchSpace, base_config, rows: Seque
         "groups": groups, "wall_time_s": state.wall_time_s, "date": datetime.now().isoformat(timespec="seconds"),
         "points": summary, "runs": [asdict(r) for r in rows]})
     write_text(experiment_dir / "study.md", table)
-    plot(state.name, space, summary, tasks, experiment_dir / "study.png")
+    plot(state.name, space, summary, tasks, experiment_dir / "study.png", state.metric)
     for index, point in enumerate(summary):
         if point["group_mean"]["mean"] is not None:
-            parent.log_metrics({"group_mean_test_accuracy": point["group_mean"]["mean"],
+            parent.log_metrics({f"group_mean_{state.metric}": point["group_mean"]["mean"],
                                 **({"saved_bytes_per_batch": point["saved_bytes_per_batch"]}
                                    if "saved_bytes_per_batch" in point else {})}, step=index)
     parent.set_tags({f"point.{index}": point["point"] for index, point in enumerate(summary)})

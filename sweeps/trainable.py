@@ -10,8 +10,9 @@ trials of every task: the trial's config names its task (:func:`split_trial_conf
 
 Every epoch is logged to the trial's MLflow child run as it happens; the epochs that score val200 (every
 ``eval_every`` epochs, so at each of ASHA's rungs, and the last) are reported to Tune (``epoch`` = epochs completed,
-ASHA's time attribute; ``val_accuracy``, the objective). The last report adds which val images the
-model got right (``val_correct``, for the paired comparison with the incumbent: ``sweeps.selection``) and the
+ASHA's time attribute; ``val_accuracy``, the objective, or ``val_miou`` for segmentation). The last report adds
+each val image's score (``val_per_image``, for the paired comparison with the incumbent: ``sweeps.selection``) and
+the
 trial's cost: trainable parameters, training time, CPU time, bytes kept for backward per batch, peak memory.
 The trainable writes its own child run (linked to its task's parent run by ``mlflow.parentRunId``) and ends it
 FINISHED, or FAILED with the error (bad config, NaN loss -> ``FloatingPointError``, out of memory). A trial that
@@ -33,10 +34,9 @@ from typing import Any
 
 from .keys import (
     CHECKPOINT_FILE,
-    CORRECT,
     COST_METRICS,
     INCUMBENT_KEY,
-    METRIC,
+    PER_IMAGE,
     RUN_FILE,
     RUN_KEY,
     SEED_KEY,
@@ -73,6 +73,7 @@ class TrialSetup:
     # A study trial follows the base's own protocol (VTAB-1K final: train800val200 -> test) and scores every
     # split it reports; a sweep trial follows the selection protocol (val200), never the test split.
     study: bool = False
+    metric: str = "val_accuracy"  # what the trial's reports are ranked on (sweeps.keys.score_metric)
 
 
 def split_trial_config(config: Mapping[str, Any]) -> tuple[str, bool, dict[str, Any]]:
@@ -228,7 +229,8 @@ class CheckpointReporter:
 
         if end.last:
             return
-        if "val/accuracy" not in end.metrics and time.monotonic() - self.checkpointed < self.every:
+        scored = any(key.startswith("val/") for key in end.metrics)
+        if not scored and time.monotonic() - self.checkpointed < self.every:
             return
         end.state().save(self.folder / CHECKPOINT_FILE)
         self.checkpointed = time.monotonic()
@@ -238,9 +240,9 @@ class CheckpointReporter:
 
 def final_metrics(task_run, setup: TrialSetup, run) -> dict[str, Any]:
     """What the trial reports last: the final metrics of the weights kept (few-shot: the best val epoch), its
-    costs, and which val images it got right (a study: the protocol's other reported splits instead); recorded
-    in the child run too."""
-    from .selection import encode_correct
+    costs, and each val image's score (a study: the protocol's other reported splits instead); recorded in the
+    child run too."""
+    from .selection import encode_scores
 
     summary = task_run.summary()
     result = task_run.result
@@ -250,9 +252,9 @@ def final_metrics(task_run, setup: TrialSetup, run) -> dict[str, Any]:
         final.update(study_scores(task_run))
         summary = {**summary, **final}
     else:
-        final[CORRECT] = encode_correct(result.correct["val"].tolist())
+        final[PER_IMAGE] = encode_scores(result.per_image["val"].tolist())
     final[RUN_KEY] = run.run_id
-    record_result(run, summary, final.get(CORRECT))
+    record_result(run, summary, final.get(PER_IMAGE))
     return final
 
 
@@ -264,11 +266,12 @@ def study_scores(task_run) -> dict[str, float]:
     from dtl.experiment import evaluate_model
 
     result = task_run.result
+    score = task_run.config.protocol.score
     missing = {name: split for name, split in task_run.reported_splits().items()
-               if f"{name}/accuracy" not in result.metrics}
+               if f"{name}/{score}" not in result.metrics}
     scores = evaluate_model(task_run.config, task_run.task, task_run.model, task_run.num_classes,
                             seed=task_run.config.training.seed, shots=task_run.shots, splits=missing) if missing else {}
-    scores = {k: float(v) for k, v in scores.items()}
+    scores = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}  # not per-class lists
     if result.gpu_peak_allocated_bytes is None:
         image = task_run.image_size
         batch_bytes = task_run.config.training.batch_size * 3 * image * image * 4
@@ -285,17 +288,18 @@ def report_recorded_result(setup: TrialSetup, run) -> bool:
     import tracking
     from tracking.outbox import is_transient
 
-    if run is None or run.info.status != "FINISHED" or METRIC not in run.data.metrics:
+    if run is None or run.info.status != "FINISHED" or setup.metric not in run.data.metrics:
         return False
     try:
-        history = tracking.client(setup.tracking_uri).get_metric_history(run.info.run_id, METRIC)
+        history = tracking.client(setup.tracking_uri).get_metric_history(run.info.run_id, setup.metric)
     except Exception as err:  # the store went away meanwhile: train it again, which gives the same result
         if not is_transient(err):
             raise
         return False
     tracking.Run(run.info.run_id, setup.tracking_uri).set_tags({"resumed": "reported from the recorded run, "
                                                                            "not retrained"})
-    recorded = {CORRECT: run.data.tags[CORRECT]} if CORRECT in run.data.tags else {}
+    per_image = run.data.tags.get(PER_IMAGE) or run.data.tags.get("val_correct")  # the tag's name until 2026-12
+    recorded = {PER_IMAGE: per_image} if per_image else {}
     tune.report({TIME_ATTR: len(history), **run.data.metrics, **recorded})
     return True
 
@@ -343,13 +347,13 @@ def record_trial(run, resolved, params: Mapping[str, Any], task: str) -> None:
         run.log_dataset(*protocol.split_input(task, split), "validation")
 
 
-def record_result(run, summary: Mapping[str, Any], correct: str) -> None:
-    """The trial's final metrics and cost figures, how it ran, and which val images it got right."""
+def record_result(run, summary: Mapping[str, Any], per_image: str | None) -> None:
+    """The trial's final metrics and cost figures, how it ran, and each val image's score."""
     run.log_metrics({k: v for k, v in summary.items() if "/" not in k and k != "seed"})
     run.set_tags({key: summary[key] for key in ("device", "precision", "prefix_cache")
                   if isinstance(summary.get(key), str)})
-    if correct is not None:
-        run.set_tags({CORRECT: correct})
+    if per_image is not None:
+        run.set_tags({PER_IMAGE: per_image})
 
 
 @contextmanager

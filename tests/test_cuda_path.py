@@ -91,13 +91,14 @@ def fake_cuda(monkeypatch):
 def training_loop(device: str, gpu_cache_bytes: int = 0, evaluated=None):
     """The engine's loop for a micro DTL+ model kept on the CPU, told that it trains on ``device``."""
     from dtl.engine import _Loaders, _TrainingLoop
+    from dtl.objectives import Classification
 
     model = dtl.create_model(MICRO, "dtl_plus", num_classes=4)
     loaders = _Loaders(train=[], evaluated=evaluated or {}, generator=torch.Generator().manual_seed(0),
                        cache_report=SimpleNamespace(to_dict=dict))
     loaders.gpu_cache_bytes = gpu_cache_bytes
     config = TrainConfig(epochs=2, warmup_epochs=0, cooldown_epochs=0, progress=False, eval_every=1)
-    return _TrainingLoop(model, config, torch.device(device), "fp32", loaders, None, 0.0)
+    return _TrainingLoop(model, config, torch.device(device), "fp32", loaders, None, 0.0, Classification())
 
 
 # --- 1. the test suite hides the GPU -----------------------------------------------------------------------
@@ -299,10 +300,10 @@ def test_the_training_peak_leaves_out_the_gpu_cache_and_evaluation_is_measured_a
         cuda.alloc(-(600 << 20))
         return {"lr": 1e-3, "train/loss": 1.0, "train/accuracy": 0.5}
 
-    def evaluate(model, loader, device, precision, per_image=False, classes=None):
+    def evaluate(model, loader, device, precision, per_image=False, classes=None, objective=None):
         cuda.alloc(300 << 20)
         cuda.alloc(-(300 << 20))
-        return {"accuracy": 0.5, "loss": 1.0, **({"correct": torch.ones(2, dtype=torch.bool)} if per_image else {})}
+        return {"accuracy": 0.5, "loss": 1.0, **({"per_image": torch.ones(2, dtype=torch.bool)} if per_image else {})}
 
     monkeypatch.setattr(dtl.engine, "evaluate", evaluate)
     loop = training_loop("cuda", gpu_cache_bytes=cache, evaluated={"val": None})

@@ -86,10 +86,10 @@ def test_cached_and_uncached_training_agree_and_the_cache_is_not_training_memory
 
     assert images.precision == resolve_precision("auto", GPU)
     for run in (on_gpu, in_host):
-        flips = int((run.correct["val"] != images.correct["val"]).sum())
+        flips = int((run.per_image["val"] != images.per_image["val"]).sum())
         assert flips <= max(2, int(0.005 * len(val))), flips
     # the same batches through the same kernels: placement alone must change nothing
-    assert torch.equal(in_host.correct["val"], on_gpu.correct["val"])
+    assert torch.equal(in_host.per_image["val"], on_gpu.per_image["val"])
     assert in_host.metrics["train/loss"] == pytest.approx(on_gpu.metrics["train/loss"], rel=1e-6)
     assert on_gpu.gpu_cache_bytes > 0 and in_host.gpu_cache_bytes == 0
     # counted as training memory, the cache would add its own size to the peak of the run that keeps it there

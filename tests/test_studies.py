@@ -136,8 +136,8 @@ def test_a_tiny_study_tests_every_point_and_never_writes_best_yaml(sweep_factory
     runs = study["runs"]
     assert sorted((r["point"], r["seed"]) for r in runs) == sorted(
         (p, s) for p in ("start_block=3", "start_block=11") for s in (0, 1))
-    assert all(r["status"] == "done" and 0 <= r["accuracy"] <= 1 for r in runs)
-    assert all(r["scores"]["test_accuracy"] == r["accuracy"] for r in runs)  # the final protocol's test split
+    assert all(r["status"] == "done" and 0 <= r["score"] <= 1 for r in runs)
+    assert all(r["scores"]["test_accuracy"] == r["score"] for r in runs)  # the final protocol's test split
     # a later M keeps less for backward (blocks 0..M keep nothing)
     saved = {p["point"]: p["saved_bytes_per_batch"] for p in study["points"]}
     assert saved["start_block=11"] < saved["start_block=3"]
@@ -162,12 +162,12 @@ def test_a_tiny_study_tests_every_point_and_never_writes_best_yaml(sweep_factory
 
 def _row(trial_id, accuracy, saved, status="done", incumbent=False):
     from sweeps.results import TrialRow
-    from sweeps.selection import encode_correct
+    from sweeps.selection import encode_scores
 
     right = round(accuracy * 200)  # which of 200 val images it got right: the first `right` of them
-    return TrialRow(task=TASK, trial_id=trial_id, status=status, epochs=2, val_accuracy=right / 200, params={},
+    return TrialRow(task=TASK, trial_id=trial_id, status=status, epochs=2, val_score=right / 200, params={},
                     incumbent=incumbent, cost={"saved_bytes_per_batch": saved, "trainable_params": 1.0},
-                    correct=encode_correct([i < right for i in range(200)]))
+                    per_image=encode_scores([i < right for i in range(200)]))
 
 
 def test_the_pareto_set_is_exactly_the_non_dominated_set():
@@ -181,8 +181,8 @@ def test_the_pareto_set_is_exactly_the_non_dominated_set():
         front = {r.trial_id for r in pareto_set(rows, ["val_accuracy", "saved_bytes"])}
         done = [r for r in rows if r.status == "done"]
         expected = {r.trial_id for r in done if not any(
-            o.val_accuracy >= r.val_accuracy and o.cost["saved_bytes_per_batch"] <= r.cost["saved_bytes_per_batch"]
-            and (o.val_accuracy > r.val_accuracy or o.cost["saved_bytes_per_batch"] < r.cost["saved_bytes_per_batch"])
+            o.val_score >= r.val_score and o.cost["saved_bytes_per_batch"] <= r.cost["saved_bytes_per_batch"]
+            and (o.val_score > r.val_score or o.cost["saved_bytes_per_batch"] < r.cost["saved_bytes_per_batch"])
             for o in done)}
         assert front == expected and front
 
@@ -209,7 +209,7 @@ def test_a_budgeted_pick_never_exceeds_the_budget():
         assert outcome.best.cost["saved_bytes_per_batch"] <= budget
         if rows[0] not in fitting:  # the incumbent is over the budget: the best accuracy within it wins
             checked_over_budget = True
-            assert outcome.best is max(fitting, key=lambda r: r.val_accuracy)
+            assert outcome.best is max(fitting, key=lambda r: r.val_score)
             assert "over the budget" in outcome.decision.reason and outcome.decision.replaced
         else:  # the incumbent rule among the configurations within the budget
             assert outcome.best.trial_id == decide(fitting, 0.05).winner
@@ -240,7 +240,7 @@ def test_importance_ranks_the_one_parameter_that_matters_first():
         params = {"method": generator.choice(["dtl", "dtl_plus"]), "rank": generator.randint(1, 16),
                   "start_block": generator.randint(0, 11), "lr": 10 ** generator.uniform(-4, -2),
                   "weight_decay": generator.uniform(0, 0.1), "drop_path": generator.choice([0.0, 0.1, 0.2])}
-        rows.append(TrialRow(task=TASK, trial_id=f"t{i}", status="stopped early", epochs=5, val_accuracy=None,
+        rows.append(TrialRow(task=TASK, trial_id=f"t{i}", status="stopped early", epochs=5, val_score=None,
                              params=params))
         score = 0.9 - 0.05 * params["start_block"] + generator.gauss(0, 0.001)  # only M matters
         histories[f"t{i}"] = {5: score, 15: score} if i % 2 else {5: score}
@@ -259,7 +259,7 @@ def test_importance_of_trials_that_all_scored_the_same_is_empty_not_an_error():
     from sweeps.results import TrialRow
 
     space = load_space("dtl_plus").resolve(12)
-    rows = [TrialRow(task=TASK, trial_id=f"t{i}", status="done", epochs=2, val_accuracy=0.1,
+    rows = [TrialRow(task=TASK, trial_id=f"t{i}", status="done", epochs=2, val_score=0.1,
                      params={"method": "dtl", "rank": 1 + i, "start_block": i, "lr": 1e-3 * (i + 1),
                              "weight_decay": 0.01, "drop_path": 0.0}) for i in range(2)]
     found = task_importance(rows, {"t0": {2: 0.1}, "t1": {2: 0.1}}, space)  # two trials, one score: no variance

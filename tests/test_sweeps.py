@@ -284,7 +284,7 @@ def correctness(hits: int, total: int = 200, offset: int = 0):
 
 
 def test_the_incumbent_is_kept_on_a_tie_and_on_a_one_image_win_and_replaced_on_a_clear_win():
-    from sweeps.selection import Candidate, choose_winner, decode_correct, encode_correct
+    from sweeps.selection import Candidate, choose_winner, decode_scores, encode_scores
 
     incumbent = Candidate("inc", 0.5, correctness(100))
     tie = Candidate("tie", 0.5, correctness(100, offset=50))  # as many images won as lost
@@ -310,20 +310,20 @@ def test_the_incumbent_is_kept_on_a_tie_and_on_a_one_image_win_and_replaced_on_a
     assert decision.winner == "clear" and "no incumbent" in decision.reason
     # per-image results survive their trip through Tune and MLflow
     bits = correctness(37, total=203, offset=5)
-    assert (decode_correct(encode_correct(bits)) == bits).all() and len(encode_correct(bits)) < 60
+    assert (decode_scores(encode_scores(bits)) == bits).all() and len(encode_scores(bits)) < 60
 
 
 def test_kept_incumbents_leave_best_yaml_alone_and_winners_replace_entries(tmp_path):
     from sweeps.driver import write_winners
     from sweeps.results import TaskOutcome, TrialRow, decide
-    from sweeps.selection import encode_correct
+    from sweeps.selection import encode_scores
     from sweeps.state import SweepState
 
     def outcome(task: str, challenger_hits: int) -> TaskOutcome:
         rows = [TrialRow(task, "inc", "done", 2, 0.5, {"lr": 0.003}, incumbent=True,
-                         correct=encode_correct(correctness(100))),
+                         per_image=encode_scores(correctness(100))),
                 TrialRow(task, "new", "done", 2, challenger_hits / 200, {"lr": 0.01, "rank": 8},
-                         correct=encode_correct(correctness(challenger_hits))),
+                         per_image=encode_scores(correctness(challenger_hits))),
                 TrialRow(task, "short", "stopped early", 1, 0.9, {"lr": 0.1})]  # never the winner
         result = TaskOutcome(task, 2, 2, rows, finished=True)
         result.decision = decide(rows)
@@ -540,7 +540,7 @@ def test_tiny_sweep_records_parent_children_best_and_a_failed_trial(sweep_factor
     for child in good:  # cost next to accuracy
         if len(sweep.val_steps(child)) == EPOCHS:
             assert child.data.metrics["trainable_params"] > 0 and child.data.metrics["train_time_s"] > 0
-            assert child.data.metrics["saved_bytes_per_batch"] > 0 and ":" in child.data.tags["val_correct"]
+            assert child.data.metrics["saved_bytes_per_batch"] > 0 and ":" in child.data.tags["val_per_image"]
 
     # best.yaml: a kept incumbent leaves the task's entry alone; other entries and a header are kept
     text = sweep.best.read_text()
@@ -554,7 +554,7 @@ def test_tiny_sweep_records_parent_children_best_and_a_failed_trial(sweep_factor
 
     results = json.loads((sweep.storage / "tiny" / "results.json").read_text())
     assert len(results["tasks"][TASK]["rows"]) == 3
-    assert results["best"][TASK]["val_accuracy"] == parent.data.metrics["best_val_accuracy"]
+    assert results["best"][TASK]["val_score"] == parent.data.metrics["best_val_accuracy"]
     assert "failed" in out and "Incumbent rule" in out and re.search(r"trials \d/3 done, 0 running", out)
 
     # a second run of a finished sweep re-runs nothing
@@ -666,7 +666,7 @@ def sweep_decisions(sweep: Sweep) -> tuple[list, dict, dict]:
     incumbent; best.yaml) of a finished sweep, without its trial ids (which differ from run to run)."""
     outcome = json.loads((sweep.storage / "tiny" / "sweep.json").read_text())["tasks"][TASK]["outcome"]
     rows = {row["trial_id"]: row for row in outcome["rows"]}
-    trials = sorted((row["status"], json.dumps(row["params"], sort_keys=True), row["val_accuracy"])
+    trials = sorted((row["status"], json.dumps(row["params"], sort_keys=True), row["val_score"])
                     for row in rows.values())
     winner = outcome["decision"]["winner"]
     return trials, {"params": rows[winner]["params"], "replaced": outcome["decision"]["replaced"]}, \

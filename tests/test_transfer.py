@@ -109,7 +109,7 @@ def test_keep_best_puts_back_the_weights_of_the_best_validation_epoch():
     assert result.metrics["best_epoch"] == best and result.metrics["val/accuracy"] == max(scores)
     loader = torch.utils.data.DataLoader(val, batch_size=40)
     assert evaluate(model, loader, torch.device("cpu"), "fp32")["accuracy"] == max(scores)  # the model holds them
-    assert result.correct["val"].sum().item() == round(40 * max(scores)) and best < len(scores) - 1
+    assert result.per_image["val"].sum().item() == round(40 * max(scores)) and best < len(scores) - 1
     with pytest.raises(ValueError, match="keep_best='test' is not one of the evaluated splits"):
         train_and_evaluate(model, TensorDataset(inputs, labels), {"val": val}, config, keep_best="test")
 

@@ -153,8 +153,15 @@ def finite_metrics(values: Mapping[str, Any], step: int = 0):
 
 
 def list_digest(path: str | Path) -> str:
-    """A short digest of a list file (what a dataset input is identified by)."""
-    return hashlib.blake2b(Path(path).read_bytes(), digest_size=8).hexdigest()
+    """A short digest of a list file, or of a folder's file names and sizes (what a dataset input is identified
+    by)."""
+    path = Path(path)
+    if not path.is_dir():
+        return hashlib.blake2b(path.read_bytes(), digest_size=8).hexdigest()
+    digest = hashlib.blake2b(digest_size=8)
+    for file in sorted(path.iterdir()):
+        digest.update(f"{file.name}:{file.stat().st_size}|".encode())
+    return digest.hexdigest()
 
 
 class Run:
@@ -269,8 +276,8 @@ class Run:
                              "tags": [[key, str(value)[:5000]] for key, value in tags.items()]})
 
     def log_dataset(self, name: str, list_file: str | Path, context: str) -> None:
-        """A dataset input (the UI's Dataset column): ``name`` (e.g. ``digits/train800``), the list file as its
-        source and digest, ``context`` train / validation / test."""
+        """A dataset input (the UI's Dataset column): ``name`` (e.g. ``digits/train800``), the list file (or the
+        images folder) as its source and digest, ``context`` train / validation / test."""
         self.outbox.put({"op": "inputs", "run": self.run_id, "name": name, "digest": list_digest(list_file),
                          "source": str(Path(list_file).resolve()), "context": context})
 

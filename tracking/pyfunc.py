@@ -37,17 +37,19 @@ def encode_image(path_or_bytes: str | Path | bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def signature():
-    """Input: the ``image`` column. Output: label, name, score, and the error of a row that was not an image (each
-    may be null: a predicted row has no error, an unreadable one no label)."""
+def signature(segmentation: bool = False):
+    """Input: the ``image`` column. Output: label, name, score (a segmentation model: mask and fractions), and the
+    error of a row that was not an image (each may be null: a predicted row has no error, an unreadable one no
+    prediction)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    return ModelSignature(
-        inputs=Schema([ColSpec("string", INPUT)]),
-        outputs=Schema([ColSpec("long", "label", required=False), ColSpec("string", "name", required=False),
-                        ColSpec("double", "score", required=False), ColSpec("string", "error", required=False)]),
-        params=None)
+    predicted = ([ColSpec("string", "mask", required=False), ColSpec("string", "fractions", required=False)]
+                 if segmentation else [ColSpec("long", "label", required=False),
+                                       ColSpec("string", "name", required=False),
+                                       ColSpec("double", "score", required=False)])
+    return ModelSignature(inputs=Schema([ColSpec("string", INPUT)]),
+                          outputs=Schema([*predicted, ColSpec("string", "error", required=False)]), params=None)
 
 
 def log_task_model(run, weights: str | Path, task: str, example_image: str | Path | None = None,
@@ -58,13 +60,15 @@ def log_task_model(run, weights: str | Path, task: str, example_image: str | Pat
     import mlflow.pyfunc
     import pandas as pd
 
+    from dtl.predict import is_segmentation
     from dtl.trained import load_trained
 
     from .outbox import is_transient
 
     examples = pd.DataFrame({INPUT: [encode_image(example_image)]}) if example_image else None
     with tempfile.TemporaryDirectory() as folder:
-        info = load_trained(weights, device="cpu").trained
+        model = load_trained(weights, device="cpu")
+        info = model.trained
         settings = Path(folder) / "settings.json"
         settings.write_text(json.dumps({"task": task, "num_classes": info.num_classes, "seed": info.seed,
                                         "image_size": info.image_size, "class_names": list(info.class_names),
@@ -72,7 +76,8 @@ def log_task_model(run, weights: str | Path, task: str, example_image: str | Pat
         target = Path(folder) / MODEL_PATH
         mlflow.pyfunc.save_model(str(target), python_model=str(MODEL_CODE),
                                  artifacts={WEIGHTS: str(weights), SETTINGS: str(settings)},
-                                 signature=signature(), input_example=examples, pip_requirements=[],
+                                 signature=signature(is_segmentation(model)), input_example=examples,
+                                 pip_requirements=[],
                                  metadata={"task": task})
         run_id = run.outbox.known(run.run_id)
         if run_id is not None and not run.outbox.unreachable:
@@ -103,15 +108,18 @@ def register_model(client, run_id: str, folder: Path, task: str, tags: dict[str,
     return int(version.version)
 
 
-def tag_tested_version(registered: dict, test_accuracy: float, sweep_winner: bool, uri: str | None = None) -> None:
-    """After the evaluate stage: the version's test accuracy, and ``sweep_winner: tested`` for a sweep's winner
-    that ``dvc repro`` has now retrained and tested (through the outbox: an unreachable store delays them). A
-    version registered late, from delayed records, has no number here and is left untagged."""
+def tag_tested_version(registered: dict, scores: dict[str, float], sweep_winner: bool,
+                       uri: str | None = None) -> None:
+    """After the evaluate stage: the version's test scores (``test_accuracy``; for segmentation ``test_miou`` too),
+    and ``sweep_winner: tested`` for a sweep's winner that ``dvc repro`` has now retrained and tested (through the
+    outbox: an unreachable store delays them). A version registered late, from delayed records, has no number here
+    and is left untagged."""
     from . import tracking_uri
     from .outbox import outbox_for
 
     if registered.get("version") is None:
         return
-    tags = {"test_accuracy": f"{test_accuracy:.6f}", **({"sweep_winner": "tested"} if sweep_winner else {})}
+    tags = {**{key: f"{value:.6f}" for key, value in scores.items()},
+            **({"sweep_winner": "tested"} if sweep_winner else {})}
     outbox_for(uri or tracking_uri()).put({"op": "version_tags", "name": registered["name"],
                                            "version": str(registered["version"]), "tags": tags})

@@ -5,7 +5,9 @@ when the toolkit's classes move.
 Input: a table with one column ``image``, each value the bytes of a PNG or JPEG file, base64-encoded. Output: one
 row per image with ``label`` (the top-1 class index), ``name`` (its class name), ``score`` (its softmax
 probability) and ``error``: null for a predicted row; for a row whose bytes are not an image, the reason, with
-``label``, ``name`` and ``score`` null (the other rows of the request are still predicted). A request without the
+``label``, ``name`` and ``score`` null (the other rows of the request are still predicted). A segmentation model
+answers each row with ``mask`` (a PNG label map of the image's size, base64-encoded: a class index per pixel, with
+a palette), ``fractions`` (a JSON object: class name -> share of the pixels) and ``error``. A request without the
 ``image`` column, or with a value that is not base64, is refused as a whole (MLflow's 400 answer, the message
 naming the expected input). The model holds the trained weights file (kilobytes for DTL, carrying its settings)
 and the task's settings and class names as artifacts; the frozen backbone comes from the installed toolkit.
@@ -48,7 +50,11 @@ class TaskModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         import torch
 
+        from dtl.predict import is_segmentation
+
         rows = decode_rows(model_input)
+        if is_segmentation(self.model):
+            return self.segment(rows)
         tensors, errors = [], [None] * len(rows)
         readable = []
         for i, raw in enumerate(rows):
@@ -68,6 +74,25 @@ class TaskModel(mlflow.pyfunc.PythonModel):
         # Nullable dtypes: a missing value is JSON's null in the served answer (object columns would give NaN).
         return pd.DataFrame({"label": pd.array(labels, dtype="Int64"), "name": pd.array(names, dtype="string"),
                              "score": pd.array(scores, dtype="Float64"), "error": pd.array(errors, dtype="string")})
+
+    def segment(self, rows: list[bytes]) -> pd.DataFrame:
+        import json
+
+        from dtl.predict import class_fractions, mask_image, segment
+
+        masks, fractions, errors = [None] * len(rows), [None] * len(rows), [None] * len(rows)
+        for i, raw in enumerate(rows):
+            try:
+                labels = segment(self.model, open_image(raw))
+            except ValueError as err:  # one bad image must not fail the request
+                errors[i] = str(err)
+                continue
+            buffer = io.BytesIO()
+            mask_image(labels).save(buffer, format="PNG")
+            masks[i] = base64.b64encode(buffer.getvalue()).decode("ascii")
+            fractions[i] = json.dumps(class_fractions(labels, self.model.trained.class_names))
+        return pd.DataFrame({"mask": pd.array(masks, dtype="string"), "fractions": pd.array(fractions, dtype="string"),
+                             "error": pd.array(errors, dtype="string")})
 
 
 def decode_rows(model_input: pd.DataFrame) -> list[bytes]:

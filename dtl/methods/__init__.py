@@ -5,8 +5,8 @@ order), so a new method is one new sub-package here and nothing else: its ``__in
 dataclass and the :class:`~dtl.methods.registry.Method` record (name, capabilities, benchmark rows) without
 importing torch, and its ``model.py`` builds the model. Importing this package therefore imports no torch;
 ``create_model`` and the model classes load torch when they are first used. ``dtl.methods.available_methods()``
-lists the methods. Every model keeps its classifier as ``model.head`` and pools the backbone as DTL does, so methods differ only
-in what they train.
+lists the methods. Every model ends in ``model.head`` (a classifier on the backbone pooled as DTL pools it, or a
+segmentation decode head: ``heads.py``), so methods differ only in what they train.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from .registry import (
     register_method,
 )
 
-_INFRASTRUCTURE = {"base", "factory", "registry"}
+_INFRASTRUCTURE = {"base", "factory", "heads", "registry"}
 importlib.import_module(f"{__name__}.dtl")  # DTL and DTL+ first: the rows and option keys start with them
 for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _module.name not in _INFRASTRUCTURE:

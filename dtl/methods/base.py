@@ -1,9 +1,10 @@
-"""What every method's model shares: the backbone (behind its family interface), DTL's pooling and a linear head.
+"""What every method's model shares: the backbone (behind its family interface), and a head that reads it the
+same way for every method (``dtl.methods.heads``).
 
-The head is ``model.head`` for every method, so trainable counts can be quoted without it (as the paper does),
-and the pooling is the same for all (for ViT: the mean of the patch tokens, then the backbone's pretrained final
-norm), so methods differ only in what they train. Subclasses set what trains (``_prepare``) and, if the forward
-pass differs, ``features``.
+The head is ``model.head`` for every method, so trainable counts can be quoted without it (as the paper does).
+A classifier reads the pooled features (for ViT: the mean of the patch tokens, then the backbone's pretrained
+final norm), a decode head reads feature maps of some blocks; either way the methods differ only in what they
+train. Subclasses set what trains (``_prepare``) and, if the forward pass differs, ``block_outputs``.
 
 The prefix cache (``dtl.cache``) asks a model four things: ``cache_layout`` (None: it cannot use the cache),
 ``frozen_blocks`` (the blocks no gradient flows through: what the ``suffix`` drop-path scope leaves
@@ -15,6 +16,9 @@ import torch
 from torch import nn
 
 from ..models.family import BackboneFamily, CachedInputs
+from .heads import DecodeHead, HeadSpec, apply_head, classify, head_blocks, head_inputs
+
+__all__ = ["HeadModel", "HeadSpec", "call_qkv_as_module", "classify"]
 
 
 def call_qkv_as_module(backbone: nn.Module) -> None:
@@ -26,36 +30,41 @@ def call_qkv_as_module(backbone: nn.Module) -> None:
             module.qkv_bias_separate = True
 
 
-def classify(head: nn.Linear, features: torch.Tensor) -> torch.Tensor:
-    """The head's logits in fp32, outside any autocast: the argmax and the loss read full-precision logits (bf16
-    logits round to 8 bits of mantissa, which changes the top-1 class of some images)."""
-    with torch.autocast(features.device.type, enabled=False):
-        return head(features.to(head.weight.dtype))
-
-
 class HeadModel(nn.Module):
-    """A backbone with a fresh linear head; nothing of the backbone trains unless a subclass says so."""
+    """A backbone with a fresh head (``head``: what it outputs); nothing of the backbone trains unless a subclass
+    says so."""
 
     method: str = ""
     cache_layout: str | None = None
 
-    def __init__(self, family: BackboneFamily, num_classes: int):
+    def __init__(self, family: BackboneFamily, head: HeadSpec):
         super().__init__()
         self.family = family
         family.requires_grad_(False)
         self._prepare()
-        self.head = nn.Linear(family.num_features, num_classes)
+        self.head = head.build(family)
 
     def _prepare(self) -> None:
         """Change or unfreeze parts of ``self.family`` (called before the head exists)."""
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.family.forward_features(images)
+    @property
+    def head_blocks(self) -> list[int]:
+        """The blocks whose outputs the head reads."""
+        return head_blocks(self.family, self.head)
+
+    def block_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs (tokens) of :attr:`head_blocks`, as this method runs the backbone."""
+        return self.family.forward_blocks(images, self.head_blocks)
+
+    def features(self, images: torch.Tensor):
+        """What the head reads: the pooled features, or a decode head's feature maps."""
+        return head_inputs(self.family, self.head, self.block_outputs(images))
 
     def forward(self, inputs: torch.Tensor | CachedInputs) -> torch.Tensor:
         if isinstance(inputs, CachedInputs):
-            return classify(self.head, inputs["pooled"])
-        return classify(self.head, self.features(inputs))
+            features = [inputs[name] for name in self.cached_names()]
+            return apply_head(self.head, features if isinstance(self.head, DecodeHead) else features[0])
+        return apply_head(self.head, self.features(inputs))
 
     @property
     def frozen_blocks(self) -> range:
@@ -64,7 +73,11 @@ class HeadModel(nn.Module):
 
     @torch.no_grad()
     def compute_frozen(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"pooled": self.family.forward_features(images)}
+        family = self.family
+        features = head_inputs(family, self.head, family.forward_blocks(images, self.head_blocks))
+        return dict(zip(self.cached_names(), features if isinstance(self.head, DecodeHead) else [features]))
 
     def cached_names(self) -> list[str]:
+        if isinstance(self.head, DecodeHead):
+            return [f"map.{block}" for block in self.head.blocks]
         return ["pooled"]

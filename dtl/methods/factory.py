@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config import DROP_PATH_SCOPES
 from ..models import create_backbone, family_for
+from .heads import HeadSpec
 from .registry import BACKBONE_DTYPES, available_methods, get_method
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,9 +35,12 @@ def create_model(
     drop_path_scope: str = "all",
     img_size: int | None = None,
     backbone_dtype: str | torch.dtype | None = None,
+    decode_head: str | None = None,
     **options,
 ) -> nn.Module:
-    """Build ``method`` on the timm ``backbone`` with a fresh ``num_classes`` head (``model.head``).
+    """Build ``method`` on the timm ``backbone`` with a fresh ``num_classes`` head (``model.head``): a linear
+    classifier on the pooled features, or with ``decode_head`` (``"linear"`` or ``"fpn"``, see
+    ``dtl.methods.heads``) a segmentation head whose logits are per-position class scores.
 
     ``options`` are the method's own (``dtl.methods.get_method(name).options``): for DTL / DTL+ ``rank``,
     ``start_block`` (M: first block whose output gets the side output), ``extract_start`` (first block with a side
@@ -59,8 +63,7 @@ def create_model(
     training, so the prefix cache (``dtl.cache``) stays exact whatever the rate.
     """
     spec = get_method(method)
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    head = HeadSpec(num_classes, decode_head)
     if drop_path_scope not in DROP_PATH_SCOPES:
         raise ValueError(f"drop_path_scope must be one of {', '.join(DROP_PATH_SCOPES)}, got {drop_path_scope!r}")
     method_options_ = spec.make_options(options)
@@ -75,7 +78,7 @@ def create_model(
         needs = f" (it needs {spec.needs})" if spec.needs else ""
         raise ValueError(f"method {spec.name!r} is implemented for {families} backbones only{needs}; "
                          f"{backbone} is a {family.name}")
-    model = spec.builder()(family, num_classes, method_options_, dtype)
+    model = spec.builder()(family, head, method_options_, dtype)
     if drop_path_scope == "suffix":
         family.disable_drop_path(model.frozen_blocks)
     return model

@@ -5,7 +5,8 @@ A method says what it needs and what it can do, so that nothing else in the tool
 * ``options``: a dataclass of the method's own settings (``rank``, ``start_block``...), every field defaulting to
   ``None`` = "the method's default for this backbone" (:meth:`MethodOptions.resolved`), validated on creation
   with errors that name ``model.<field>``;
-* ``build(family, num_classes, options, backbone_dtype)``: the model, with ``model.head`` its classifier; given
+* ``build(family, head, options, backbone_dtype)``: the model, ending in ``model.head`` (built from ``head``, a
+  ``dtl.methods.heads.HeadSpec``: a classifier or a segmentation decode head); given
   as ``"package.module:function"`` it is imported on first use, so the registry (and the experiment schema
   that reads it) imports no torch;
 * capabilities: ``low_precision_backbone`` (can store the frozen backbone in bf16/fp16), ``families`` (names of
@@ -69,7 +70,7 @@ class Method:
     name: str
     description: str
     options: type[MethodOptions]
-    build: Callable[..., Any] | str  # (family, num_classes, options, backbone_dtype) -> model, or "module:function"
+    build: Callable[..., Any] | str  # (family, head spec, options, backbone_dtype) -> model, or "module:function"
     low_precision_backbone: bool = False
     families: tuple[str, ...] = ()  # names of the backbone families it supports; empty: every family
     needs: str = ""  # what of the backbone it modifies, for the refusal on other families ("attention qkv ...")

@@ -98,13 +98,36 @@ class BackboneFamily(nn.Module):
         return self.blocks[block](x)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The plain frozen backbone: what DTL must reproduce exactly at initialisation."""
+        """The plain frozen backbone's pooled features: what DTL must reproduce exactly at initialisation."""
+        return self.pool(self.forward_blocks(images, [len(self.blocks) - 1])[0])
+
+    def forward_blocks(self, images: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
+        """The plain frozen backbone's outputs of ``blocks`` (tokens, in the order given): what a head reads."""
+        outputs, last, wanted = {}, max(blocks), set(blocks)
         x = self.embed(images)
         for stage_index, stage in enumerate(self.stages):
+            if stage.first_block > last:
+                break
             x = self.enter_stage(stage_index, x)
-            for block in range(stage.first_block, stage.last_block + 1):
+            for block in range(stage.first_block, min(stage.last_block, last) + 1):
                 x = self.run_block(block, x)
-        return self.pool(x)
+                if block in wanted:
+                    outputs[block] = x
+        return [outputs[block] for block in blocks]
+
+    # --- dense prediction ----------------------------------------------------------------------------------
+    def dense_levels(self) -> list[tuple[int, float]]:
+        """``(block, scale)`` of each feature map a multi-level dense head reads, finest first: the block whose
+        output it is, and how much to resize that output to reach the pyramid's strides of 4, 8, 16 and 32
+        pixels (1: it has that stride already)."""
+        raise NotImplementedError
+
+    def dense_map(self, x: torch.Tensor) -> torch.Tensor:
+        """A block's output tokens as a ``(B, C, H, W)`` feature map (extra tokens left out)."""
+        return self.to_grid(x)[0]
+
+    def block_output_dim(self, block: int) -> int:
+        return self.stages[self.stage_of(block)].dim
 
     def block_states(self, images: torch.Tensor, last_block: int | None = None) -> dict[str, torch.Tensor]:
         """Every block's input (``block_input.<b>``) and every stage's output (``stage_output.<s>``, before the next
@@ -202,6 +225,14 @@ class TokenFamily(BackboneFamily):
     def grid_size(self, stage: int) -> tuple[int, int]:
         return self.grid_size_
 
+    def dense_levels(self) -> list[tuple[int, float]]:
+        # One stride (the patch size) at every depth: the simple feature pyramid of ViTDet (Li et al., 2022)
+        # resizes four evenly spaced blocks' outputs by 4, 2, 1 and 1/2 (strides 4 to 32 for 16-pixel patches).
+        depth = len(self.blocks)
+        blocks = sorted({max(0, depth * quarter // 4 - 1) for quarter in (1, 2, 3, 4)})
+        scales = (4.0, 2.0, 1.0, 0.5)[-len(blocks):]
+        return list(zip(blocks, scales))
+
     def to_grid(self, x: torch.Tensor):
         prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
         B, _, C = patches.shape
@@ -239,6 +270,10 @@ class ChannelsLastFamily(BackboneFamily):
 
     def to_grid(self, x: torch.Tensor):
         return x.permute(0, 3, 1, 2), None
+
+    def dense_levels(self) -> list[tuple[int, float]]:
+        # Each stage's output has its own stride already (4, 8, 16, 32 for Swin, ResNet and ConvNeXt).
+        return [(stage.last_block, 1.0) for stage in self.stages]
 
     def from_grid(self, grid: torch.Tensor, extra, like: torch.Tensor) -> torch.Tensor:
         return grid.permute(0, 2, 3, 1)

@@ -1,13 +1,14 @@
 """What an evaluation protocol is: the base class every protocol module subclasses, and the registry.
 
 A protocol decides everything that differs between VTAB-1K's ``final`` and ``val`` runs, few-shot
-classification and domain generalisation:
+classification, domain generalisation and semantic segmentation:
 
 * **data**: where a split's list file is, how a split opens as a dataset, how many classes a task has, which
   embedded suite ``data.source: synthetic`` generates, how the folders are checked, and what the prepare
   stage records per task;
 * **runs**: the run grid of a task (seeds; shot counts x seeds), the split trained on, the splits scored while
-  training and reported after it, whose best epoch is kept, and which protocol a sweep's trials follow;
+  training and reported after it, whose best epoch is kept, which protocol a sweep's trials follow, and what a
+  label is (``objective``: a class per image, or a label map per image);
 * **results**: how the evaluated tasks aggregate into a report (numbers, Markdown, DVC metrics and plot rows,
   MLflow metrics, the figure).
 
@@ -24,6 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+
+# objective -> the score that chooses between models of it (dtl.objectives computes them)
+SCORES = {"classification": "accuracy", "segmentation": "miou"}
 
 
 @dataclass(frozen=True)
@@ -50,9 +54,20 @@ class Protocol:
     reported: ClassVar[dict[str, str]] = {}  # name -> split, what evaluating the saved weights scores
     keep_best: ClassVar[str | None] = None  # the scored split whose best epoch's weights are kept
     selection: ClassVar[str] = "val"  # the protocol a sweep's trials follow: never one that scores test sets
+    objective: ClassVar[str] = "classification"  # what a label is (dtl.objectives): classification, segmentation
 
     def __init__(self, config) -> None:
         self.config = config
+
+    @property
+    def segments(self) -> bool:
+        """Whether a label is a map of the image (semantic segmentation) rather than one class per image."""
+        return self.objective == "segmentation"
+
+    @property
+    def score(self) -> str:
+        """The score that chooses (the best epoch, a sweep's winner): ``accuracy``, or ``miou`` for segmentation."""
+        return SCORES[self.objective]
 
     # --- the configuration ---------------------------------------------------------------------------------
     def check(self) -> None:
@@ -210,6 +225,11 @@ class Protocol:
         """One console line with the headline figures."""
         raise NotImplementedError
 
+    def report_samples(self, report: dict[str, Any], segmenter: Callable[[str], Callable]) -> None:
+        """Add to ``report`` what its figure shows of the trained models' own predictions, before
+        :meth:`report_plot` (``segmenter(task)``: the trained model of ``task`` as a function from a PIL image to
+        its label map); nothing unless the protocol's figure needs it."""
+
     def report_plot(self, report: dict[str, Any], path: Path) -> None:
         """Draw the report's figure to ``path`` (PNG)."""
         raise NotImplementedError
@@ -261,14 +281,14 @@ def fingerprint(root: Path, paths: list[Path]) -> str:
 
 # --- what the reports of every protocol share ---------------------------------------------------------------
 def seed_means(per_seed: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean over runs of every score, and the std of every accuracy (``<key>_std``; 0 for one run)."""
+    """Mean over runs of every score, and the std of every accuracy and mIoU (``<key>_std``; 0 for one run)."""
     metrics: dict[str, float] = {}
     for key in per_seed[0]:
         if key in ("seed", "shots"):
             continue
         values = [s[key] for s in per_seed]
         metrics[key] = statistics.fmean(values)
-        if "accuracy" in key:
+        if "accuracy" in key or "miou" in key:
             metrics[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     return metrics
 
@@ -333,6 +353,11 @@ def memory_sentence(report: dict[str, Any]) -> str:
     keys = [measured_memory(report["rows"]), "saved_for_backward_mb"]
     return "; ".join(f"maximum {MEMORY_LABELS[key]}: {report[f'max_{key}']:.0f}" for key in keys
                      if f"max_{key}" in report)
+
+
+def sentence_case(text: str) -> str:
+    """The first letter upper case, the rest as it is (``str.capitalize`` would lower "MB" and "RSS")."""
+    return text[:1].upper() + text[1:]
 
 
 def plot_costs(row: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from .base import (
     pyplot,
     register_protocol,
     rounded,
+    sentence_case,
     task_row,
 )
 from .noah import ListFileProtocol
@@ -102,7 +103,7 @@ class FewShotProtocol(ListFileProtocol):
             lines.append(f"| {task} | " + " | ".join(cells) + f" | {rows[task]['trainable_params_excl_head']:,} |")
         lines.append("| **mean** | " + " | ".join(f"**{percent(report['mean_by_shots'][k])}**" for k in counts)
                      + " | |")
-        lines += ["", f"{memory_sentence(report).capitalize()}; mean training throughput "
+        lines += ["", f"{sentence_case(memory_sentence(report))}; mean training throughput "
                   f"{report['mean_images_per_s']:.0f} images/s.", "",
                   "![test accuracy vs shots](report.png)", ""]
         return "\n".join(lines)

@@ -10,7 +10,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..base import HeadModel
+from ..base import HeadModel, HeadSpec
 
 
 class ParallelAdapterBlock(nn.Module):
@@ -36,9 +36,9 @@ class ParallelAdapterBlock(nn.Module):
 class AdaptFormerModel(HeadModel):
     method = "adaptformer"
 
-    def __init__(self, family, num_classes: int, rank: int):
+    def __init__(self, family, head: HeadSpec, rank: int):
         self.bottleneck = rank
-        super().__init__(family, num_classes)
+        super().__init__(family, head)
 
     def _prepare(self) -> None:
         blocks = self.family.blocks
@@ -48,5 +48,5 @@ class AdaptFormerModel(HeadModel):
             blocks[index] = ParallelAdapterBlock(block, self.bottleneck)
 
 
-def build(family, num_classes: int, options, backbone_dtype) -> AdaptFormerModel:
-    return AdaptFormerModel(family, num_classes, **options.resolved(family))
+def build(family, head: HeadSpec, options, backbone_dtype) -> AdaptFormerModel:
+    return AdaptFormerModel(family, head, **options.resolved(family))

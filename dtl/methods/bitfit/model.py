@@ -1,7 +1,7 @@
 """BitFit (Ben Zaken et al., 2022): train every bias term of the backbone, nothing else (about 0.10M on ViT-B/16)."""
 from __future__ import annotations
 
-from ..base import HeadModel
+from ..base import HeadModel, HeadSpec
 
 
 class BitFitModel(HeadModel):
@@ -13,5 +13,5 @@ class BitFitModel(HeadModel):
                 param.requires_grad_(True)
 
 
-def build(family, num_classes: int, options, backbone_dtype) -> BitFitModel:
-    return BitFitModel(family, num_classes)
+def build(family, head: HeadSpec, options, backbone_dtype) -> BitFitModel:
+    return BitFitModel(family, head)

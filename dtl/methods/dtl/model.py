@@ -9,6 +9,10 @@ The forward pass is split in two so the frozen prefix can be cached (see ``dtl.c
   parameter, so nothing of it is kept for backward.
 * :meth:`DTLModel.forward_suffix` adds the side output after block M and runs blocks M+1..N-1 and the head.
 
+A decode head (segmentation) reads the outputs of several blocks: those from M on carry the side output (added
+to each add-back block's output before the head reads it), those before M are the frozen backbone's, taken from
+the prefix as it runs without autograd (or from the cache). Only the head keeps anything of them for backward.
+
 The prefix cache stores :meth:`BackboneFamily.block_states` (every block's input, whatever M), so one cache
 serves models with any start block: :meth:`DTLModel.state_from_cache` picks the tensors this model's M reads.
 
@@ -19,8 +23,9 @@ x_j A_j (a (B, T, r) tensor per map; cheap elementwise and rank-r work). What re
 inputs x_j (needed for the gradients of the down-projections A_j) and the activations of the frozen blocks
 after M. ``grad_checkpointing=True`` cuts that to the images plus one tensor per block after M by recomputing
 the blocks after M and the frozen prefix in backward; ``grad_checkpointing="mlp"`` recomputes only the MLP hidden
-layer (fc1 + GELU, 4 of the ~10 token tensors a frozen ViT block keeps) for one extra fc1 matmul per block. ``backbone_dtype`` (e.g. bf16) stores the frozen backbone in
-low precision and runs it as such (no autocast copies of its weights); the CSN and the head stay fp32.
+layer (fc1 + GELU, 4 of the ~10 token tensors a frozen ViT block keeps) for one extra fc1 matmul per block.
+``backbone_dtype`` (e.g. bf16) stores the frozen backbone in low precision and runs it as such (no autocast
+copies of its weights); the CSN and the head stay fp32.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ...models.family import BackboneFamily, CachedInputs, block_input_name
 from ...models.side_network import DepthwiseGridConv, LowRankMap, SharpSwish
-from ..base import classify
+from ..heads import HeadSpec, apply_head, head_blocks, head_inputs
 from . import DTLOptions
 
 CHECKPOINTING = (False, True, "mlp")
@@ -47,15 +52,17 @@ class PrefixState(NamedTuple):
 
     side_inputs: tuple[torch.Tensor, ...]  # inputs of the mapped blocks of M's stage up to M, in block order
     block_output: torch.Tensor  # Block_M(x_M), before the side output is added
+    head_outputs: tuple[torch.Tensor, ...] = ()  # outputs of the blocks before M that the head reads (dense heads)
 
 
 class DTLModel(nn.Module):
-    """Frozen backbone + Compact Side Network (DTL; DTL+ when ``kernel_size`` is set) + linear head."""
+    """Frozen backbone + Compact Side Network (DTL; DTL+ when ``kernel_size`` is set) + a head (a classifier on
+    the pooled features, or a decode head on feature maps: ``dtl.methods.heads``)."""
 
     def __init__(
         self,
         family: BackboneFamily,
-        num_classes: int,
+        head: HeadSpec,
         *,
         rank: int,
         start_block: int,
@@ -109,7 +116,8 @@ class DTLModel(nn.Module):
                                  f"use at most {2 * smallest - 1} (the paper: 3, 4 or 5)")
             for stage in range(start_stage, len(family.stages)):
                 self.side_convs[str(stage)] = DepthwiseGridConv(family.stages[stage].dim, kernel_size)
-        self.head = nn.Linear(family.num_features, num_classes)
+        self.head = head.build(family)
+        self.head_blocks = head_blocks(family, self.head)
         family.requires_grad_(False)
         if backbone_dtype is not None:
             family.to(backbone_dtype)  # floating-point tensors only; the CSN and the head stay fp32
@@ -134,8 +142,8 @@ class DTLModel(nn.Module):
     @torch.no_grad()
     def forward_prefix(self, images: torch.Tensor) -> PrefixState:
         family, M = self.family, self.start_block
-        mapped = set(self.prefix_map_blocks)
-        side_inputs = []
+        mapped, read = set(self.prefix_map_blocks), set(self.head_blocks)
+        side_inputs, head_outputs = [], []
         with self._frozen_context(images):
             x = family.embed(images.to(self.backbone_dtype))
             for stage_index, stage in enumerate(family.stages):
@@ -146,12 +154,14 @@ class DTLModel(nn.Module):
                     if block in mapped:
                         side_inputs.append(x)
                     x = family.run_block(block, x)
-        return PrefixState(tuple(side_inputs), x)
+                    if block in read and block < M:
+                        head_outputs.append(x)
+        return PrefixState(tuple(side_inputs), x, tuple(head_outputs))
 
     def forward_suffix(self, state: PrefixState) -> torch.Tensor:
         """Logits from a prefix state (computed now or read from the prefix cache, in any float dtype)."""
         codes = [self._code(block, x) for block, x in zip(self.prefix_map_blocks, state.side_inputs)]
-        return self._run_suffix(state.block_output, codes)
+        return self._run_suffix(state.block_output, codes, state.head_outputs)
 
     def forward(self, inputs: torch.Tensor | PrefixState | CachedInputs) -> torch.Tensor:
         """Logits from images, from a :class:`PrefixState`, or from a batch of the prefix cache."""
@@ -162,21 +172,33 @@ class DTLModel(nn.Module):
         if self.grad_checkpointing is True and torch.is_grad_enabled() and self.prefix_map_blocks:
             # Lowest memory: keep only the images; the frozen prefix (and the prefix side inputs that the
             # down-projection gradients need) is recomputed in backward.
-            block_output, *codes = checkpoint(self._prefix_codes, inputs, use_reentrant=False)
-            return self._run_suffix(block_output, list(codes))
+            block_output, *rest = checkpoint(self._prefix_codes, inputs, use_reentrant=False)
+            read = len(self.prefix_head_blocks)
+            return self._run_suffix(block_output, rest[read:], tuple(rest[:read]))
         return self.forward_suffix(self.forward_prefix(inputs))
 
     def _prefix_codes(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         state = self.forward_prefix(images)
-        return (state.block_output,
+        return (state.block_output, *state.head_outputs,
                 *[self._code(block, x) for block, x in zip(self.prefix_map_blocks, state.side_inputs)])
 
-    def _run_suffix(self, x: torch.Tensor, codes: list[torch.Tensor]) -> torch.Tensor:
-        """Blocks M+1..N-1 and the head, from block M's output and the rank-r codes of M's stage so far."""
+    @property
+    def prefix_head_blocks(self) -> list[int]:
+        """The blocks before M whose (frozen) outputs the head reads."""
+        return [block for block in self.head_blocks if block < self.start_block]
+
+    def _run_suffix(self, x: torch.Tensor, codes: list[torch.Tensor],
+                    head_outputs: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """Blocks M+1..N-1 and the head, from block M's output, the rank-r codes of M's stage so far and the
+        outputs of the blocks before M that the head reads."""
         family, M, dtype = self.family, self.start_block, self.backbone_dtype
         coded_blocks = list(self.prefix_map_blocks)
+        read = set(self.head_blocks)
+        outputs = dict(zip(self.prefix_head_blocks, head_outputs))
         if codes:
             x = x + self._side_step(self._block_stage[M], coded_blocks, codes)
+        if M in read:
+            outputs[M] = x
         for block in range(M + 1, self.num_blocks):
             stage = self._block_stage[block]
             x = x.to(dtype)
@@ -190,9 +212,11 @@ class DTLModel(nn.Module):
             x = self._run_block(block, x)
             if codes:
                 x = x + self._side_step(stage, coded_blocks, codes)
+            if block in read:
+                outputs[block] = x
         with self._frozen_context(x):
-            features = family.pool(x.to(dtype))
-        return classify(self.head, features)
+            features = head_inputs(family, self.head, [outputs[block].to(dtype) for block in self.head_blocks])
+        return apply_head(self.head, features)
 
     def _run_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
         with self._frozen_context(x):
@@ -253,12 +277,17 @@ class DTLModel(nn.Module):
             return self.family.block_states(images.to(self.backbone_dtype), last_block)
 
     def cached_names(self) -> list[str]:
-        """The block states this model reads: the inputs of the mapped blocks up to M and block M's output."""
-        return [*map(block_input_name, self.prefix_map_blocks), self.family.block_output_name(self.start_block)]
+        """The block states this model reads: the inputs of the mapped blocks up to M, block M's output and the
+        outputs of the blocks before M that the head reads."""
+        output_name = self.family.block_output_name
+        return [*map(block_input_name, self.prefix_map_blocks), output_name(self.start_block),
+                *map(output_name, self.prefix_head_blocks)]
 
     def state_from_cache(self, inputs: CachedInputs) -> PrefixState:
+        maps = len(self.prefix_map_blocks)
         names = self.cached_names()
-        return PrefixState(tuple(inputs[name] for name in names[:-1]), inputs[names[-1]])
+        return PrefixState(tuple(inputs[name] for name in names[:maps]), inputs[names[maps]],
+                           tuple(inputs[name] for name in names[maps + 1:]))
 
     @property
     def prefix_is_deterministic(self) -> bool:
@@ -309,7 +338,7 @@ class _RecomputedMlp(torch.autograd.Function):
         return inputs.grad, None
 
 
-def build(family, num_classes: int, options: DTLOptions, backbone_dtype) -> DTLModel:
+def build(family, head: HeadSpec, options: DTLOptions, backbone_dtype) -> DTLModel:
     settings = options.resolved(family)
-    return DTLModel(family, num_classes, kernel_size=settings.pop("kernel_size", None), backbone_dtype=backbone_dtype,
+    return DTLModel(family, head, kernel_size=settings.pop("kernel_size", None), backbone_dtype=backbone_dtype,
                     **settings)

@@ -1,7 +1,7 @@
 """Full fine-tuning: every backbone weight trains (the memory and accuracy reference of the comparisons)."""
 from __future__ import annotations
 
-from ..base import HeadModel
+from ..base import HeadModel, HeadSpec
 
 
 class FullFineTuning(HeadModel):
@@ -11,5 +11,5 @@ class FullFineTuning(HeadModel):
         self.family.requires_grad_(True)
 
 
-def build(family, num_classes: int, options, backbone_dtype) -> FullFineTuning:
-    return FullFineTuning(family, num_classes)
+def build(family, head: HeadSpec, options, backbone_dtype) -> FullFineTuning:
+    return FullFineTuning(family, head)

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from ..base import HeadModel, call_qkv_as_module
+from ..base import HeadModel, HeadSpec, call_qkv_as_module
 
 
 class LoRALinear(nn.Module):
@@ -33,9 +33,9 @@ class LoRALinear(nn.Module):
 class LoRAModel(HeadModel):
     method = "lora"
 
-    def __init__(self, family, num_classes: int, rank: int):
+    def __init__(self, family, head: HeadSpec, rank: int):
         self.rank = rank
-        super().__init__(family, num_classes)
+        super().__init__(family, head)
 
     def _prepare(self) -> None:
         for index, block in enumerate(self.family.blocks):
@@ -50,5 +50,5 @@ class LoRAModel(HeadModel):
         call_qkv_as_module(self.family.backbone)
 
 
-def build(family, num_classes: int, options, backbone_dtype) -> LoRAModel:
-    return LoRAModel(family, num_classes, **options.resolved(family))
+def build(family, head: HeadSpec, options, backbone_dtype) -> LoRAModel:
+    return LoRAModel(family, head, **options.resolved(family))

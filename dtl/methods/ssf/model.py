@@ -11,7 +11,7 @@ import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from ..base import HeadModel, call_qkv_as_module
+from ..base import HeadModel, HeadSpec, call_qkv_as_module
 
 WRAPPED = (nn.Linear, nn.LayerNorm, nn.Conv2d, nn.BatchNorm2d)
 CHANNELS_FIRST = (nn.Conv2d, nn.BatchNorm2d, LayerNorm2d)  # (B, C, H, W) outputs: scale along dim 1
@@ -57,5 +57,5 @@ class SSFModel(HeadModel):
         call_qkv_as_module(self.family.backbone)
 
 
-def build(family, num_classes: int, options, backbone_dtype) -> SSFModel:
-    return SSFModel(family, num_classes)
+def build(family, head: HeadSpec, options, backbone_dtype) -> SSFModel:
+    return SSFModel(family, head)
