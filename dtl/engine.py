@@ -279,8 +279,9 @@ def train_and_evaluate(
 
     ``objective`` (``dtl.objectives``; default: classification with ``config.label_smoothing``) gives the loss and
     the scores. ``keep_best`` names one split of ``eval_data``: the weights of the evaluation epoch that scored it
-    best in the objective's primary score (the earliest on a tie) are put back into ``model`` at the end, and the final metrics are those of that epoch's
-    weights, with ``best_epoch`` (the few-shot recipe: validate every few epochs, test the best weights).
+    best in the objective's primary score (the earliest on a tie) are put back into ``model`` at the end, and the
+    final metrics are those of that epoch's weights, with ``best_epoch`` (the few-shot recipe: validate every few
+    epochs, test the best weights).
 
     After every epoch each hook gets an :class:`EpochEnd`: the epoch's metrics and its resumable state (a hook
     that checkpoints saves ``end.state()``). ``resume_from`` continues such a state: the epochs after

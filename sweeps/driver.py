@@ -28,6 +28,7 @@ import os
 import re
 import signal
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
@@ -37,7 +38,7 @@ from typing import Any
 import tracking
 
 from .cluster import check_resources, default_concurrency, quiet_environment, start_ray
-from .keys import TIME_ATTR, score_metric
+from .keys import TIME_ATTR, metric_label, score_metric
 from .pareto import parse_objectives
 from .results import TaskOutcome, cost_plot, decide, decisions_table, format_params, trial_row, trials_table
 from .selection import ALPHA
@@ -338,6 +339,9 @@ def build_tuner(state: SweepState, plans: Mapping[str, TaskPlan], base_config, c
     from .search import TaskASHA, TaskSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # group=True (below) is what conditional spaces need; Optuna flags the argument as experimental on every run.
+    warnings.filterwarnings("ignore", message="Argument ``group`` is an experimental feature",
+                            category=optuna.exceptions.ExperimentalWarning)
     searchers = {}
     for index, (task, plan) in enumerate(plans.items()):
         # Multivariate TPE models the parameters jointly (rank and lr interact); the constant liar keeps
@@ -768,7 +772,8 @@ def report(state: SweepState, outcomes: Sequence[TaskOutcome], experiment_dir: P
             print("Retrain them with the pipeline's protocol and test them:  dvc repro")
         else:
             print(f"\nNo task's incumbent was beaten: {state.best_path} is unchanged.")
-        print(f"Accuracy vs cost per task: {experiment_dir}/cost_<task>.png (also on each task's parent run)")
+        print(f"{metric_label(state.metric).capitalize()} vs cost per task: {experiment_dir}/cost_<task>.png (also "
+              "on each task's parent run)")
         from .importance import EVALUATOR, importance_table
         from .pareto import pareto_table
 
