@@ -5,15 +5,15 @@ settings as the DVC pipeline, so by default the same schedule the winner will be
 explicit shortened schedule, if it has one + the sampled parameters, trained by the pipeline's own entry point
 ``dtl.experiment.run_task`` under the base protocol's selection protocol (VTAB-1K: train on train800, score val200
 at ASHA's rungs and at the end; few-shot and domain generalisation: train on one k-shot list, score
-``val_meta.list``): the test split and the target domains are never used for selection. One Tuner runs the
+``val_meta.list``; segmentation: train on the training images less a held-out tenth, score that tenth): the test
+split, the target domains and the validation images of segmentation are never used for selection. One Tuner runs the
 trials of every task: the trial's config names its task (:func:`split_trial_config`).
 
 Every epoch is logged to the trial's MLflow child run as it happens; the epochs that score val200 (every
 ``eval_every`` epochs, so at each of ASHA's rungs, and the last) are reported to Tune (``epoch`` = epochs completed,
 ASHA's time attribute; ``val_accuracy``, the objective, or ``val_miou`` for segmentation). The last report adds
 each val image's score (``val_per_image``, for the paired comparison with the incumbent: ``sweeps.selection``) and
-the
-trial's cost: trainable parameters, training time, CPU time, bytes kept for backward per batch, peak memory.
+the trial's cost: trainable parameters, training time, CPU time, bytes kept for backward per batch, peak memory.
 The trainable writes its own child run (linked to its task's parent run by ``mlflow.parentRunId``) and ends it
 FINISHED, or FAILED with the error (bad config, NaN loss -> ``FloatingPointError``, out of memory). A trial that
 ASHA stops, or that dies with the driver, cannot end its own run: the driver's status callback and its
