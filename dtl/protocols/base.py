@@ -200,10 +200,7 @@ class Protocol:
             short[target] = round(metrics[f"{target}_accuracy"], 4)
         if "val_accuracy" in metrics and not metrics.get("shots"):
             short["val_acc"] = round(metrics["val_accuracy"], 4)
-        short["params"] = metrics["trainable_params_excl_head"]
-        short.update({key: round(value, 1) for key, value in memory_figures(metrics).items()})
-        short["images_s"] = round(metrics["images_per_s"], 1)
-        return short
+        return {**short, **dvc_costs(metrics)}
 
     def build_report(self, evaluated: dict[str, tuple[dict, dict]]) -> dict[str, Any]:
         """The report of ``evaluated`` (task -> (its evaluate metrics, its evaluate details)): every number
@@ -314,6 +311,18 @@ def memory_figures(metrics: dict[str, Any], memory_kind: str | None = None) -> d
         old = "gpu_peak_allocated_mb" if memory_kind == "gpu_allocated" else "peak_rss_mb"
         figures.setdefault(old, metrics["peak_memory_mb"])
     return figures
+
+
+# The memory figures' names in the DVC metrics files, where every column counts: "saved" is the bytes kept for
+# backward, as in the sweeps' saved_bytes objective and the benchmarks' "saved MiB".
+DVC_MEMORY_NAMES = {"saved_for_backward_mb": "saved_mb"}
+
+
+def dvc_costs(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The costs a task's DVC metrics file holds after its scores: trainable parameters (the head excluded),
+    the memory figures and the training throughput."""
+    memory = {DVC_MEMORY_NAMES.get(key, key): round(value, 1) for key, value in memory_figures(metrics).items()}
+    return {"params": metrics["trainable_params_excl_head"], **memory, "images_s": round(metrics["images_per_s"], 1)}
 
 
 def measured_memory(rows: list[dict[str, Any]]) -> str:

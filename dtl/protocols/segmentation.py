@@ -21,8 +21,8 @@ from .base import (
     Protocol,
     SyntheticSuite,
     cost_summary,
+    dvc_costs,
     measured_memory,
-    memory_figures,
     memory_sentence,
     percent,
     plot_costs,
@@ -123,10 +123,7 @@ class SegmentationProtocol(Protocol):
         short = {"test_miou": round(metrics["test_miou"], 4), "test_acc": round(metrics["test_accuracy"], 4)}
         if "val_miou" in metrics:
             short["val_miou"] = round(metrics["val_miou"], 4)
-        short["params"] = metrics["trainable_params_excl_head"]
-        short.update({key: round(value, 1) for key, value in memory_figures(metrics).items()})
-        short["images_s"] = round(metrics["images_per_s"], 1)
-        return short
+        return {**short, **dvc_costs(metrics)}
 
     def build_report(self, evaluated: dict[str, tuple[dict, dict]]) -> dict[str, Any]:
         rows = []
