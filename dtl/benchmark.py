@@ -371,7 +371,7 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
             "threads": torch.get_num_threads(), "warmup": settings.warmup, "steps": steps, "rounds": settings.rounds,
             "tf32_matmul": device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32,
             "decode_head": settings.decode_head, "num_classes": settings.num_classes,
-            "loss_saved_bytes": loss_saved_bytes(settings, images, labels),
+            "loss_saved_bytes": loss_saved_bytes(settings, labels),
             "torch": torch.__version__, "timm": timm.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         }
         results = {}
@@ -392,13 +392,11 @@ def benchmark_objective(settings: BenchmarkSettings):
     return Segmentation(settings.num_classes) if settings.decode_head else Classification()
 
 
-def loss_saved_bytes(settings: BenchmarkSettings, images: torch.Tensor, labels: torch.Tensor) -> int:
-    """What the loss alone keeps for backward, for logits of a decode head's finest stride (4 pixels) or of a
-    classifier: the same for every row."""
-    stride = 4 if settings.decode_head else None
-    shape = ((images.shape[0], settings.num_classes, images.shape[-2] // stride, images.shape[-1] // stride)
-             if stride else (images.shape[0], settings.num_classes))
-    logits = torch.zeros(shape, device=images.device, requires_grad=True)
+def loss_saved_bytes(settings: BenchmarkSettings, labels: torch.Tensor) -> int:
+    """What the loss alone keeps for backward: the same for every row. A decode head's logits are resized to the
+    labels first, and the bilinear resize keeps nothing, so logits at the labels' size stand for any head's."""
+    shape = (labels.shape[0], settings.num_classes, *labels.shape[1:])
+    logits = torch.zeros(shape, device=labels.device, requires_grad=True)
     with SavedTensorBytes(nn.Identity()) as counter:
         loss = benchmark_objective(settings).loss(logits, labels)
     del loss

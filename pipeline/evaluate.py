@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dtl.io import WeightsMismatchError, write_json
+from dtl.protocols.base import SCORES
 
 from .outputs import OutputPaths
 from .params import load_pipeline_settings
@@ -86,7 +87,7 @@ def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]
             from tracking.pyfunc import tag_tested_version
 
             tag_tested_version(summary["registered_model"],
-                               {key: metrics[key] for key in ("test_accuracy", "test_miou") if key in metrics},
+                               {f"test_{s}": metrics[f"test_{s}"] for s in SCORES.values() if f"test_{s}" in metrics},
                                summary.get("sweep_winner", False))
     return {**metrics, "details": details}
 
@@ -117,7 +118,7 @@ def rescore(config, task: str, train_dir: Path, summary: dict[str, Any]) -> list
         shots = seed_summary.get("shots")
         per_seed.append({"seed": seed_summary["seed"], **({"shots": shots} if shots is not None else {}), **scores})
         print(f"evaluate@{task}: {'' if shots is None else f'{shots}-shot '}seed {seed_summary['seed']}: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.endswith(("accuracy", "miou"))), flush=True)
+              + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.endswith(tuple(SCORES.values()))), flush=True)
     return per_seed
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from dtl.config import ExperimentConfig, read_best
 from dtl.io import atomic_dir, save_trainable, write_json, write_text
+from dtl.protocols.base import SCORES as PROTOCOL_SCORES
 from dtl.trained import trained_metadata
 
 from .outputs import OutputPaths
@@ -36,7 +37,7 @@ from .params import load_stage_params
 from .stage import StageError, read_json, run_stage, stage_arguments
 
 CURVE_COLUMNS = ("lr", "train/loss", "train/accuracy")
-SCORES = ("/accuracy", "/miou")  # the per-split scores a run's summary line and its task run show
+SCORES = tuple(f"/{score}" for score in PROTOCOL_SCORES.values())  # what a run's summary line and its task run show
 
 
 def run_tags(stage: str, task: str, config: ExperimentConfig) -> dict[str, str]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import tracking
+from dtl.protocols.base import SCORES
 
 from .keys import SEED_KEY, TASK_KEY, TIME_ATTR, TRIAL_ERROR, metric_label, score_metric
 from .space import SearchSpace
@@ -37,6 +38,8 @@ from .state import SweepError, SweepState
 from .trainable import plain, split_trial_config
 
 STUDY_FILES = ("study.json", "study.md", "study.png")
+# The split scores a study keeps per point: each objective's score, and the masked accuracy of a partial test set.
+SPLIT_SCORES = (*(f"_{score}" for score in SCORES.values()), "_accuracy_masked")
 # Per trial, what a study keeps next to its test score (from dtl.engine.TrainResult and, off a GPU, the
 # estimated peak of sweeps.trainable.study_scores).
 STUDY_COSTS = ("trainable_params", "saved_bytes_per_batch", "gpu_peak_allocated_bytes", "cpu_peak_estimate_bytes",
@@ -73,7 +76,7 @@ def study_row(trial, space: SearchSpace, epochs: Mapping[str, int], metric: str)
     return StudyRow(task=task, point=label, params=plain(params), seed=int(config.get(SEED_KEY, 0)), status=status,
                     score=float(score) if isinstance(score, (int, float)) else None,
                     scores={k: float(v) for k, v in result.items()
-                            if k.endswith(("_accuracy", "_accuracy_masked", "_miou"))} if status == "done" else {},
+                            if k.endswith(SPLIT_SCORES)} if status == "done" else {},
                     cost={k: float(result[k]) for k in STUDY_COSTS if isinstance(result.get(k), (int, float))},
                     trial_id=trial.trial_id, error=error)
 

@@ -285,7 +285,7 @@ def seed_means(per_seed: list[dict[str, Any]]) -> dict[str, float]:
             continue
         values = [s[key] for s in per_seed]
         metrics[key] = statistics.fmean(values)
-        if "accuracy" in key or "miou" in key:
+        if any(score in key for score in SCORES.values()):  # accuracy_masked too
             metrics[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     return metrics
 

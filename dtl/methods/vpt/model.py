@@ -46,5 +46,6 @@ class VPTModel(HeadModel):
                 outputs[block] = torch.cat([x[:, :first], x[:, first + length:]], dim=1)
         return [outputs[block] for block in self.head_blocks]
 
+
 def build(family, head: HeadSpec, options, backbone_dtype) -> VPTModel:
     return VPTModel(family, head, **options.resolved(family))
