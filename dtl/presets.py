@@ -11,16 +11,17 @@ the settings shared by all tasks, and ``PAPER_TRAINING`` the recipe, which is ``
 from __future__ import annotations
 
 from .config import TrainConfig
+from .methods.dtl.defaults import PAPER_BETA
 
 FAMILY_DEFAULTS = {
-    "vit": dict(rank=2, extract_start=0, start_block=6, beta=100.0, kernel_size=3),
-    "swin": dict(rank=4, extract_start=4, start_block=14, beta=100.0, kernel_size=5),
+    "vit": dict(rank=2, extract_start=0, start_block=6, beta=PAPER_BETA, kernel_size=3),
+    "swin": dict(rank=4, extract_start=4, start_block=14, beta=PAPER_BETA, kernel_size=5),
 }
 
 
 def transformer_defaults(depth: int) -> dict:
     """DTL's defaults for a one-stage transformer of ``depth`` blocks (ViT, EVA-02, DINOv3, Perception Encoder,
-    BEiT...): the paper's ViT-B/16 setting (rank 2, side maps on every block, beta 100, DTL+ kernel 3) with the
+    BEiT...): the paper's ViT-B/16 setting (rank 2, side maps on every block, the paper's beta, DTL+ kernel 3) with the
     start block M at half the depth, as the paper's M = 6 is of ViT-B's 12 blocks. Only ViT-B/16 and Swin-B have
     published settings; for other depths the scaling is the toolkit's choice (a sweep's space follows the depth)."""
     return {**FAMILY_DEFAULTS["vit"], "start_block": depth // 2}

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from ..methods.dtl.defaults import PAPER_BETA
+
 
 class LowRankMap(nn.Module):
     """x -> x A C with A (d_in x r) Kaiming-uniform and C (r x d) zero, so a fresh map contributes exactly 0
@@ -31,9 +33,9 @@ class LowRankMap(nn.Module):
 
 
 class SharpSwish(nn.Module):
-    """theta(u) = u * sigmoid(beta * u); beta = 100 makes it a smooth, near-ReLU gate (the paper's choice)."""
+    """theta(u) = u * sigmoid(beta * u); the paper's large beta makes it a smooth, near-ReLU gate."""
 
-    def __init__(self, beta: float = 100.0):
+    def __init__(self, beta: float = PAPER_BETA):
         super().__init__()
         self.beta = float(beta)
 

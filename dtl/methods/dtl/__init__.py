@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ...validation import is_int, is_number
 from ..registry import Method, MethodOptions, register_method
+from .defaults import PAPER_BETA
 
 
 @dataclass
@@ -17,7 +18,7 @@ class DTLOptions(MethodOptions):
     start_block: int | None = None  # M, the first block whose output gets the side output; None: ViT 6, Swin 14,
     # CNNs the middle block of the third stage
     extract_start: int | None = None  # first block with a side map; None: the first block of M's stage
-    beta: float | None = None  # sharpness of the Swish; None: 100
+    beta: float | None = None  # sharpness of the Swish; None: PAPER_BETA
     grad_checkpointing: bool | str | None = None  # True: recompute blocks after M (least memory); "mlp"; False
 
     checks = {
@@ -30,7 +31,7 @@ class DTLOptions(MethodOptions):
 
     def defaults(self, family) -> dict:
         paper = family.paper_defaults
-        return {"rank": paper["rank"], "start_block": paper["start_block"], "beta": 100.0, "grad_checkpointing": False}
+        return {"rank": paper["rank"], "start_block": paper["start_block"], "beta": PAPER_BETA, "grad_checkpointing": False}
 
     def resolved(self, family) -> dict:
         settings = super().resolved(family)

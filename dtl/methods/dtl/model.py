@@ -43,6 +43,7 @@ from ...models.family import BackboneFamily, CachedInputs, block_input_name
 from ...models.side_network import DepthwiseGridConv, LowRankMap, SharpSwish
 from ..heads import HeadSpec, apply_head, head_blocks, head_inputs
 from . import DTLOptions
+from .defaults import PAPER_BETA
 
 CHECKPOINTING = (False, True, "mlp")
 
@@ -67,7 +68,7 @@ class DTLModel(nn.Module):
         rank: int,
         start_block: int,
         extract_start: int = 0,
-        beta: float = 100.0,
+        beta: float = PAPER_BETA,
         kernel_size: int | None = None,
         grad_checkpointing: bool | str = False,
         backbone_dtype: torch.dtype | None = None,
