@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash mid-write leaves the previous file (or none), never a truncated one."""
+"""Atomic file writes: a crash mid-write leaves the previous file (or none), never a truncated one; and where the
+repository is."""
 from __future__ import annotations
 
 import json
@@ -8,9 +9,14 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # annotations only: tracking/ and the pipeline's params read REPO_ROOT here without loading torch
+    import torch
+    from torch import nn
+
+# The checkout that holds dtl/, pipeline/, sweeps/ and params.yaml; relative paths of the params files start there.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def current_umask() -> int:

@@ -22,9 +22,8 @@ from typing import Any
 import yaml
 
 from dtl.config import ExperimentConfig
+from dtl.io import REPO_ROOT
 from dtl.presets import PAPER_COMMON, PAPER_TRAINING, paper_overrides
-
-from .params import REPO_ROOT
 
 PAPER_FILES = {"dtl_plus": REPO_ROOT / "params" / "vit_b16_vtab1k.yaml",
                "dtl": REPO_ROOT / "params" / "vit_b16_vtab1k_dtl.yaml"}

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dtl.config import ConfigError, ExperimentConfig, params_config, read_yaml, tool_section
+from dtl.io import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 DEFAULT_BEST = REPO_ROOT / "sweeps" / "best.yaml"
 

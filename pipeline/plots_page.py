@@ -17,9 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dtl.io import write_text
-
-from .params import REPO_ROOT
+from dtl.io import REPO_ROOT, write_text
 
 TEMPLATE_NAME = "plots_template.html"
 

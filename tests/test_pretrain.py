@@ -14,8 +14,7 @@ import torch
 from safetensors import safe_open
 
 from dtl.data.scenes import BACKGROUNDS, PALETTE, SHAPE_IDS, SHAPES, orientation_bins, render_scenes
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from dtl.io import REPO_ROOT
 
 
 @pytest.fixture(scope="module")

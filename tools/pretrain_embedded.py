@@ -48,9 +48,9 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from tqdm import tqdm
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: make the ``dtl`` package importable
-    sys.path.insert(0, str(REPO_ROOT))
+# Run as a script from anywhere: the checkout that holds ``dtl`` must be importable (dtl.io then names it REPO_ROOT).
+if (checkout := str(Path(__file__).resolve().parents[1])) not in sys.path:
+    sys.path.insert(0, checkout)
 
 from dtl.data.scenes import (  # noqa: E402
     BACKGROUNDS,
@@ -60,7 +60,7 @@ from dtl.data.scenes import (  # noqa: E402
     orientation_bins,
     render_scenes,
 )
-from dtl.io import atomic_path, write_text  # noqa: E402
+from dtl.io import REPO_ROOT, atomic_path, write_text  # noqa: E402
 from dtl.models import family_for  # noqa: E402
 from dtl.models.embedded import EMBEDDED_BACKBONE, EMBEDDED_MODELS  # noqa: E402  (registers the models)
 from dtl.models.family import BackboneFamily  # noqa: E402

@@ -29,7 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from dtl.io import REPO_ROOT
+
 DEFAULT_STORE = REPO_ROOT / "mlflow.db"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_NAME = "mlflow.runName"
