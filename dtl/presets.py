@@ -1,31 +1,17 @@
-"""The paper's settings, each in one place: DTL's defaults per backbone family, and the authors' per-task
-VTAB-1K hyperparameters (docs/design.md) as a "paper" preset.
+"""The paper's settings as a "paper" preset: DTL's settings for ViT-B/16 and Swin-B, and the authors' per-task
+VTAB-1K hyperparameters (docs/design.md).
 
-``FAMILY_DEFAULTS`` is what DTL uses for unset options on the families the paper trains (the family classes of
-``dtl.models`` read it); ``transformer_defaults(depth)`` scales the ViT setting to other depths (every
-one-stage transformer family: ViT, EVA, BEiT). ``paper_overrides(family, method)`` returns ``{task: {"lr": ...,
-"drop_path": ..., ["kernel_size": ...]}}``, the shape of the ``overrides`` section of an experiment config. ``PAPER_COMMON`` holds
-the settings shared by all tasks, and ``PAPER_TRAINING`` the recipe, which is ``TrainConfig``'s defaults: batch
-32, 100 cosine + 10 cool-down epochs, 10 warm-up, weight decay 0.05.
+``FAMILY_DEFAULTS`` is what DTL uses for unset options on the backbones the paper trains; it lives with the
+method's other defaults (``dtl.methods.dtl.defaults``, which also scales them to other backbones).
+``paper_overrides(family, method)`` returns ``{task: {"lr": ..., "drop_path": ..., ["kernel_size": ...]}}``, the
+shape of the ``overrides`` section of an experiment config. ``PAPER_COMMON`` holds the settings shared by all
+tasks, and ``PAPER_TRAINING`` the recipe, which is ``TrainConfig``'s defaults: batch 32, 100 cosine + 10 cool-down
+epochs, 10 warm-up, weight decay 0.05.
 """
 from __future__ import annotations
 
 from .config import TrainConfig
-from .methods.dtl.defaults import PAPER_BETA
-
-FAMILY_DEFAULTS = {
-    "vit": dict(rank=2, extract_start=0, start_block=6, beta=PAPER_BETA, kernel_size=3),
-    "swin": dict(rank=4, extract_start=4, start_block=14, beta=PAPER_BETA, kernel_size=5),
-}
-
-
-def transformer_defaults(depth: int) -> dict:
-    """DTL's defaults for a one-stage transformer of ``depth`` blocks (ViT, EVA-02, DINOv3, Perception Encoder,
-    BEiT...): the paper's ViT-B/16 setting (rank 2, side maps on every block, the paper's beta, DTL+ kernel 3) with the
-    start block M at half the depth, as the paper's M = 6 is of ViT-B's 12 blocks. Only ViT-B/16 and Swin-B have
-    published settings; for other depths the scaling is the toolkit's choice (a sweep's space follows the depth)."""
-    return {**FAMILY_DEFAULTS["vit"], "start_block": depth // 2}
-
+from .methods.dtl.defaults import FAMILY_DEFAULTS
 
 # The ViT DTL+ kernel is set per task (the table below); Swin's is one for all tasks.
 PAPER_COMMON = {

@@ -14,8 +14,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..presets import transformer_defaults
-
 
 @dataclass(frozen=True)
 class StageInfo:
@@ -29,9 +27,8 @@ class BackboneFamily(nn.Module):
 
     #: how messages name the family
     name: str = ""
-    #: DTL's defaults for this family: start block M, rank, DTL+ kernel (the paper's for ViT and Swin). Side maps
-    #: start at the first block of M's stage unless ``extract_start`` is set.
-    paper_defaults: dict = {}
+    #: whether the blocks are convolutions over feature maps (a CNN) rather than transformer blocks
+    convolutional: bool = False
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -203,10 +200,6 @@ class TokenFamily(BackboneFamily):
         self.grid_size_ = tuple(backbone.patch_embed.grid_size)
 
     @property
-    def paper_defaults(self) -> dict:
-        return transformer_defaults(len(self.blocks))
-
-    @property
     def blocks(self):
         return self.backbone.blocks
 
@@ -289,20 +282,11 @@ class ConvFamily(ChannelsLastFamily):
     input_size``) through the network in eval mode.
     """
 
-    rank = 4
-    kernel_size = 3
+    convolutional = True
 
     def __init__(self, backbone: nn.Module):
         super().__init__(backbone)
         self._input_grids, self._output_grids = self._measure_grids()
-
-    @property
-    def paper_defaults(self) -> dict:
-        # Not in the paper: M in the middle of the third stage, as the paper's Swin-B default (block 14 of its
-        # 18-block third stage) is, so the high-resolution stages that keep most activations stay frozen.
-        third = self.stages[min(2, len(self.stages) - 1)]
-        middle = third.first_block + (third.last_block - third.first_block + 1) // 2
-        return dict(start_block=middle, rank=self.rank, kernel_size=self.kernel_size)
 
     def run_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
         return self.blocks[block](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

@@ -10,20 +10,12 @@ from __future__ import annotations
 import torch
 from timm.models.swin_transformer import SwinTransformer
 
-from ..presets import FAMILY_DEFAULTS, transformer_defaults
 from .family import ChannelsLastFamily
 
 
 class SwinFamily(ChannelsLastFamily):
     """Stages of blocks on channels-last (B, H, W, C) token grids; no cls token."""
     name = "Swin"
-
-    @property
-    def paper_defaults(self) -> dict:
-        # The paper's Swin-B setting where its M fits (the 24-block Swin-S, -B and -L); shallower Swins (Swin-T's
-        # 12 blocks) take the ViT setting scaled to their depth.
-        blocks = len(self.blocks)
-        return FAMILY_DEFAULTS["swin"] if blocks == 24 else transformer_defaults(blocks)
 
     def __init__(self, backbone: SwinTransformer):
         if not isinstance(backbone, SwinTransformer):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ...validation import is_int, is_number
 from ..registry import Method, MethodOptions, register_method
-from .defaults import PAPER_BETA
+from .defaults import PAPER_BETA, backbone_defaults
 
 
 @dataclass
@@ -30,8 +30,9 @@ class DTLOptions(MethodOptions):
     }
 
     def defaults(self, family) -> dict:
-        paper = family.paper_defaults
-        return {"rank": paper["rank"], "start_block": paper["start_block"], "beta": PAPER_BETA, "grad_checkpointing": False}
+        backbone = backbone_defaults(family)
+        return {"rank": backbone["rank"], "start_block": backbone["start_block"], "beta": PAPER_BETA,
+                "grad_checkpointing": False}
 
     def resolved(self, family) -> dict:
         settings = super().resolved(family)
@@ -51,7 +52,7 @@ class DTLPlusOptions(DTLOptions):
     checks = {**DTLOptions.checks, "kernel_size": (is_int(1), "an integer >= 1")}
 
     def defaults(self, family) -> dict:
-        return {**super().defaults(family), "kernel_size": family.paper_defaults["kernel_size"]}
+        return {**super().defaults(family), "kernel_size": backbone_defaults(family)["kernel_size"]}
 
 
 _SEARCHABLE = ("rank", "start_block", "extract_start", "beta")
