@@ -29,6 +29,7 @@ from typing import Any
 
 from dtl.config import ExperimentConfig, read_best
 from dtl.io import atomic_dir, save_trainable, write_json, write_text
+from dtl.protocols.base import PARAMETER_AND_THROUGHPUT_KEYS
 from dtl.protocols.base import SCORES as PROTOCOL_SCORES
 from dtl.trained import trained_metadata
 
@@ -38,6 +39,11 @@ from .stage import StageError, read_json, run_stage, stage_arguments
 
 CURVE_COLUMNS = ("lr", "train/loss", "train/accuracy")
 SCORES = tuple(f"/{score}" for score in PROTOCOL_SCORES.values())  # what a run's summary line and its task run show
+# The cost figures of a training run's summary (counts, seconds, bytes), logged to its MLflow run; the task run gets
+# their means over the runs.
+TRAINING_COST_KEYS = (*PARAMETER_AND_THROUGHPUT_KEYS, "train_time_s", "cpu_time_s", "saved_bytes_per_batch",
+                      "gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes", "gpu_eval_peak_allocated_bytes",
+                      "gpu_cache_bytes", "peak_rss_bytes")
 
 
 def run_tags(stage: str, task: str, config: ExperimentConfig) -> dict[str, str]:
@@ -119,7 +125,7 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
         if len(runs) > 1:  # the runs' own curves are in their child runs; the task run gets the means
             run.log_metrics({key: statistics.fmean(s[key] for s in seed_results)
                              for key in {k for s in seed_results for k in s if k.endswith(SCORES)}})
-        run.log_metrics({k: statistics.fmean(s[k] for s in seed_results) for k in COST_KEYS
+        run.log_metrics({k: statistics.fmean(s[k] for s in seed_results) for k in TRAINING_COST_KEYS
                          if all(isinstance(s.get(k), (int, float)) for s in seed_results)})
         run.log_artifacts(staging, "train")
     write_text(paths.curve(task), tsv(curve))
@@ -167,7 +173,7 @@ def train_one(config: ExperimentConfig, task: str, shots: int | None, seed: int,
         if cache:  # which variant trained (docs/design.md: the cache and drop-path)
             summary["cache_report"] = cache
             seed_run.set_tags({"prefix_cache": cache.get("mode", "?")})
-        seed_run.log_metrics({k: v for k, v in summary.items() if k in COST_KEYS and v is not None})
+        seed_run.log_metrics({k: v for k, v in summary.items() if k in TRAINING_COST_KEYS and v is not None})
     return summary, history
 
 
@@ -185,11 +191,6 @@ def register_model(run, task_config: ExperimentConfig, task: str, staging: Path,
                              tags={"sweep_settings": json.dumps(winner, sort_keys=True)} if winner else None)
     run.set_tags({"registered_model": f"{registered_name(task)}/{version or 'pending'}"})
     return {"sweep_winner": bool(winner), "registered_model": {"name": registered_name(task), "version": version}}
-
-
-COST_KEYS = ("trainable_params", "trainable_params_excl_head", "images_per_s", "train_time_s", "cpu_time_s",
-             "saved_bytes_per_batch", "gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes",
-             "gpu_eval_peak_allocated_bytes", "gpu_cache_bytes", "peak_rss_bytes")
 
 
 def _run_name(seed_summary: dict) -> str:

@@ -290,7 +290,8 @@ def seed_means(per_seed: list[dict[str, Any]]) -> dict[str, float]:
     return metrics
 
 
-COST_KEYS = ("trainable_params", "trainable_params_excl_head", "images_per_s")
+# A task's parameter counts and training throughput, the costs a report row takes from its metrics as they are.
+PARAMETER_AND_THROUGHPUT_KEYS = ("trainable_params", "trainable_params_excl_head", "images_per_s")
 # The memory figures a task reports, each named for what it measures: the bytes autograd keeps for backward per
 # batch (DTL's saving; the same on every device), the CUDA allocator's peaks while training, and the process's
 # peak resident memory (host RAM: on a CPU, everything the process held).
@@ -343,7 +344,7 @@ def percent(value: float | None, std: float | None = None) -> str:
 def task_row(task: str, metrics: dict, info: dict) -> dict[str, Any]:
     """A task's row of a report: its method, costs and MLflow run (``rows``, which every report has)."""
     return {"task": task, "method": info.get("method"), "mlflow_run_id": info.get("mlflow_run_id"),
-            **{key: metrics[key] for key in COST_KEYS}, **memory_figures(metrics, info.get("memory_kind"))}
+            **{key: metrics[key] for key in PARAMETER_AND_THROUGHPUT_KEYS}, **memory_figures(metrics, info.get("memory_kind"))}
 
 
 def cost_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
