@@ -117,7 +117,7 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
             "wall_time_s": time.perf_counter() - started,
             "mlflow": {"tracking_uri": tracking.tracking_uri(), "experiment_id": experiment_id, "run_id": run.run_id},
         }
-        summary.update(register_model(run, task_config, task, staging, runs[0], read_best(best_path).get(task)))
+        summary.update(log_trained_model(run, task_config, task, staging, runs[0], read_best(best_path).get(task)))
         write_json(staging / "config.json", task_config.to_dict())
         write_json(staging / "summary.json", summary)
         curve = mean_curve([history for _, history in results])
@@ -177,10 +177,10 @@ def train_one(config: ExperimentConfig, task: str, shots: int | None, seed: int,
     return summary, history
 
 
-def register_model(run, task_config: ExperimentConfig, task: str, staging: Path, first_run: tuple,
-                   winner: dict | None) -> dict[str, Any]:
-    """The first run's weights as an MLflow Model, registered as dtl-<task> (``tracking.pyfunc``), tagged with
-    the sweep's settings when a sweep chose them (``winner``)."""
+def log_trained_model(run, task_config: ExperimentConfig, task: str, staging: Path, first_run: tuple,
+                      winner: dict | None) -> dict[str, Any]:
+    """Log the task's trained model on its run: the first run's weights as an MLflow Model, registered as dtl-<task>
+    (``tracking.pyfunc``), tagged with the sweep's settings when a sweep chose them (``winner``)."""
     from dtl.predict import find_images
     from tracking.pyfunc import log_task_model, registered_name
 

@@ -154,9 +154,9 @@ class Sender:
                 self.client.log_artifact(run_id, str(path), op.get("artifact_path"))
             self.discard(path)
         elif kind == "model":
-            from tracking.pyfunc import register_model
+            from tracking.pyfunc import register_model_version
 
-            register_model(self.client, run_id, Path(op["path"]), op["task"], op.get("tags"))
+            register_model_version(self.client, run_id, Path(op["path"]), op["task"], op.get("tags"))
             self.discard(Path(op["path"]))
         elif kind == "status":
             self.client.update_run(run_id, status=op["status"])

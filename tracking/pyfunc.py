@@ -24,7 +24,7 @@ from .task_model import EXPECTED_INPUT, INPUT, SETTINGS, WEIGHTS, TaskModel
 MODEL_PATH = "model"  # the run's artifact folder of the MLflow Model
 MODEL_CODE = Path(__file__).with_name("task_model.py")
 
-__all__ = ["TaskModel", "encode_image", "log_task_model", "registered_name", "register_model",
+__all__ = ["TaskModel", "encode_image", "log_task_model", "registered_name", "register_model_version",
            "tag_tested_version"]
 
 
@@ -82,7 +82,7 @@ def log_task_model(run, weights: str | Path, task: str, example_image: str | Pat
         run_id = run.outbox.known(run.run_id)
         if run_id is not None and not run.outbox.unreachable:
             try:
-                return register_model(run.client, run_id, target, task, tags)
+                return register_model_version(run.client, run_id, target, task, tags)
             except Exception as err:
                 if not is_transient(err):
                     raise
@@ -92,7 +92,7 @@ def log_task_model(run, weights: str | Path, task: str, example_image: str | Pat
     return None
 
 
-def register_model(client, run_id: str, folder: Path, task: str, tags: dict[str, str] | None) -> int:
+def register_model_version(client, run_id: str, folder: Path, task: str, tags: dict[str, str] | None) -> int:
     """Log a saved pyfunc folder as the run's ``model`` artifacts and register it as a new version."""
     from mlflow.exceptions import MlflowException
 
