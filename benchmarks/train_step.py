@@ -25,7 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
 
-from dtl.benchmark import PRECISIONS, PROTOCOLS, ROWS, BenchmarkSettings, check_targets, format_table, run_benchmark  # noqa: E402
+from dtl.benchmark import (  # noqa: E402
+    PROTOCOLS,
+    ROWS,
+    STEP_PRECISIONS,
+    BenchmarkSettings,
+    check_targets,
+    format_table,
+    run_benchmark,
+)
 from dtl.devices import SetupError, resolve_device  # noqa: E402
 from dtl.io import write_json  # noqa: E402
 
@@ -37,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="measure as published figures were: dtl (batch 32, fp16 autocast, fp32 weights; bf16 "
                              "on a CPU) or vpetl (batch 64, fp32)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 32, or the protocol's")
-    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+    parser.add_argument("--precision", choices=STEP_PRECISIONS, default=None,
                         help="fp32: no autocast; bf16/fp16: autocast (default: fp32, or the protocol's)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--methods", default=",".join(ROWS),

@@ -28,10 +28,10 @@ input's size, the loss is ``dtl.objectives.Segmentation``'s (the logits resized 
 ``loss_saved_bytes`` says what that loss itself keeps for backward (the full-resolution log-probabilities: the same
 for every row, and not part of ``saved_bytes``, which counts the model's forward as for classification).
 
-Rows beyond the plain methods: ``dtl_plus_mlp`` (``grad_checkpointing="mlp"``: the MLP hidden layer of the
-blocks after M is recomputed in backward), ``dtl_plus_ckpt`` (``grad_checkpointing=True``: blocks after M and the
-prefix are recomputed in backward) and ``dtl_plus_cached`` (training from cached prefix states: only blocks M+1..N-1, the CSN
-and the head run; the one-off prefix pass is reported separately as ``prefix_s_per_batch``).
+Every row is a registered method at its defaults, then the variants each method's registry record declares
+(``Method.benchmark_variants``: DTL+'s gradient checkpointing, and training from cached prefix states, whose one-off
+prefix pass is reported separately as ``prefix_s_per_batch``). The ratios, the targets and the kinds of the memory
+breakdown come from the records too (``benchmark_reference``, ``benchmark_targets``, ``added_modules``).
 """
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ from .methods import (
     get_method,
     trainable_parameters,
 )
+from .methods.registry import AddedModules
 
 
 @dataclass(frozen=True)
@@ -82,23 +83,18 @@ def registry_rows() -> dict[str, RowSpec]:
 
 
 ROWS: dict[str, RowSpec] = registry_rows()
-PRECISIONS = ("fp32", "bf16", "fp16")
+# What a training step of the benchmark runs in: fp32 (no autocast) or bf16/fp16 autocast (no "auto" here).
+STEP_PRECISIONS = ("fp32", "bf16", "fp16")
 _LOW_PRECISION = {"bf16": "bf16", "fp16": "fp16"}
 
-# The project's targets (ViT-B/16, 224 px, batch 32, M = 6): (row, figure, reference row, bound, "max"/"min").
-RATIO_TARGETS = (
-    ("dtl_plus", "saved_bytes", "full", 0.35, "max"),
-    ("dtl_plus", "saved_bytes", "lora", 0.45, "max"),
-    ("dtl_plus_ckpt", "saved_bytes", "full", 0.05, "max"),
-    ("dtl_plus", "images_per_s", "full", 2.0, "min"),
-    ("dtl_plus", "images_per_s", "lora", 1.3, "min"),
-    ("dtl_plus_cached", "images_per_s", "full", 3.3, "min"),
-    ("dtl_plus_cached", "images_per_s", "lora", 2.2, "min"),
-)
-# Segmentation (ViT-B/16, 512 px, the multi-level head): DTL+'s bytes kept for backward against full fine-tuning.
-SEGMENTATION_TARGETS = (("dtl_plus", "saved_bytes", "full", 0.35, "max"),)
-# GPU peak memory targets (bytes), bf16.
-PEAK_TARGETS = (("dtl_plus", 0.8e9), ("dtl_plus_mlp", 0.8e9), ("dtl_plus_ckpt", 0.5e9))
+# The rows every row's figures are divided by (``<figure>_vs_<row>``), in registration order.
+REFERENCE_ROWS = tuple(name for name in available_methods() if get_method(name).benchmark_reference)
+# The project's targets (dtl.methods.registry.BenchmarkTargets): ratio bounds at ViT-B/16, 224 px, batch 32 and
+# in segmentation at 512 px, (row, figure, reference row, bound, "max"/"min"); GPU peak bounds in bytes, bf16.
+RATIO_TARGETS = tuple(target for name in available_methods() for target in get_method(name).benchmark_targets.ratios)
+SEGMENTATION_TARGETS = tuple(target for name in available_methods()
+                             for target in get_method(name).benchmark_targets.segmentation)
+PEAK_TARGETS = tuple(target for name in available_methods() for target in get_method(name).benchmark_targets.peaks)
 # The settings under which published training-memory figures were measured (batch size, autocast, storage dtype
 # of the frozen weights): ``dtl``, the DTL authors' VTAB-1K scripts (batch 32, torch.cuda.amp: fp16 autocast with
 # a loss scaler, fp32 weights, ``torch.cuda.max_memory_allocated``); ``vpetl``, V-PETL Bench (batch 64, fp32).
@@ -142,8 +138,8 @@ class BenchmarkSettings:
         unknown = [m for m in self.methods if m not in ROWS]
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(ROWS)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in STEP_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(STEP_PRECISIONS)}, got {self.precision!r}")
         if self.backbone_dtype != "auto" and self.backbone_dtype not in BACKBONE_DTYPES:
             raise ValueError(f"backbone_dtype must be auto or one of {', '.join(BACKBONE_DTYPES)}, "
                              f"got {self.backbone_dtype!r}")
@@ -208,19 +204,30 @@ class SavedBytesByModule(SavedTensorBytes):
         self._handles.clear()
 
 
-# What a module's bytes count as, by its name (checked in this order); DTL's side-state updates and add-backs run
-# in the model's own forward, outside any submodule, so a DTL model's unnamed bytes are its side network's.
-BREAKDOWN_KINDS = ("attention", "mlp", "norm", "side network", "adapter", "head", "embedding", "other")
-_KIND_RULES = (("side network", ("side_",)), ("head", ("head", "fc_norm")), ("attention", ("attn",)),
-               ("mlp", ("mlp",)), ("adapter", ("adapter_", "lora_", "prompt")), ("norm", ("norm", "ssf")),
-               ("embedding", ("patch_embed", "pos_")))
+# What a module's bytes count as, by fragments of its name checked in this order: the backbone's head, attention
+# and MLP, then the modules the model's method adds (its registry record's ``added_modules``), then the backbone's
+# norms and embedding. Bytes kept outside every submodule are the added modules' when the record says the model's
+# own forward runs them.
+_ADDED_KINDS = tuple(dict.fromkeys(get_method(name).added_modules.kind for name in available_methods()
+                                   if get_method(name).added_modules))
+BREAKDOWN_KINDS = ("attention", "mlp", "norm", *_ADDED_KINDS, "head", "embedding", "other")
+_BACKBONE_KINDS_FIRST = (("head", ("head", "fc_norm")), ("attention", ("attn",)), ("mlp", ("mlp",)))
+_BACKBONE_KINDS_LAST = (("norm", ("norm",)), ("embedding", ("patch_embed", "pos_")))
+
+
+def added_modules(model: nn.Module) -> AddedModules | None:
+    """What the registry says of the modules ``model``'s method adds (None: a model of no registered method)."""
+    method = getattr(model, "method", "")
+    return get_method(method).added_modules if method in available_methods() else None
 
 
 def module_kind(name: str, model: nn.Module) -> str:
+    added = added_modules(model)
     if not name:
-        return "side network" if isinstance(model, DTLModel) else "other"
+        return added.kind if added and added.own_forward else "other"
     parts = name.split(".")
-    for kind, needles in _KIND_RULES:
+    rules = (*_BACKBONE_KINDS_FIRST, *([(added.kind, added.names)] if added else []), *_BACKBONE_KINDS_LAST)
+    for kind, needles in rules:
         if any(needle in part for part in parts for needle in needles):
             return kind
     return "other"
@@ -473,8 +480,8 @@ def _time_rows(settings: BenchmarkSettings, device: torch.device, images: torch.
 
 
 def add_ratios(results: dict[str, dict]) -> None:
-    """``<figure>_vs_<full|lora>``: each row's figure divided by the reference row's (when both exist)."""
-    for reference in ("full", "lora"):
+    """``<figure>_vs_<reference>``: each row's figure divided by each of :data:`REFERENCE_ROWS`' (when both exist)."""
+    for reference in REFERENCE_ROWS:
         base = results.get(reference)
         for result in results.values():
             for figure in ("trainable_params", "saved_bytes", "peak_bytes", "peak_reserved_bytes", "images_per_s",
@@ -484,27 +491,28 @@ def add_ratios(results: dict[str, dict]) -> None:
 
 
 def format_table(results: list[dict]) -> str:
-    """A plain-text table of the rows (MiB, img/s and the ratios to full and LoRA)."""
-    def ratio(value):
-        return f"{value:.3f}" if value is not None else "-"
+    """A plain-text table of the rows (MiB, img/s and the ratios to each of :data:`REFERENCE_ROWS`)."""
+    def ratios(r: dict, figure: str) -> tuple[str, ...]:
+        return tuple(f"{value:.3f}" if value is not None else "-"
+                     for value in (r.get(f"{figure}_vs_{reference}") for reference in REFERENCE_ROWS))
 
     cpu = any(r.get("images_per_cpu_s") for r in results)
     reserved = any(r.get("peak_reserved_bytes") is not None for r in results)
     peak = "peak MiB" if results[0]["peak_kind"] == "cuda_max_allocated" else "peak est. MiB"
-    header = ("method", "trainable", "saved MiB", "x full", "x lora", peak, "x full", "x lora") + (
-        ("reserved MiB",) if reserved else ()) + ("img/s", "x full", "x lora") + (
-        ("img/cpu-s", "x full", "x lora") if cpu else ())
+    versus = tuple(f"x {reference}" for reference in REFERENCE_ROWS)
+    header = ("method", "trainable", "saved MiB", *versus, peak, *versus) + (
+        ("reserved MiB",) if reserved else ()) + ("img/s", *versus) + (
+        ("img/cpu-s", *versus) if cpu else ())
     lines = [header]
     for r in results:
         lines.append((
             r["method"], f"{r['trainable_params']:,}",
-            f"{r['saved_bytes'] / 2**20:.1f}", ratio(r.get("saved_bytes_vs_full")), ratio(r.get("saved_bytes_vs_lora")),
-            f"{r['peak_bytes'] / 2**20:.0f}", ratio(r.get("peak_bytes_vs_full")), ratio(r.get("peak_bytes_vs_lora")),
+            f"{r['saved_bytes'] / 2**20:.1f}", *ratios(r, "saved_bytes"),
+            f"{r['peak_bytes'] / 2**20:.0f}", *ratios(r, "peak_bytes"),
         ) + ((f"{r['peak_reserved_bytes'] / 2**20:.0f}",) if reserved else ()) + (
-            f"{r['images_per_s']:.3g}" if r.get("images_per_s") else "-",
-            ratio(r.get("images_per_s_vs_full")), ratio(r.get("images_per_s_vs_lora")),
+            f"{r['images_per_s']:.3g}" if r.get("images_per_s") else "-", *ratios(r, "images_per_s"),
         ) + ((f"{r['images_per_cpu_s']:.3g}" if r.get("images_per_cpu_s") else "-",
-              ratio(r.get("images_per_cpu_s_vs_full")), ratio(r.get("images_per_cpu_s_vs_lora"))) if cpu else ()))
+              *ratios(r, "images_per_cpu_s")) if cpu else ()))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     text = ["  ".join(str(cell).rjust(w) if i else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
             for line in lines]

@@ -10,8 +10,12 @@ A method says what it needs and what it can do, so that nothing else in the tool
   as ``"package.module:function"`` it is imported on first use, so the registry (and the experiment schema
   that reads it) imports no torch;
 * capabilities: ``low_precision_backbone`` (can store the frozen backbone in bf16/fp16), ``families`` (names of
-  the backbone families it supports, as ``BackboneFamily.name`` gives them; empty: any), ``searchable`` (options a sweep may search), ``benchmark_variants`` (extra
-  rows of ``dtl.benchmark``).
+  the backbone families it supports, as ``BackboneFamily.name`` gives them; empty: any), ``searchable`` (options
+  a sweep may search);
+* what ``dtl.benchmark`` reads: ``benchmark_variants`` (extra rows), ``benchmark_reference`` (the other rows'
+  figures are also given as ratios to this method's), ``benchmark_targets`` (:class:`BenchmarkTargets`) and
+  ``added_modules`` (:class:`AddedModules`: how the modules it adds count in the breakdown of the bytes kept for
+  backward).
 
 ``dtl.create_model``, the experiment schema (``dtl.config``: the model options and the per-task override keys),
 the benchmark rows and the sweeps' method checks are all derived from here. A new method is one sub-package of
@@ -64,6 +68,30 @@ class MethodOptions:
 
 
 @dataclass(frozen=True)
+class AddedModules:
+    """The modules a method adds to a model, as ``dtl.benchmark.saved_bytes_breakdown`` counts them: bytes kept
+    while one of them runs count as ``kind``, unless the module sits in a part of the backbone that the breakdown
+    names first (the head, an attention or an MLP)."""
+
+    kind: str  # the breakdown kind they count as: "side network", "adapter"...
+    names: tuple[str, ...] = ()  # fragments of their module names (matched against each part of the dotted name)
+    own_forward: bool = False  # the model's own forward (outside every submodule) runs them too: its bytes count
+
+
+@dataclass(frozen=True)
+class BenchmarkTargets:
+    """The project's memory and speed targets for a method's benchmark rows (``dtl.benchmark.check_targets``).
+
+    ``ratios`` (ViT-B/16, 224 px, batch 32) and ``segmentation`` (ViT-B/16, 512 px, the multi-level head) bound a
+    row's figure divided by a reference row's: ``(row, figure, reference row, bound, "max" or "min")``; ``peaks``
+    bound a row's GPU peak memory in bytes, bf16: ``(row, bytes)``."""
+
+    ratios: tuple[tuple[str, str, str, float, str], ...] = ()
+    segmentation: tuple[tuple[str, str, str, float, str], ...] = ()
+    peaks: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Method:
     """One registered method (see the module docstring)."""
 
@@ -76,6 +104,9 @@ class Method:
     needs: str = ""  # what of the backbone it modifies, for the refusal on other families ("attention qkv ...")
     searchable: tuple[str, ...] = ()
     benchmark_variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # row -> options (+cached)
+    benchmark_reference: bool = False  # every row's figures also as ratios to this method's (``<figure>_vs_<name>``)
+    benchmark_targets: BenchmarkTargets = BenchmarkTargets()
+    added_modules: AddedModules | None = None  # None: what it trains counts as the backbone part it lies in
 
     def make_options(self, values: Mapping[str, Any]) -> MethodOptions:
         unknown = sorted(set(values) - set(self.options.names()))

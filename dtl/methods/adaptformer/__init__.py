@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...validation import is_int
-from ..registry import Method, MethodOptions, register_method
+from ..registry import AddedModules, Method, MethodOptions, register_method
 
 DEFAULT_BOTTLENECK = 8
 
@@ -23,5 +23,6 @@ class AdaptFormerOptions(MethodOptions):
 register_method(Method(
     name="adaptformer", description="AdaptFormer: a bottleneck adapter beside every MLP", options=AdaptFormerOptions,
     build=f"{__name__}.model:build",
-    families=("ViT",), needs="the MLP branch of transformer blocks", searchable=("rank",)),
+    families=("ViT",), needs="the MLP branch of transformer blocks", searchable=("rank",),
+    added_modules=AddedModules("adapter", ("adapter_",))),
     aliases={"adapter": "the AdaptFormer method was renamed; use 'adaptformer'"})

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...validation import is_int, is_number
-from ..registry import Method, MethodOptions, register_method
+from ..registry import AddedModules, BenchmarkTargets, Method, MethodOptions, register_method
 from .defaults import PAPER_BETA, backbone_defaults
 
 
@@ -56,11 +56,29 @@ class DTLPlusOptions(DTLOptions):
 
 
 _SEARCHABLE = ("rank", "start_block", "extract_start", "beta")
+# The side maps and convolutions are modules; the side-state updates and add-backs run in the model's own forward,
+# outside any submodule, so its bytes there are the side network's too.
+_SIDE_NETWORK = AddedModules("side network", ("side_",), own_forward=True)
 register_method(Method(
     name="dtl", description="DTL: the Compact Side Network on a frozen backbone", options=DTLOptions,
-    build=f"{__name__}.model:build", low_precision_backbone=True, searchable=_SEARCHABLE))
+    build=f"{__name__}.model:build", low_precision_backbone=True, searchable=_SEARCHABLE,
+    added_modules=_SIDE_NETWORK))
+# Benchmark rows beyond the plain method: dtl_plus_mlp recomputes the MLP hidden layer of the blocks after M in
+# backward, dtl_plus_ckpt the blocks after M and the prefix, and dtl_plus_cached trains from cached prefix states
+# (only blocks M+1..N-1, the CSN and the head run; the one-off prefix pass is reported as prefix_s_per_batch).
 register_method(Method(
     name="dtl_plus", description="DTL+: DTL with a depthwise convolution on the side output", options=DTLPlusOptions,
     build=f"{__name__}.model:build", low_precision_backbone=True, searchable=(*_SEARCHABLE, "kernel_size"),
     benchmark_variants={"dtl_plus_mlp": {"grad_checkpointing": "mlp"}, "dtl_plus_ckpt": {"grad_checkpointing": True},
-                        "dtl_plus_cached": {"cached": True}}))
+                        "dtl_plus_cached": {"cached": True}},
+    benchmark_targets=BenchmarkTargets(
+        ratios=(("dtl_plus", "saved_bytes", "full", 0.35, "max"),
+                ("dtl_plus", "saved_bytes", "lora", 0.45, "max"),
+                ("dtl_plus_ckpt", "saved_bytes", "full", 0.05, "max"),
+                ("dtl_plus", "images_per_s", "full", 2.0, "min"),
+                ("dtl_plus", "images_per_s", "lora", 1.3, "min"),
+                ("dtl_plus_cached", "images_per_s", "full", 3.3, "min"),
+                ("dtl_plus_cached", "images_per_s", "lora", 2.2, "min")),
+        segmentation=(("dtl_plus", "saved_bytes", "full", 0.35, "max"),),
+        peaks=(("dtl_plus", 0.8e9), ("dtl_plus_mlp", 0.8e9), ("dtl_plus_ckpt", 0.5e9))),
+    added_modules=_SIDE_NETWORK))

@@ -13,4 +13,4 @@ class FullOptions(MethodOptions):
 
 register_method(Method(
     name="full", description="full fine-tuning: every weight of the backbone trains", options=FullOptions,
-    build=f"{__name__}.model:build"))
+    build=f"{__name__}.model:build", benchmark_reference=True))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...validation import is_int
-from ..registry import Method, MethodOptions, register_method
+from ..registry import AddedModules, Method, MethodOptions, register_method
 
 DEFAULT_RANK = 8  # the usual comparison setting
 
@@ -25,4 +25,6 @@ register_method(Method(
     name="lora", description="LoRA: a low-rank update of every attention qkv projection", options=LoRAOptions,
     build=f"{__name__}.model:build",
     families=("ViT", "Eva", "BEiT"), needs="the attention qkv projections of transformer blocks",
-    searchable=("rank",)))
+    searchable=("rank",), benchmark_reference=True,
+    # counted as attention all the same: the updates sit inside the attention projections they wrap
+    added_modules=AddedModules("adapter", ("lora_",))))

@@ -15,6 +15,8 @@ class SSFOptions(MethodOptions):
     """No options."""
 
 
+# No added_modules: each scale and shift wraps a backbone module under that module's name, so the memory breakdown
+# counts it as the module it follows.
 register_method(Method(
     name="ssf", description="SSF: a learned scale and shift after every linear layer and norm", options=SSFOptions,
     build=f"{__name__}.model:build"))

@@ -22,6 +22,8 @@ class VPTOptions(MethodOptions):
     def defaults(self, family) -> dict:
         return {"prompt_length": 10, "prompt_depth": "deep"}
 
+# No added_modules: the prompts are a parameter of the model, not a module, so the memory breakdown counts what
+# inserting them keeps as the model's own ("other").
 register_method(Method(
     name="vpt", description="VPT: learned prompt tokens (deep: at every block; shallow: at the first)",
     options=VPTOptions,
