@@ -31,8 +31,10 @@ from typing import Any
 
 from dtl.io import REPO_ROOT
 
+from .model_registry import MODEL_RECORD, VERSION_TAGS_RECORD, send_model_record, send_version_tags
+from .outbox_hooks import TAG_PARENT, register_record_kind, set_experiment_maker
+
 DEFAULT_STORE = REPO_ROOT / "mlflow.db"
-TAG_PARENT = "mlflow.parentRunId"
 TAG_NAME = "mlflow.runName"
 TAG_PID, TAG_HOST = "pid", "host"  # of the process that writes the run: a dead one cannot close it
 # Model-training experiments: MLflow 3's UI then opens them on their runs, not on its GenAI overview.
@@ -371,6 +373,12 @@ def tracked_run(experiment_id: str, name: str, tags: Mapping[str, Any] | None = 
             run.log_dataset(*dataset)
         yield run
 
+
+# What the outbox sends for the rest of the package without importing it: experiments named by records written
+# during an outage, and the model registry's records.
+set_experiment_maker(init_tracking)
+register_record_kind(MODEL_RECORD, send_model_record)
+register_record_kind(VERSION_TAGS_RECORD, send_version_tags)
 
 __all__ = ["DEFAULT_STORE", "Run", "TAG_HOST", "TAG_NAME", "TAG_PARENT", "TAG_PID", "client", "close_orphaned_runs",
            "default_artifact_location", "finite_metrics", "flatten", "git_commit", "init_tracking", "list_digest",

@@ -35,6 +35,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from .outbox_hooks import HOOKS, TAG_PARENT
+
 OUTBOX_ENV = "DTL_TRACKING_OUTBOX"
 PENDING = "pending-"
 EXPERIMENT_BY_NAME = "name:"  # an experiment id not known yet: created or looked up by name when sent
@@ -100,9 +102,10 @@ class Sender:
         if not experiment_id.startswith(EXPERIMENT_BY_NAME):
             return experiment_id
         if experiment_id not in self.experiments:
-            from tracking import init_tracking
-
-            self.experiments[experiment_id] = init_tracking(experiment_id[len(EXPERIMENT_BY_NAME):], self.uri)
+            if HOOKS.make_experiment is None:
+                raise RuntimeError("no experiment maker is registered (tracking.outbox_hooks): import tracking")
+            self.experiments[experiment_id] = HOOKS.make_experiment(experiment_id[len(EXPERIMENT_BY_NAME):],
+                                                                    self.uri)
         return self.experiments[experiment_id]
 
     def send(self, op: dict[str, Any]) -> None:
@@ -113,19 +116,13 @@ class Sender:
         if kind == "create":
             tags = dict(op["tags"])
             if op.get("parent"):
-                from tracking import TAG_PARENT
-
                 tags[TAG_PARENT] = self.resolve(op["parent"])
             run_id = self.client.create_run(self.experiment(op["experiment_id"]), start_time=op["time"],
                                             tags=tags).info.run_id
             remember(self.folder, op["run"], run_id)
             self.ids[op["run"]] = run_id
             return
-        if kind == "version_tags":
-            for key, value in op["tags"].items():
-                self.client.set_model_version_tag(op["name"], op["version"], key, value)
-            return
-        run_id = self.resolve(op["run"])
+        run_id = self.resolve(op.get("run"))
         if kind == "batch":
             self.client.log_batch(run_id, metrics=[Metric(*m) for m in op.get("metrics", ())],
                                   tags=[RunTag(k, v) for k, v in op.get("tags", ())])
@@ -153,15 +150,14 @@ class Sender:
             elif path.is_file():
                 self.client.log_artifact(run_id, str(path), op.get("artifact_path"))
             self.discard(path)
-        elif kind == "model":
-            from tracking.pyfunc import register_model_version
-
-            register_model_version(self.client, run_id, Path(op["path"]), op["task"], op.get("tags"))
-            self.discard(Path(op["path"]))
         elif kind == "status":
             self.client.update_run(run_id, status=op["status"])
         elif kind == "terminate":
             self.client.set_terminated(run_id, op["status"], end_time=op["time"])
+        elif kind in HOOKS.record_senders:  # a kind another module of the package registered
+            HOOKS.record_senders[kind](self.client, run_id, op)
+            if "path" in op:
+                self.discard(Path(op["path"]))
         else:
             raise ValueError(f"unknown outbox op {kind!r}")
 

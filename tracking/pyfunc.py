@@ -19,17 +19,15 @@ import json
 import tempfile
 from pathlib import Path
 
+from . import tracking_uri
+from .model_registry import MODEL_PATH, MODEL_RECORD, VERSION_TAGS_RECORD, register_model_version, registered_name
+from .outbox import is_transient, outbox_for
 from .task_model import EXPECTED_INPUT, INPUT, SETTINGS, WEIGHTS, TaskModel
 
-MODEL_PATH = "model"  # the run's artifact folder of the MLflow Model
 MODEL_CODE = Path(__file__).with_name("task_model.py")
 
 __all__ = ["TaskModel", "encode_image", "log_task_model", "registered_name", "register_model_version",
            "tag_tested_version"]
-
-
-def registered_name(task: str) -> str:
-    return f"dtl-{task}"
 
 
 def encode_image(path_or_bytes: str | Path | bytes) -> str:
@@ -63,8 +61,6 @@ def log_task_model(run, weights: str | Path, task: str, example_image: str | Pat
     from dtl.predict import is_segmentation
     from dtl.trained import load_trained
 
-    from .outbox import is_transient
-
     examples = pd.DataFrame({INPUT: [encode_image(example_image)]}) if example_image else None
     with tempfile.TemporaryDirectory() as folder:
         model = load_trained(weights, device="cpu")
@@ -87,25 +83,9 @@ def log_task_model(run, weights: str | Path, task: str, example_image: str | Pat
                 if not is_transient(err):
                     raise
                 run.outbox.note_outage(err)
-        run.outbox.put({"op": "model", "run": run.run_id, "path": str(run.outbox.keep_copy(target)), "task": task,
+        run.outbox.put({"op": MODEL_RECORD, "run": run.run_id, "path": str(run.outbox.keep_copy(target)), "task": task,
                         "tags": tags})
     return None
-
-
-def register_model_version(client, run_id: str, folder: Path, task: str, tags: dict[str, str] | None) -> int:
-    """Log a saved pyfunc folder as the run's ``model`` artifacts and register it as a new version."""
-    from mlflow.exceptions import MlflowException
-
-    client.log_artifacts(run_id, str(folder), MODEL_PATH)
-    name = registered_name(task)
-    try:
-        client.create_registered_model(name, description=f"DTL toolkit: the trained {task} model")
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":  # else an earlier run registered it
-            raise
-    source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_PATH}"
-    version = client.create_model_version(name, source, run_id=run_id, tags={"task": task, **(tags or {})})
-    return int(version.version)
 
 
 def tag_tested_version(registered: dict, scores: dict[str, float], sweep_winner: bool,
@@ -114,12 +94,9 @@ def tag_tested_version(registered: dict, scores: dict[str, float], sweep_winner:
     and ``sweep_winner: tested`` for a sweep's winner that ``dvc repro`` has now retrained and tested (through the
     outbox: an unreachable store delays them). A version registered late, from delayed records, has no number here
     and is left untagged."""
-    from . import tracking_uri
-    from .outbox import outbox_for
-
     if registered.get("version") is None:
         return
     tags = {**{key: f"{value:.6f}" for key, value in scores.items()},
             **({"sweep_winner": "tested"} if sweep_winner else {})}
-    outbox_for(uri or tracking_uri()).put({"op": "version_tags", "name": registered["name"],
+    outbox_for(uri or tracking_uri()).put({"op": VERSION_TAGS_RECORD, "name": registered["name"],
                                            "version": str(registered["version"]), "tags": tags})
