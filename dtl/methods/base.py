@@ -4,11 +4,14 @@ same way for every method (``dtl.methods.heads``).
 The head is ``model.head`` for every method, so trainable counts can be quoted without it (as the paper does).
 A classifier reads the pooled features (for ViT: the mean of the patch tokens, then the backbone's pretrained
 final norm), a decode head reads feature maps of some blocks; either way the methods differ only in what they
-train. Subclasses set what trains (``_prepare``) and, if the forward pass differs, ``block_outputs``.
+train. Subclasses set what trains or what they add beside the backbone (``_prepare``) and, if the forward pass
+differs, ``block_outputs`` (DTL also ``features`` and ``forward``: its frozen prefix and its suffix run apart).
 
 The prefix cache (``dtl.cache``) asks a model four things: ``cache_layout`` (None: it cannot use the cache),
 ``frozen_blocks`` (the blocks no gradient flows through: what the ``suffix`` drop-path scope leaves
-deterministic), ``compute_frozen(images)`` (what the cache stores) and ``cached_names()`` (what the model reads).
+deterministic), ``compute_frozen(images)`` (what the cache stores) and ``cached_names()`` (what the model reads);
+``forward`` takes a batch of those (``CachedInputs``). ``prefix_randomness()`` names what would make the frozen
+part's outputs change between epochs.
 """
 from __future__ import annotations
 
@@ -45,7 +48,8 @@ class HeadModel(nn.Module):
         self.head = head.build(family)
 
     def _prepare(self) -> None:
-        """Change or unfreeze parts of ``self.family`` (called before the head exists)."""
+        """Change or unfreeze parts of ``self.family``, or add trainable modules beside it (called before the head
+        exists, after the backbone is frozen)."""
 
     @property
     def head_blocks(self) -> list[int]:
@@ -70,6 +74,16 @@ class HeadModel(nn.Module):
     def frozen_blocks(self) -> range:
         """Blocks that no gradient flows through (none: the method trains through every block)."""
         return range(0)
+
+    @property
+    def prefix_is_deterministic(self) -> bool:
+        """True when the frozen part gives the same output for the same image in train mode: no drop-path, dropout
+        or patch dropout in the embedding or :attr:`frozen_blocks` (what the prefix cache needs)."""
+        return not self.prefix_randomness()
+
+    def prefix_randomness(self) -> list[str]:
+        """Names of the stochastic modules (rate > 0) that the frozen part runs, e.g. ``blocks.3.drop_path1``."""
+        return self.family.stochastic_modules(self.frozen_blocks)
 
     @torch.no_grad()
     def compute_frozen(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

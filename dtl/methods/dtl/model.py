@@ -41,7 +41,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ...models.family import BackboneFamily, CachedInputs, block_input_name
 from ...models.side_network import DepthwiseGridConv, LowRankMap, SharpSwish
-from ..heads import HeadSpec, apply_head, head_blocks, head_inputs
+from ..base import HeadModel
+from ..heads import HeadSpec, apply_head, head_inputs
 from . import DTLOptions
 from .defaults import PAPER_BETA
 
@@ -56,9 +57,13 @@ class PrefixState(NamedTuple):
     head_outputs: tuple[torch.Tensor, ...] = ()  # outputs of the blocks before M that the head reads (dense heads)
 
 
-class DTLModel(nn.Module):
+class DTLModel(HeadModel):
     """Frozen backbone + Compact Side Network (DTL; DTL+ when ``kernel_size`` is set) + a head (a classifier on
-    the pooled features, or a decode head on feature maps: ``dtl.methods.heads``)."""
+    the pooled features, or a decode head on feature maps: ``dtl.methods.heads``).
+
+    On :class:`HeadModel`: ``_prepare`` adds the side network; the backbone runs as a frozen prefix and a suffix
+    that adds the side output (``block_outputs``), and ``forward`` also takes a :class:`PrefixState`; the prefix
+    cache stores the frozen backbone's block states (``cache_layout = "blocks"``)."""
 
     def __init__(
         self,
@@ -73,7 +78,6 @@ class DTLModel(nn.Module):
         grad_checkpointing: bool | str = False,
         backbone_dtype: torch.dtype | None = None,
     ):
-        super().__init__()
         num_blocks = len(family.blocks)
         if not 0 <= start_block < num_blocks:
             raise ValueError(f"start_block must be in 0..{num_blocks - 1} for this backbone, got {start_block}")
@@ -88,25 +92,9 @@ class DTLModel(nn.Module):
                 f"which lie in stages before start_block={start_block}'s stage and would feed nothing; "
                 f"use extract_start >= {first_useful}"
             )
-        self.family = family
-        self.method = "dtl" if kernel_size is None else "dtl_plus"
-        self.start_block = start_block
-        self.extract_start = extract_start
-        self.rank = rank
-        self.kernel_size = kernel_size
         if not (isinstance(grad_checkpointing, bool) or grad_checkpointing == "mlp"):
             raise ValueError(f"grad_checkpointing must be one of {', '.join(map(repr, CHECKPOINTING))}, "
                              f"got {grad_checkpointing!r}")
-        self.grad_checkpointing = grad_checkpointing
-        self.num_blocks = num_blocks
-        self._block_stage = [family.stage_of(b) for b in range(num_blocks)]
-
-        self.side_maps = nn.ModuleDict({
-            str(b): LowRankMap(family.block_input_dim(b), rank, family.stages[self._block_stage[b]].dim)
-            for b in range(extract_start, num_blocks)
-        })
-        self.side_activation = SharpSwish(beta)
-        self.side_convs = nn.ModuleDict()
         if kernel_size is not None:
             smallest = min(min(family.grid_size(stage)) for stage in range(start_stage, len(family.stages)))
             # With 'same' padding a kernel of 2n - 1 already reaches every position of an n-wide grid from any
@@ -115,13 +103,33 @@ class DTLModel(nn.Module):
                 raise ValueError(f"kernel_size={kernel_size} is too large for the smallest token grid it runs over "
                                  f"({smallest} x {smallest} tokens: taps beyond {2 * smallest - 1} only see padding); "
                                  f"use at most {2 * smallest - 1} (the paper: 3, 4 or 5)")
-            for stage in range(start_stage, len(family.stages)):
-                self.side_convs[str(stage)] = DepthwiseGridConv(family.stages[stage].dim, kernel_size)
-        self.head = head.build(family)
-        self.head_blocks = head_blocks(family, self.head)
-        family.requires_grad_(False)
+        # What _prepare builds the side network from, so set before HeadModel's init calls it.
+        self.method = "dtl" if kernel_size is None else "dtl_plus"
+        self.start_block = start_block
+        self.extract_start = extract_start
+        self.rank = rank
+        self.beta = beta
+        self.kernel_size = kernel_size
+        self.grad_checkpointing = grad_checkpointing
+        self.num_blocks = num_blocks
+        self._block_stage = [family.stage_of(b) for b in range(num_blocks)]
+        super().__init__(family, head)
         if backbone_dtype is not None:
             family.to(backbone_dtype)  # floating-point tensors only; the CSN and the head stay fp32
+
+    def _prepare(self) -> None:
+        """The Compact Side Network: a rank-r map on every block from ``extract_start``, the sharp Swish and
+        (DTL+) one depthwise convolution per stage from M's on."""
+        family = self.family
+        self.side_maps = nn.ModuleDict({
+            str(b): LowRankMap(family.block_input_dim(b), self.rank, family.stages[self._block_stage[b]].dim)
+            for b in range(self.extract_start, self.num_blocks)
+        })
+        self.side_activation = SharpSwish(self.beta)
+        self.side_convs = nn.ModuleDict()
+        if self.kernel_size is not None:
+            for stage in range(self._block_stage[self.start_block], len(family.stages)):
+                self.side_convs[str(stage)] = DepthwiseGridConv(family.stages[stage].dim, self.kernel_size)
 
     # --- the two halves ---------------------------------------------------------------------------------
     @property
@@ -161,8 +169,7 @@ class DTLModel(nn.Module):
 
     def forward_suffix(self, state: PrefixState) -> torch.Tensor:
         """Logits from a prefix state (computed now or read from the prefix cache, in any float dtype)."""
-        codes = [self._code(block, x) for block, x in zip(self.prefix_map_blocks, state.side_inputs)]
-        return self._run_suffix(state.block_output, codes, state.head_outputs)
+        return apply_head(self.head, self._head_inputs(self._suffix_outputs(state)))
 
     def forward(self, inputs: torch.Tensor | PrefixState | CachedInputs) -> torch.Tensor:
         """Logits from images, from a :class:`PrefixState`, or from a batch of the prefix cache."""
@@ -170,13 +177,28 @@ class DTLModel(nn.Module):
             inputs = self.state_from_cache(inputs)
         if isinstance(inputs, PrefixState):
             return self.forward_suffix(inputs)
+        return super().forward(inputs)
+
+    def block_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of :attr:`head_blocks`, those from M on with the side output added."""
         if self.grad_checkpointing is True and torch.is_grad_enabled() and self.prefix_map_blocks:
             # Lowest memory: keep only the images; the frozen prefix (and the prefix side inputs that the
             # down-projection gradients need) is recomputed in backward.
-            block_output, *rest = checkpoint(self._prefix_codes, inputs, use_reentrant=False)
+            block_output, *rest = checkpoint(self._prefix_codes, images, use_reentrant=False)
             read = len(self.prefix_head_blocks)
             return self._run_suffix(block_output, rest[read:], tuple(rest[:read]))
-        return self.forward_suffix(self.forward_prefix(inputs))
+        return self._suffix_outputs(self.forward_prefix(images))
+
+    def features(self, images: torch.Tensor):
+        return self._head_inputs(self.block_outputs(images))
+
+    def _head_inputs(self, outputs: list[torch.Tensor]):
+        with self._frozen_context(outputs[-1]):
+            return head_inputs(self.family, self.head, outputs)
+
+    def _suffix_outputs(self, state: PrefixState) -> list[torch.Tensor]:
+        codes = [self._code(block, x) for block, x in zip(self.prefix_map_blocks, state.side_inputs)]
+        return self._run_suffix(state.block_output, codes, state.head_outputs)
 
     def _prefix_codes(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         state = self.forward_prefix(images)
@@ -189,9 +211,9 @@ class DTLModel(nn.Module):
         return [block for block in self.head_blocks if block < self.start_block]
 
     def _run_suffix(self, x: torch.Tensor, codes: list[torch.Tensor],
-                    head_outputs: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
-        """Blocks M+1..N-1 and the head, from block M's output, the rank-r codes of M's stage so far and the
-        outputs of the blocks before M that the head reads."""
+                    head_outputs: tuple[torch.Tensor, ...] = ()) -> list[torch.Tensor]:
+        """Blocks M+1..N-1, from block M's output, the rank-r codes of M's stage so far and the outputs of the
+        blocks before M that the head reads: the outputs of :attr:`head_blocks`, in the backbone's dtype."""
         family, M, dtype = self.family, self.start_block, self.backbone_dtype
         coded_blocks = list(self.prefix_map_blocks)
         read = set(self.head_blocks)
@@ -215,9 +237,7 @@ class DTLModel(nn.Module):
                 x = x + self._side_step(stage, coded_blocks, codes)
             if block in read:
                 outputs[block] = x
-        with self._frozen_context(x):
-            features = head_inputs(family, self.head, [outputs[block].to(dtype) for block in self.head_blocks])
-        return apply_head(self.head, features)
+        return [outputs[block].to(dtype) for block in self.head_blocks]
 
     def _run_block(self, block: int, x: torch.Tensor) -> torch.Tensor:
         with self._frozen_context(x):
@@ -289,16 +309,6 @@ class DTLModel(nn.Module):
         names = self.cached_names()
         return PrefixState(tuple(inputs[name] for name in names[:maps]), inputs[names[maps]],
                            tuple(inputs[name] for name in names[maps + 1:]))
-
-    @property
-    def prefix_is_deterministic(self) -> bool:
-        """True when the prefix gives the same output for the same image in train mode: no drop-path, dropout
-        or patch dropout in the embedding or blocks 0..M (what the prefix cache needs)."""
-        return not self.prefix_randomness()
-
-    def prefix_randomness(self) -> list[str]:
-        """Names of the stochastic modules (rate > 0) that the frozen prefix runs, e.g. ``blocks.3.drop_path1``."""
-        return self.family.stochastic_modules(self.frozen_blocks)
 
 
 def _mlp_is_recomputable(block: nn.Module) -> bool:
