@@ -11,6 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+try:
+    import fcntl
+except ImportError:  # Windows has no fcntl: file_lock then only relies on atomic renames
+    fcntl = None
+
 if TYPE_CHECKING:  # annotations only: tracking/ and the pipeline's params read REPO_ROOT here without loading torch
     import torch
     from torch import nn
@@ -37,9 +42,7 @@ def current_umask() -> int:
 def file_lock(path: str | Path):
     """An exclusive lock between processes, held on the file ``path`` (made if missing) while the block runs:
     for read-modify-write of a shared file, or building a shared cache entry once."""
-    try:
-        import fcntl
-    except ImportError:  # no fcntl (Windows): atomic renames still keep each file whole
+    if fcntl is None:  # no fcntl (Windows): atomic renames still keep each file whole
         yield
         return
     path = Path(path)
@@ -119,7 +122,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_trainable(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # torch-free module (schema, tracking/): safetensors.torch loads torch
 
     with atomic_path(path) as tmp:
         save_file(trainable_state_dict(model), str(tmp), metadata=metadata)
@@ -132,7 +135,7 @@ class WeightsMismatchError(ValueError):
 def load_trainable(model: nn.Module, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
     """Load weights written by :func:`save_trainable` into a model built with the same settings (``state``: the
     weights already read from ``path``, which then only names them in errors)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # torch-free module (schema, tracking/): safetensors.torch loads torch
 
     if state is None:
         state = load_file(str(path))

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .data.domain_generalization import masked_predictions
 from .protocols.base import SCORES
 
 IGNORE_INDEX = 255
@@ -91,8 +92,6 @@ class _ClassificationTally(Tally):
         self.total, self.per_image, self.classes, self.hits = 0, per_image, classes, []
 
     def add(self, logits, targets):
-        from .data.domain_generalization import masked_predictions
-
         self.loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").to(self.loss_sum.dtype)
         hit = logits.argmax(dim=1) == targets
         self.counts[0] += hit.sum()

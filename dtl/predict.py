@@ -22,13 +22,20 @@ import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
-if TYPE_CHECKING:
-    import numpy as np
+from .data.segmentation import label_palette
+from .engine import autocast
+from .io import atomic_path, write_json, write_text
+from .multitask import MultiTaskModel
+from .objectives import resized_logits, sliding_window
+from .trained import TrainedModelError, load_trained
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 LIST_SUFFIXES = (".txt", ".list")
@@ -98,8 +105,6 @@ class Prediction:
 
 
 def read_image(path: Path, transform: Callable) -> torch.Tensor:
-    from PIL import Image
-
     with Image.open(path) as image:
         image.load()
         return transform(image.convert("RGB"))
@@ -128,8 +133,6 @@ class Predictor:
     """Top-k predictions of one or several loaded task models (``dtl.load_trained``) for image batches."""
 
     def __init__(self, models: Sequence[nn.Module], top_k: int = 5):
-        from .multitask import MultiTaskModel
-
         infos = [model.trained for model in models]
         tasks = [info.task for info in infos]
         if len(set(tasks)) != len(tasks):
@@ -145,8 +148,6 @@ class Predictor:
         self.top_k = top_k
 
     def predict(self, paths: list[Path], batch: torch.Tensor) -> list[Prediction]:
-        from .engine import autocast
-
         with torch.no_grad(), autocast(self.device, self.precision):
             logits = self.model(batch.to(self.device))
         top = {}
@@ -163,8 +164,6 @@ class Predictor:
 
 
 def write_predictions(rows: list[dict], path: Path) -> None:
-    from .io import write_json, write_text
-
     if path.suffix.lower() == ".json":
         write_json(path, rows)
         return
@@ -184,9 +183,6 @@ def segment(model: nn.Module, image) -> "np.ndarray":
     """The label map (uint8, the image's own size) a loaded segmentation model predicts for a PIL ``image``: read
     as its evaluation read images (the shorter side resized to the training crop), through a sliding window, the
     logits resized back to the image."""
-    from .engine import autocast
-    from .objectives import resized_logits, sliding_window
-
     info = model.trained
     device = next(model.parameters()).device
     tensor = info.transform()(image.convert("RGB"))
@@ -197,10 +193,6 @@ def segment(model: nn.Module, image) -> "np.ndarray":
 
 def mask_image(labels: "np.ndarray"):
     """A label map as a palette PNG image: the pixel values are the class indices, the palette shows them."""
-    from PIL import Image
-
-    from .data.segmentation import label_palette
-
     image = Image.fromarray(labels, mode="P")
     image.putpalette(label_palette().reshape(-1).tolist())
     return image
@@ -208,8 +200,6 @@ def mask_image(labels: "np.ndarray"):
 
 def class_fractions(labels: "np.ndarray", names: Sequence[str]) -> dict[str, float]:
     """The share of the pixels predicted as each class, by class name."""
-    import numpy as np
-
     counts = np.bincount(labels.reshape(-1), minlength=len(names))[:len(names)]
     return {name: round(float(count) / labels.size, 6) for name, count in zip(names, counts)}
 
@@ -218,10 +208,6 @@ def predict_masks(model: nn.Module, images: Sequence[Path], output: Path, on_ski
                   on_done: Callable[[], None]) -> int:
     """Write a mask per readable image of ``images`` into ``output`` and ``fractions.csv`` beside them; returns how
     many were predicted."""
-    from PIL import Image
-
-    from .io import atomic_path
-
     output.mkdir(parents=True, exist_ok=True)
     names = model.trained.class_names
     rows, used = [], set()
@@ -273,10 +259,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tqdm import tqdm
-
-    from .trained import TrainedModelError, load_trained
-
     args = parse_args(argv)
     try:
         models = [load_trained(path, seed=args.seed, device=args.device) for path in args.model]

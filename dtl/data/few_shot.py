@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+from timm.data import create_transform
+from timm.data.auto_augment import RandAugment
 from torch.utils.data import Dataset
 
 from .lists import DataError, Problem, check_list, parse_list, raise_problems, summarise
@@ -79,9 +81,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def few_shot_transform(img_size: int, training: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The few-shot recipe's transforms (timm's ``create_transform``): for training a random resized crop, a
     horizontal flip and RandAugment ``rand-m9-mstd0.5-inc1``; for evaluation a resize then a centre crop."""
-    from timm.data import create_transform
-    from timm.data.auto_augment import RandAugment
-
     if training:
         transform = create_transform(img_size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
                                      interpolation="bicubic", re_prob=0.0, mean=mean, std=std)
@@ -96,8 +95,6 @@ def few_shot_transform(img_size: int, training: bool, mean=IMAGENET_MEAN, std=IM
 def _posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     """timm's posterize op, keeping what older Pillow versions did at the top magnitude: keeping 0 bits gives a
     black image (Pillow now raises instead, and ``mstd0.5`` reaches that magnitude now and then)."""
-    from PIL import ImageOps
-
     if bits_to_keep >= 8:
         return image
     if bits_to_keep <= 0:

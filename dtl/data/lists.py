@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Mapping
 
 from PIL import Image
+from tqdm.auto import tqdm
+
+from ..io import write_json
 
 LINE_FORMAT = "'relative/path/to/image <integer label>'"
 
@@ -125,10 +129,6 @@ def unreadable_images(images: Mapping[Path, str], verified: str | os.PathLike[st
     """Decode every image once, in parallel, and return a problem (naming the list file and line) for each one
     that does not decode: a truncated JPEG, a text file named ``.jpg``... ``verified`` is a JSON file remembering
     the images that decoded, by size and modification time, so a later check reads only new or changed files."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
-
     known: dict[str, list[int]] = {}
     if verified is not None and Path(verified).is_file():
         try:
@@ -153,7 +153,5 @@ def unreadable_images(images: Mapping[Path, str], verified: str | os.PathLike[st
                 where = images[path]
                 problems.append((Path(where.rsplit(":", 1)[0]), f"{where}: cannot read image {path} ({error})"))
     if verified is not None and todo:
-        from ..io import write_json
-
         write_json(verified, known, indent=0)
     return problems

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -54,8 +55,6 @@ def task_group(task: str, folder: Path) -> str:
 def group_summary(rows: list[dict[str, Any]], key: str = "test_accuracy") -> dict[str, Any]:
     """Group means of ``rows`` (each with ``group`` and ``key``; the VTAB order, then any other group), their mean
     (the "group mean" papers quote), and the plain mean over tasks."""
-    import statistics
-
     by_group: dict[str, list[float]] = {}
     for row in rows:
         if row.get(key) is not None:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..io import atomic_path
+
 # objective -> the score that chooses between models of it (dtl.objectives computes them)
 SCORES = {"classification": "accuracy", "segmentation": "miou"}
 
@@ -379,17 +381,15 @@ def plot_costs(row: dict[str, Any]) -> dict[str, Any]:
 
 def pyplot():
     """matplotlib's pyplot on the file-only backend (imported when a report is drawn, not before)."""
-    import matplotlib
+    import matplotlib  # optional dependency (not in the lean install): imported only when a report is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional dependency, after the backend is chosen
 
     return plt
 
 
 def save_figure(figure, path: Path) -> None:
-    from ..io import atomic_path
-
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
     pyplot().close(figure)

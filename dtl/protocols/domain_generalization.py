@@ -45,6 +45,7 @@ class DomainGeneralizationProtocol(ListFileProtocol):
 
     # --- data ----------------------------------------------------------------------------------------------
     def synthetic_suite(self, tasks: Sequence[str] | None = None) -> SyntheticSuite:
+        # torch-free schema: runtime import
         from ..data.synthetic_domain_shift import DOMAINS, generate_domain_shift_suite
 
         names = [*(tasks or self.config.data.tasks), *self.config.data.targets]
@@ -52,7 +53,7 @@ class DomainGeneralizationProtocol(ListFileProtocol):
                               key="data.tasks / data.targets")
 
     def check_data(self, tasks: Sequence[str] | None = None, **options) -> dict[str, dict]:
-        from ..data.domain_generalization import check_domain_root
+        from ..data.domain_generalization import check_domain_root  # torch-free schema: runtime import
 
         data = self.config.data
         source = list(tasks or data.tasks)[0]

@@ -38,13 +38,14 @@ class FewShotProtocol(ListFileProtocol):
 
     # --- data ----------------------------------------------------------------------------------------------
     def synthetic_suite(self, tasks: Sequence[str] | None = None) -> SyntheticSuite:
+        # torch-free schema: runtime import
         from ..data.synthetic_few_shot import SYNTHETIC_FEW_SHOT, generate_few_shot_suite
 
         return SyntheticSuite(list(tasks or self.config.data.tasks), tuple(SYNTHETIC_FEW_SHOT),
                               generate_few_shot_suite, "synthetic few-shot data sets")
 
     def check_data(self, tasks: Sequence[str] | None = None, **options) -> dict[str, dict]:
-        from ..data.few_shot import check_few_shot_root
+        from ..data.few_shot import check_few_shot_root  # torch-free schema: runtime import
 
         data = self.config.data
         return check_few_shot_root(Path(data.root), list(tasks or data.tasks), data.shots, self.config.evaluation.seeds,

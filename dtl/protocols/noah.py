@@ -21,7 +21,7 @@ class ListFileProtocol(Protocol):
 
     # --- data ----------------------------------------------------------------------------------------------
     def split_list(self, task: str, split: str, shots: int | None = None, seed: int | None = None) -> Path:
-        from ..data.few_shot import list_file
+        from ..data.few_shot import list_file  # torch-free schema: runtime import
 
         root = Path(self.config.data.root)
         if split.startswith(TARGET_PREFIX):
@@ -32,14 +32,14 @@ class ListFileProtocol(Protocol):
         return f"{path.parent.parent.name}/{path.name}"  # oxford-pets/train_meta.list.num_shot_4.seed_0
 
     def num_classes(self, task: str) -> int:
-        from ..data.few_shot import few_shot_num_classes
+        from ..data.few_shot import few_shot_num_classes  # torch-free schema: runtime import
 
         data = self.config.data
         return few_shot_num_classes(task, data.num_classes.get(task), Path(data.root) / task)
 
     def open_split(self, task: str, split: str, *, num_classes: int, img_size: int, shots: int | None = None,
                    seed: int | None = None, model=None):
-        from ..data import FewShotDataset
+        from ..data import FewShotDataset  # torch-free schema: runtime import
 
         root = Path(self.config.data.root)
         cfg = (getattr(model.family.backbone, "pretrained_cfg", None) or {}) if model is not None else {}
@@ -51,14 +51,14 @@ class ListFileProtocol(Protocol):
                               **normalise)
 
     def transform(self, image_size: int, normalisation: dict):
-        from ..data.few_shot import few_shot_transform
+        from ..data.few_shot import few_shot_transform  # torch-free schema: runtime import
 
         return few_shot_transform(image_size, training=False, **normalisation)
 
     def list_record(self, task: str, checked: dict, targets: dict[str, dict] | None = None) -> dict:
         """The record of a data set (with its targets): lines per list, the smallest training list, classes, and
         a fingerprint of every list the task's runs read."""
-        from ..data.vtab import task_group
+        from ..data.vtab import task_group  # torch-free schema: runtime import
 
         data = self.config.data
         train = checked["train"]

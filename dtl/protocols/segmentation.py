@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .base import (
     MEMORY_LABELS,
     Protocol,
@@ -57,7 +59,7 @@ class SegmentationProtocol(Protocol):
         return Path(self.config.data.root) / task / "images" / folder
 
     def meta(self, task: str):
-        from ..data.segmentation import read_meta
+        from ..data.segmentation import read_meta  # torch-free schema: runtime import
 
         data = self.config.data
         return read_meta(Path(data.root) / task, data.num_classes.get(task))
@@ -70,7 +72,7 @@ class SegmentationProtocol(Protocol):
 
     def open_split(self, task: str, split: str, *, num_classes: int, img_size: int, shots: int | None = None,
                    seed: int | None = None, model=None):
-        from ..data.segmentation import SegmentationDataset
+        from ..data.segmentation import SegmentationDataset  # torch-free schema: runtime import
 
         cfg = getattr(getattr(getattr(model, "family", None), "backbone", None), "pretrained_cfg", None) or {}
         return SegmentationDataset(self.config.data.root, task, split, img_size, augment=split in ("training", "train"),
@@ -78,28 +80,29 @@ class SegmentationProtocol(Protocol):
                                    std=cfg.get("std", (0.5,) * 3))
 
     def transform(self, image_size: int, normalisation: dict):
-        from torchvision.transforms import v2
+        from torchvision.transforms import v2  # torch-free schema: runtime import
 
-        from ..data.segmentation import evaluation_transform
+        from ..data.segmentation import evaluation_transform  # torch-free schema: runtime import
 
         return v2.Compose([v2.ToImage(), evaluation_transform(image_size, normalisation.get("mean", (0.5,) * 3),
                                                                   normalisation.get("std", (0.5,) * 3))])
 
     def synthetic_suite(self, tasks: Sequence[str] | None = None) -> SyntheticSuite:
+        # torch-free schema: runtime import
         from ..data.synthetic_segmentation import SYNTHETIC_SEGMENTATION, generate_segmentation_suite
 
         return SyntheticSuite(list(tasks or self.config.data.tasks), tuple(SYNTHETIC_SEGMENTATION),
                               generate_segmentation_suite, "synthetic segmentation tasks")
 
     def check_data(self, tasks: Sequence[str] | None = None, **options) -> dict[str, dict]:
-        from ..data.segmentation import check_segmentation_root
+        from ..data.segmentation import check_segmentation_root  # torch-free schema: runtime import
 
         data = self.config.data
         return check_segmentation_root(Path(data.root), list(tasks or data.tasks), num_classes=data.num_classes,
                                        **options)
 
     def task_records(self, checked: dict[str, dict]) -> dict[str, dict]:
-        from ..data.segmentation import folder_fingerprint
+        from ..data.segmentation import folder_fingerprint  # torch-free schema: runtime import
 
         data = self.config.data
         root = Path(data.root)
@@ -142,10 +145,8 @@ class SegmentationProtocol(Protocol):
         """A few validation images per task with their labels and the trained model's prediction (its label map
         for a PIL image, ``dtl.predict.segment``), for the figure (``report["samples"]``: task -> a list of
         (image, labels, prediction) arrays; unlabelled pixels shown as such in the prediction too)."""
-        import numpy as np
-
-        from ..data.segmentation import SegmentationDataset
-        from ..objectives import IGNORE_INDEX
+        from ..data.segmentation import SegmentationDataset  # torch-free schema: runtime import
+        from ..objectives import IGNORE_INDEX  # torch-free schema: runtime import
 
         samples = {}
         for row in report["rows"]:
@@ -213,9 +214,7 @@ class SegmentationProtocol(Protocol):
         return "\n".join(lines)
 
     def report_plot(self, report: dict[str, Any], path: Path) -> None:
-        import numpy as np
-
-        from ..data.segmentation import label_palette
+        from ..data.segmentation import label_palette  # torch-free schema: runtime import
 
         rows, samples = report["rows"], report.get("samples", {})
         palette = label_palette()

@@ -41,38 +41,38 @@ class VtabProtocol(Protocol):
         return Path(self.config.data.root) / task / f"{split}.txt"
 
     def num_classes(self, task: str) -> int:
-        from ..data.vtab import _task_dir, resolve_num_classes
+        from ..data.vtab import _task_dir, resolve_num_classes  # torch-free schema: runtime import
 
         data = self.config.data
         return resolve_num_classes(_task_dir(data.root, task), task, data.num_classes.get(task))
 
     def open_split(self, task: str, split: str, *, num_classes: int, img_size: int, shots: int | None = None,
                    seed: int | None = None, model=None):
-        from ..data import VTabDataset
+        from ..data import VTabDataset  # torch-free schema: runtime import
 
         data = self.config.data
         return VTabDataset(Path(data.root), task, split, img_size=img_size, num_classes=num_classes,
                            preload=data.preload)
 
     def transform(self, image_size: int, normalisation: dict):
-        from ..data.vtab import vtab_transform
+        from ..data.vtab import vtab_transform  # torch-free schema: runtime import
 
         return vtab_transform(image_size)
 
     def synthetic_suite(self, tasks: Sequence[str] | None = None) -> SyntheticSuite:
-        from ..data import SYNTHETIC_TASKS, generate_synthetic_suite
+        from ..data import SYNTHETIC_TASKS, generate_synthetic_suite  # torch-free schema: runtime import
 
         return SyntheticSuite(list(tasks or self.config.data.tasks), tuple(SYNTHETIC_TASKS), generate_synthetic_suite,
                               "synthetic tasks")
 
     def check_data(self, tasks: Sequence[str] | None = None, **options) -> dict[str, dict]:
-        from ..data import check_vtab_root
+        from ..data import check_vtab_root  # torch-free schema: runtime import
 
         data = self.config.data
         return check_vtab_root(Path(data.root), list(tasks or data.tasks), num_classes=data.num_classes, **options)
 
     def task_records(self, checked: dict[str, dict]) -> dict[str, dict]:
-        from ..data.vtab import task_group
+        from ..data.vtab import task_group  # torch-free schema: runtime import
 
         data = self.config.data
         root = Path(data.root)
@@ -99,7 +99,7 @@ class VtabProtocol(Protocol):
 
     # --- results -------------------------------------------------------------------------------------------
     def build_report(self, evaluated: dict[str, tuple[dict, dict]]) -> dict[str, Any]:
-        from ..data.vtab import group_summary
+        from ..data.vtab import group_summary  # torch-free schema: runtime import
 
         rows = [{**task_row(task, metrics, info), "group": info.get("group", "Other"),
                  "test_accuracy": metrics["test_accuracy"], "test_accuracy_std": metrics.get("test_accuracy_std", 0.0),
