@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from dtl.data.scenes import BACKGROUNDS, PALETTE, SHAPE_IDS, render_backgrounds, render_scenes, sample_positions
 
@@ -93,6 +92,8 @@ def _clevr_count(rng: np.random.Generator, n: int, size: int, split: str) -> tup
 @lru_cache(maxsize=1)
 def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled 8x8 digits (no download) as float alpha maps in [0, 1]."""
+    from sklearn.datasets import load_digits  # ~1.6 s to import, and only the digits task needs it
+
     digits = load_digits()
     return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)
 
