@@ -4,7 +4,7 @@ An experiment is data + model + training + evaluation, plus per-task ``overrides
 drop-path and the DTL+ kernel per task; a sweep's best configuration lands there too). Overrides use the flat
 field names of the model and training sections, e.g. ``overrides: {cifar: {lr: 0.0003, drop_path: 0.1}}``.
 Everything is validated on load; an error names the key (``model.rank``, ``overrides.cifar.lr``) and what is
-allowed.
+allowed. One task's settings, its overrides applied, are a :class:`TaskConfig` (``ExperimentConfig.for_task``).
 """
 from __future__ import annotations
 
@@ -307,22 +307,53 @@ class ExperimentConfig:
         return replace(self, evaluation=replace(self.evaluation, protocol=selection))
 
     def for_task(self, task: str, entry: Mapping[str, Any] | None = None,
-                 where: str = "config") -> "ExperimentConfig":
+                 where: str = "config") -> "TaskConfig":
         """This experiment with ``overrides[task]`` applied (unknown tasks get the global settings); ``entry`` (flat
         override keys: a sweep trial's values, a best-file entry) is laid over that task's overrides first."""
         values = {**(self.overrides.get(task) or {}), **(entry or {})}
-        model = {k: v for k, v in values.items() if OVERRIDE_KEYS[k] == "model"}
-        training = {k: v for k, v in values.items() if OVERRIDE_KEYS[k] == "training"}
+        model_values = {k: v for k, v in values.items() if OVERRIDE_KEYS[k] == "model"}
+        training_values = {k: v for k, v in values.items() if OVERRIDE_KEYS[k] == "training"}
         try:
-            merged = replace(self, model=replace(self.model, **_with_numbers(ModelConfig, model)), overrides={})
-            merged.model.validate()
-            merged.training = _build(TrainConfig, {**asdict(self.training), **training}, "", "training")
+            model = replace(self.model, **_with_numbers(ModelConfig, model_values))
+            model.validate()
+            training = _build(TrainConfig, {**asdict(self.training), **training_values}, "", "training")
         except (ConfigError, ValueError) as err:
             raise ConfigError(f"{where}: overrides.{task}: {err}") from None
-        return merged
+        return TaskConfig(data=self.data, model=model, training=training, evaluation=self.evaluation, overrides={},
+                          task=task)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class TaskConfig(ExperimentConfig):
+    """One task's settings: the experiment with the task's overrides (and a sweep's or best-file entry) merged
+    into its sections, as :meth:`ExperimentConfig.for_task` returns them, so its ``overrides`` are empty. Resolved
+    once, it is what a run, a trained model's record and its evaluation take."""
+
+    task: str = field(kw_only=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict | None, where: str = "config", *, task: str) -> "TaskConfig":
+        """Settings written by :meth:`to_dict` (a trained run's ``config.json``), validated, as ``task``'s."""
+        return ExperimentConfig.from_dict(raw, where).for_task(task, where=where)
+
+    def to_dict(self) -> dict:
+        """The settings as an experiment's, without the task (``ExperimentConfig.from_dict`` reads them back)."""
+        settings = super().to_dict()
+        del settings["task"]
+        return settings
+
+
+def task_settings(config: ExperimentConfig, task: str | None = None) -> TaskConfig:
+    """``config`` as one task's settings: a :class:`TaskConfig` as it is (``task``: None or its own), else the
+    experiment resolved for ``task``."""
+    if isinstance(config, TaskConfig) and task in (None, config.task):
+        return config
+    if task is None:
+        raise TypeError("an ExperimentConfig that is not resolved for a task needs the task to resolve it for")
+    return config.for_task(task)
 
 
 def check_override_entry(values: Any, where: str) -> dict[str, Any]:
@@ -409,20 +440,22 @@ def _merge_best_entry(base: ExperimentConfig, task: str, values: Mapping[str, An
     return combined
 
 
-def load_config(path: str | Path, best_path: str | Path | None = None, *, task: str | None = None) -> ExperimentConfig:
+def load_config(path: str | Path, best_path: str | Path | None = None, *,
+                task: str | None = None) -> ExperimentConfig | TaskConfig:
     """The validated experiment of a params file (``params.yaml``), with a best-configuration file's entries
     merged into ``overrides`` (``best_path``; None ignores sweep results).
 
     Precedence for a task, lowest first: the global sections < ``overrides.<task>`` < the best file's ``<task>``
-    (a sweep's winner wins). With ``task`` given, the result is ``config.for_task(task)``: exactly what that task
-    trains with. The tools' sections (``TOOL_SECTIONS``) are set aside. Errors name the file and the key
-    (``params.yaml: model.rank: expected ...``, ``sweeps/best.yaml: cifar: unknown key(s) lrr; allowed: ...``).
+    (a sweep's winner wins). With ``task`` given, the result is ``config.for_task(task)``, a :class:`TaskConfig`:
+    exactly what that task trains with. The tools' sections (``TOOL_SECTIONS``) are set aside. Errors name the file
+    and the key (``params.yaml: model.rank: expected ...``, ``sweeps/best.yaml: cifar: unknown key(s) lrr;
+    allowed: ...``).
     """
     return params_config(read_yaml(path), str(path), best_path, task=task)
 
 
 def params_config(raw: Any, where: str, best_path: str | Path | None = None, *,
-                  task: str | None = None) -> ExperimentConfig:
+                  task: str | None = None) -> ExperimentConfig | TaskConfig:
     """:func:`load_config` of a params file's parsed content ``raw`` (read from ``where``): for a caller that
     reads the file's tool sections too and parses it once."""
     experiment, _ = _split_sections(raw, where)

@@ -1,7 +1,7 @@
 """The one training entry point that the DVC pipeline and the sweeps both call: ``run_task``.
 
-It turns an :class:`~dtl.config.ExperimentConfig` and a task name into datasets, a model and a finished run.
-Which splits a run trains on, scores and reports, and how they open, is the configuration's evaluation protocol's
+It turns a task's settings (a :class:`~dtl.config.TaskConfig`, resolved once by ``ExperimentConfig.for_task``)
+into datasets, a model and a finished run. Which splits a run trains on, scores and reports, and how they open, is the configuration's evaluation protocol's
 to say (``config.protocol``, from ``dtl.protocols``); this module only asks it.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import Dataset
 
-from .config import ConfigError, ExperimentConfig
+from .config import ConfigError, ExperimentConfig, TaskConfig, task_settings
 from .devices import SetupError, image_loader, resolve_device, resolve_precision
 from .engine import EpochHook, TrainingState, TrainResult, evaluate, seed_everything, train_and_evaluate
 from .methods import create_model
@@ -23,7 +23,7 @@ from .objectives import Objective, objective_for
 @dataclass
 class TaskRun:
     task: str
-    config: ExperimentConfig  # with the task's overrides applied
+    config: TaskConfig
     model: nn.Module
     result: TrainResult
     num_classes: int
@@ -51,8 +51,8 @@ class TaskRun:
         }
 
 
-def build_model(config: ExperimentConfig, num_classes: int, pretrained: bool | str | None = None) -> nn.Module:
-    """The model of ``config`` (for one task: ``config.for_task``); settings the backbone cannot take (a start
+def build_model(config: TaskConfig, num_classes: int, pretrained: bool | str | None = None) -> nn.Module:
+    """The model of a task's settings ``config``; settings the backbone cannot take (a start
     block past its blocks, a kernel larger than its token grid...) raise :class:`ConfigError` naming them.
     ``pretrained`` overrides ``model.checkpoint`` (``False``: random weights, enough to check the settings)."""
     from .models import CheckpointError
@@ -110,7 +110,7 @@ def check_run(config: ExperimentConfig, task: str, train_images: int, num_classe
         raise ConfigError(f"{where}{err}") from None
 
 
-def task_objective(config: ExperimentConfig, num_classes: int, image_size: int) -> Objective:
+def task_objective(config: TaskConfig, num_classes: int, image_size: int) -> Objective:
     """What ``config``'s protocol optimises and scores (``dtl.objectives``), for a model reading ``image_size``."""
     return objective_for(config.protocol.objective, num_classes=num_classes, crop_size=image_size,
                          label_smoothing=config.training.label_smoothing)
@@ -125,22 +125,24 @@ def backbone_image_size(model: nn.Module) -> int:
 
 
 def run_task(
-    config: ExperimentConfig,
-    task: str,
+    config: TaskConfig | ExperimentConfig,
+    task: str | None = None,
     *,
     seed: int | None = None,
     shots: int | None = None,
     hooks: Sequence[EpochHook] = (),
     resume_from: TrainingState | None = None,
 ) -> TaskRun:
-    """Train and evaluate ``config``'s method on ``task`` (overrides applied) and return the finished run.
+    """Train and evaluate a task's settings ``config`` (``ExperimentConfig.for_task``) and return the finished run.
+    An experiment not resolved yet is resolved here for ``task``.
 
     ``shots`` (NOAH-layout protocols; default: the largest of ``data.shots``) and ``seed`` pick the training list
     ``train_meta.list.num_shot_<shots>.seed_<seed>``. ``hooks`` get every epoch's metrics and resumable state;
     ``resume_from`` continues from such a state (``dtl.engine.train_and_evaluate``)."""
-    config = config.for_task(task)
-    if seed is not None:
-        config.training = replace(config.training, seed=seed)
+    config = task_settings(config, task)
+    task = config.task
+    if seed is not None:  # a copy: the caller's settings keep their seed
+        config = replace(config, training=replace(config.training, seed=seed))
     protocol = config.protocol
     shots = protocol.run_shots(shots)
     num_classes = protocol.num_classes(task)
@@ -166,25 +168,24 @@ def run_task(
                    image_size=img_size)
 
 
-def evaluate_saved(config: ExperimentConfig, task: str, seed: int, weights: str | Path, num_classes: int,
+def evaluate_saved(config: TaskConfig, seed: int, weights: str | Path, num_classes: int,
                    shots: int | None = None) -> dict:
-    """Rebuild the trained model of ``config`` for ``task`` from its saved trainable weights
+    """Rebuild the trained model of a task's settings ``config`` from its saved trainable weights
     (``dtl.io.save_trainable``) and score the protocol's reported splits: ``{"<name>_accuracy": ...,
     "<name>_loss": ...}``, plus ``<name>_accuracy_masked`` for a split that holds only some of the classes (the
     argmax over those: ImageNet-A and -R). Nothing is retrained; with ``checkpoint: false`` the random frozen
     backbone is rebuilt from ``seed`` as ``run_task`` built it."""
     from .io import load_trainable
 
-    config = config.for_task(task)
     seed_everything(seed)
     model = build_model(config, num_classes)
     load_trainable(model, weights)
-    return evaluate_model(config, task, model, num_classes, seed=seed, shots=shots)
+    return evaluate_model(config, config.task, model, num_classes, seed=seed, shots=shots)
 
 
-def evaluate_model(config: ExperimentConfig, task: str, model: nn.Module, num_classes: int, *, seed: int,
+def evaluate_model(config: TaskConfig, task: str, model: nn.Module, num_classes: int, *, seed: int,
                    shots: int | None = None, splits: dict[str, str] | None = None) -> dict:
-    """Score a trained ``model`` of ``task`` (``config`` with the task's overrides applied) on ``splits`` (default:
+    """Score a trained ``model`` of ``task`` (``config``: its settings) on ``splits`` (default:
     the protocol's reported splits), as :func:`evaluate_saved` does; ``<name>_images`` is each split's size (and,
     for segmentation, ``<name>_miou`` and the list ``<name>_class_iou``)."""
     device = resolve_device(config.training.device)

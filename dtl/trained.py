@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .config import ConfigError, ExperimentConfig
+from .config import ConfigError, ExperimentConfig, TaskConfig
 
 METADATA_KEY = "dtl"  # the safetensors metadata entry that holds a trained file's record (JSON)
 RECORD_FILE = "trained.json"  # beside a sweep trial's training_state.pt
@@ -38,7 +38,7 @@ class TrainedInfo:
     """What a loaded task model was trained for and how to feed it."""
 
     task: str
-    config: ExperimentConfig  # the task's resolved settings
+    config: TaskConfig
     num_classes: int
     seed: int
     image_size: int
@@ -57,14 +57,14 @@ class TrainedInfo:
         return self.config.protocol.transform(self.image_size, self.normalisation)
 
 
-def record(config: ExperimentConfig, task: str, num_classes: int, seed: int, image_size: int | None,
+def record(config: TaskConfig, task: str, num_classes: int, seed: int, image_size: int | None,
            shots: int | None = None) -> dict[str, Any]:
     """The settings a trained file carries (``export_trained``, the train stage's weights, trial checkpoints)."""
     return {"task": task, "num_classes": num_classes, "seed": seed, "image_size": image_size,
             **({"shots": shots} if shots is not None else {}), "config": config.to_dict()}
 
 
-def trained_metadata(config: ExperimentConfig, task: str, num_classes: int, seed: int, image_size: int,
+def trained_metadata(config: TaskConfig, task: str, num_classes: int, seed: int, image_size: int,
                      shots: int | None = None) -> dict[str, str]:
     """safetensors metadata that makes a weights file loadable on its own by :func:`load_trained`."""
     return {METADATA_KEY: json.dumps(record(config, task, num_classes, seed, image_size, shots))}
@@ -182,13 +182,12 @@ def load_trained(path: str | Path, *, seed: int | None = None, device: str | tor
     entry, weights_path, weights = _source(path, seed)
     where = weights_path
     try:
-        config = ExperimentConfig.from_dict(entry["config"], where=str(where))
         task, num_classes, run_seed = entry["task"], int(entry["num_classes"]), int(entry["seed"])
+        config = TaskConfig.from_dict(entry["config"], where=str(where), task=task)
     except ConfigError as err:
         raise TrainedModelError(str(err)) from None
     except (KeyError, TypeError, ValueError) as err:
         raise TrainedModelError(f"{where}: incomplete training record ({err})") from None
-    config = config.for_task(task)
     seed_everything(run_seed)  # a random frozen backbone (checkpoint: false) is rebuilt as training built it
     try:
         model = build_model(config, num_classes)

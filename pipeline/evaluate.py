@@ -23,6 +23,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from dtl.config import TaskConfig
 from dtl.io import WeightsMismatchError, write_json
 from dtl.protocols.base import SCORES
 
@@ -47,13 +48,12 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]:
     import tracking
-    from dtl.config import ExperimentConfig
 
     paths = OutputPaths(outputs)
     train_dir = paths.train_dir(task)
     summary = read_json(train_dir / "summary.json", f"written by train@{task}")
-    config = ExperimentConfig.from_dict(read_json(train_dir / "config.json", f"written by train@{task}"),
-                                        where=str(train_dir / "config.json"))
+    config = TaskConfig.from_dict(read_json(train_dir / "config.json", f"written by train@{task}"),
+                                  where=str(train_dir / "config.json"), task=task)
     protocol = config.protocol
     experiment_id = tracking.init_tracking(load_pipeline_settings(params_path).mlflow_experiment)
     train_run = tracking.Run(summary["mlflow"]["run_id"])
@@ -92,7 +92,7 @@ def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]
     return {**metrics, "details": details}
 
 
-def rescore(config, task: str, train_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
+def rescore(config: TaskConfig, task: str, train_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Each trained run's scores on the protocol's reported splits, from its saved weights; the split training
     scored at its last epoch must score as it did then (``MISMATCH_ERROR``)."""
     from dtl.experiment import evaluate_saved
@@ -104,7 +104,7 @@ def rescore(config, task: str, train_dir: Path, summary: dict[str, Any]) -> list
         if not weights.is_file():
             raise StageError(f"{weights} is missing; re-run train@{task}")
         try:
-            scores = evaluate_saved(config, task, seed_summary["seed"], weights, summary["num_classes"],
+            scores = evaluate_saved(config, seed_summary["seed"], weights, summary["num_classes"],
                                     shots=seed_summary.get("shots"))
         except WeightsMismatchError as err:
             raise StageError(f"{err}; re-run train@{task}") from None

@@ -1,6 +1,7 @@
 """Stage ``train@<task>``: train the task's merged configuration once per seed and keep only what changed.
 
-``dtl.config.load_config(params, best, task=task)`` -> ``dtl.experiment.run_task`` for each seed of
+``dtl.config.load_config(params, best, task=task)`` (the task's ``TaskConfig``, resolved once) ->
+``dtl.experiment.run_task`` for each seed of
 ``evaluation.seeds`` (few-shot: for each shot count of ``data.shots`` and each seed) with two epoch callbacks (an
 MLflow logger and a recorder for the ``dvc plots`` curve), then, written atomically:
 
@@ -27,7 +28,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from dtl.config import ExperimentConfig, read_best
+from dtl.config import TaskConfig, read_best
 from dtl.io import atomic_dir, save_trainable, write_json, write_text
 from dtl.protocols.base import PARAMETER_AND_THROUGHPUT_KEYS
 from dtl.protocols.base import SCORES as PROTOCOL_SCORES
@@ -46,11 +47,11 @@ TRAINING_COST_KEYS = (*PARAMETER_AND_THROUGHPUT_KEYS, "train_time_s", "cpu_time_
                       "gpu_cache_bytes", "peak_rss_bytes")
 
 
-def run_tags(stage: str, task: str, config: ExperimentConfig) -> dict[str, str]:
+def run_tags(stage: str, config: TaskConfig) -> dict[str, str]:
     """Tags that let the MLflow UI filter and compare pipeline runs."""
     return {
-        "dvc_stage": f"{stage}@{task}",
-        "task": task,
+        "dvc_stage": f"{stage}@{config.task}",
+        "task": config.task,
         "data_source": config.data.source,
         "method": config.model.method,
         "backbone": config.model.backbone,
@@ -99,7 +100,7 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
     record = read_json(paths.task_record(task), "written by the prepare stage")
     task_config = config.for_task(task)
     experiment_id = tracking.init_tracking(settings.mlflow_experiment)
-    tags = {**run_tags("train", task, task_config), "group": record.get("group", "Other")}
+    tags = {**run_tags("train", task_config), "group": record.get("group", "Other")}
     params = {**task_config.to_dict(), "task": task, "task_overrides": config.overrides.get(task) or {}}
     params.pop("overrides", None)
     runs = task_config.protocol.runs()
@@ -107,7 +108,7 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
     with atomic_dir(paths.train_dir(task)) as staging, tracking.tracked_run(
             experiment_id, f"train@{task}", tags, params, orphans={"dvc_stage": f"train@{task}"}) as run:
         child = (experiment_id, tags) if len(runs) > 1 else None  # several runs: one child run each
-        results = [train_one(config, task, shots, seed, staging, run, child=child) for shots, seed in runs]
+        results = [train_one(task_config, shots, seed, staging, run, child=child) for shots, seed in runs]
         seed_results = [summary for summary, _ in results]
         summary = {
             "task": task, "group": record.get("group", "Other"), "num_classes": seed_results[0]["num_classes"],
@@ -117,7 +118,7 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
             "wall_time_s": time.perf_counter() - started,
             "mlflow": {"tracking_uri": tracking.tracking_uri(), "experiment_id": experiment_id, "run_id": run.run_id},
         }
-        summary.update(log_trained_model(run, task_config, task, staging, runs[0], read_best(best_path).get(task)))
+        summary.update(log_trained_model(run, task_config, staging, runs[0], read_best(best_path).get(task)))
         write_json(staging / "config.json", task_config.to_dict())
         write_json(staging / "summary.json", summary)
         curve = mean_curve([history for _, history in results])
@@ -134,7 +135,7 @@ def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[
     return summary
 
 
-def train_one(config: ExperimentConfig, task: str, shots: int | None, seed: int, staging: Path, task_run, *,
+def train_one(task_config: TaskConfig, shots: int | None, seed: int, staging: Path, task_run, *,
               child: tuple[str, dict] | None = None) -> tuple[dict[str, Any], list[dict]]:
     """One run of the task (a seed; a shot count and a seed): trained, its weights saved in ``staging``, its
     epochs and costs logged to ``task_run``, or, with ``child`` = (experiment id, tags), to a child run of it.
@@ -142,7 +143,7 @@ def train_one(config: ExperimentConfig, task: str, shots: int | None, seed: int,
     import tracking
     from dtl.experiment import run_task
 
-    task_config = config.for_task(task)
+    task = task_config.task
     protocol = task_config.protocol
     what = f"seed {seed}" if shots is None else f"{shots}-shot seed {seed}"
     print(f"train@{task}: {what}: {task_config.model.method} on {task_config.model.backbone}, "
@@ -158,7 +159,7 @@ def train_one(config: ExperimentConfig, task: str, shots: int | None, seed: int,
         context = nullcontext(task_run)
     with context as seed_run:
         history: list[dict] = []
-        result = run_task(config, task, seed=seed, shots=shots,
+        result = run_task(task_config, seed=seed, shots=shots,
                           hooks=[lambda end: history.append(end.metrics), seed_run.log_epoch])
         weights = staging / weights_name(shots, seed)
         # The settings ride in the file too, so dtl.load_trained reads a copied weights file on its own.
@@ -177,14 +178,14 @@ def train_one(config: ExperimentConfig, task: str, shots: int | None, seed: int,
     return summary, history
 
 
-def log_trained_model(run, task_config: ExperimentConfig, task: str, staging: Path, first_run: tuple,
+def log_trained_model(run, task_config: TaskConfig, staging: Path, first_run: tuple,
                       winner: dict | None) -> dict[str, Any]:
     """Log the task's trained model on its run: the first run's weights as an MLflow Model, registered as dtl-<task>
     (``tracking.pyfunc``), tagged with the sweep's settings when a sweep chose them (``winner``)."""
     from dtl.predict import find_images
     from tracking.pyfunc import log_task_model, registered_name
 
-    protocol = task_config.protocol
+    task, protocol = task_config.task, task_config.protocol
     shots, seed = first_run
     example = next(iter(find_images([protocol.split_list(task, protocol.train, shots, seed)])), None)
     version = log_task_model(run, staging / weights_name(shots, seed), task, example,
