@@ -23,9 +23,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import tracking
+from dtl import experiment
 from dtl.config import TaskConfig
 from dtl.io import WeightsMismatchError, write_json
 from dtl.protocols.base import SCORES
+from tracking.pyfunc import tag_tested_version
 
 from .outputs import OutputPaths
 from .params import load_pipeline_settings
@@ -47,8 +50,6 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]:
-    import tracking
-
     paths = OutputPaths(outputs)
     train_dir = paths.train_dir(task)
     summary = read_json(train_dir / "summary.json", f"written by train@{task}")
@@ -84,8 +85,6 @@ def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]
     if parent is not None:  # the task's run shows its test score too
         parent.log_metrics({f"eval_{k}": v for k, v in flat_metrics(metrics).items()})
         if summary.get("registered_model"):  # its registered model version, tested now
-            from tracking.pyfunc import tag_tested_version
-
             tag_tested_version(summary["registered_model"],
                                {f"test_{s}": metrics[f"test_{s}"] for s in SCORES.values() if f"test_{s}" in metrics},
                                summary.get("sweep_winner", False))
@@ -95,8 +94,6 @@ def evaluate_task(task: str, params_path: Path, outputs: Path) -> dict[str, Any]
 def rescore(config: TaskConfig, task: str, train_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Each trained run's scores on the protocol's reported splits, from its saved weights; the split training
     scored at its last epoch must score as it did then (``MISMATCH_ERROR``)."""
-    from dtl.experiment import evaluate_saved
-
     checked = next(iter(config.protocol.scored_splits(task)))
     per_seed = []
     for seed_summary in summary["per_seed"]:
@@ -104,7 +101,7 @@ def rescore(config: TaskConfig, task: str, train_dir: Path, summary: dict[str, A
         if not weights.is_file():
             raise StageError(f"{weights} is missing; re-run train@{task}")
         try:
-            scores = evaluate_saved(config, seed_summary["seed"], weights, summary["num_classes"],
+            scores = experiment.evaluate_saved(config, seed_summary["seed"], weights, summary["num_classes"],
                                     shots=seed_summary.get("shots"))
         except WeightsMismatchError as err:
             raise StageError(f"{err}; re-run train@{task}") from None

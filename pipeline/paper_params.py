@@ -22,7 +22,10 @@ from typing import Any
 import yaml
 
 from dtl.config import ExperimentConfig
-from dtl.io import REPO_ROOT
+from dtl.data import VTAB_TASKS
+from dtl.data.domain_generalization import DG_TARGETS, SOURCE
+from dtl.data.few_shot import FEW_SHOT_DATASETS, SHOTS
+from dtl.io import REPO_ROOT, write_text
 from dtl.presets import PAPER_COMMON, PAPER_TRAINING, paper_overrides
 
 PAPER_FILES = {"dtl_plus": REPO_ROOT / "params" / "vit_b16_vtab1k.yaml",
@@ -42,8 +45,6 @@ HEADER = """\
 
 def paper_params(method: str = "dtl_plus", data_root: str = "data/vtab-1k") -> dict[str, Any]:
     """The params.yaml mapping of the paper setting for ``method`` (dtl or dtl_plus)."""
-    from dtl.data import VTAB_TASKS
-
     common = PAPER_COMMON["vit"]
     overrides = paper_overrides("vit", method)
     raw = {
@@ -81,15 +82,11 @@ class TransferSetting:
 
 
 def _few_shot_data() -> dict[str, Any]:
-    from dtl.data.few_shot import FEW_SHOT_DATASETS, SHOTS
-
     return {"source": "few_shot", "root": "data/few-shot", "tasks": list(FEW_SHOT_DATASETS), "shots": list(SHOTS),
             "targets": []}
 
 
 def _domain_data() -> dict[str, Any]:
-    from dtl.data.domain_generalization import DG_TARGETS, SOURCE
-
     return {"source": "domain_generalization", "root": "data/domain-generalization", "tasks": [SOURCE],
             "shots": [16], "targets": [t for t in DG_TARGETS if t != SOURCE]}
 
@@ -171,8 +168,6 @@ def render(method: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dtl.io import write_text
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.parse_args(argv)
     for method, path in PAPER_FILES.items():

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dtl.config import ConfigError, ExperimentConfig, params_config, read_yaml, tool_section
+from dtl.config import ConfigError, ExperimentConfig, load_config, params_config, read_yaml, tool_section
 from dtl.io import REPO_ROOT
 
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
@@ -58,8 +58,6 @@ def check_dvc_entries(
     (DVC resolves both as templated params keys and fails mid-run when one is missing); name the gaps."""
     raw = read_yaml(params_path) or {}
     if tasks is None:
-        from dtl.config import load_config
-
         tasks = load_config(params_path).data.tasks
     overrides = (raw.get("overrides") if isinstance(raw, dict) else None) or {}
     best_raw = read_yaml(best_path, missing_ok=True) or {}

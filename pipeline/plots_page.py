@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import vl_convert
+
 from dtl.io import REPO_ROOT, write_text
 
 TEMPLATE_NAME = "plots_template.html"
@@ -46,8 +48,6 @@ BUNDLE
 
 def page() -> str:
     """The template's text: DVC's page layout with the plotting libraries inline instead of from a CDN."""
-    import vl_convert
-
     return PAGE.replace("BUNDLE", vl_convert.javascript_bundle())
 
 

@@ -24,7 +24,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dtl.cache import default_cache_dir
 from dtl.config import load_config
+from dtl.experiment import check_run
 from dtl.io import atomic_dir, write_json
 
 from .outputs import OutputPaths
@@ -64,8 +66,6 @@ def generated_by_us(folder: Path) -> bool:
 def verified_images_file(root: Path) -> Path:
     """Where the images of ``root`` that decoded are remembered (by size and modification time), next to the
     prefix cache, so a later ``prepare`` decodes only new or changed files."""
-    from dtl.cache import default_cache_dir
-
     key = hashlib.blake2b(str(root.resolve()).encode(), digest_size=8).hexdigest()
     return default_cache_dir().parent / "checked_images" / f"{key}.json"
 
@@ -80,8 +80,6 @@ def check_folders(config, root: Path) -> dict[str, dict]:
 
 
 def prepare(params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]:
-    from dtl.experiment import check_run
-
     config = load_config(params_path, best_path)
     check_dvc_entries(params_path, best_path, config.data.tasks)
     data = config.data

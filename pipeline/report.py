@@ -29,6 +29,8 @@ from typing import Any
 
 import tracking
 from dtl.io import write_json, write_text
+from dtl.predict import segment
+from dtl.trained import load_trained
 
 from .outputs import OutputPaths
 from .params import load_stage_params
@@ -67,9 +69,6 @@ def trained_segmenter(paths: OutputPaths):
     """task -> its trained segmentation model (the train stage's first run) as a function from a PIL image to its
     label map, loaded when asked."""
     def load(task: str):
-        from dtl.predict import segment
-        from dtl.trained import load_trained
-
         model = load_trained(paths.train_dir(task), device="cpu")
         return lambda image: segment(model, image)
 

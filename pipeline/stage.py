@@ -7,16 +7,25 @@ Where a stage's files live is ``pipeline.outputs``; writing them atomically is `
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
+
+import psutil
+
+from dtl.config import ConfigError
+from dtl.data import DataError
+from dtl.engine import SetupError
+from dtl.models import CheckpointError
 
 from .params import DEFAULT_BEST, DEFAULT_PARAMS
 
@@ -38,11 +47,6 @@ def stage_arguments(description: str, *, task: bool) -> argparse.ArgumentParser:
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input or settings, not a bug: shown as one line instead of a traceback."""
-    from dtl.config import ConfigError
-    from dtl.data import DataError
-    from dtl.engine import SetupError
-    from dtl.models import CheckpointError
-
     return (StageError, ConfigError, CheckpointError, DataError, SetupError, FloatingPointError, FileExistsError)
 
 
@@ -53,8 +57,6 @@ def _terminate(signum: int, frame: Any) -> None:
 def pipeline_process():
     """The ``dvc`` process that started this stage (the nearest ancestor running ``dvc``), or None when the stage
     was started by hand."""
-    import psutil
-
     try:
         process = psutil.Process().parent()
         while process is not None:
@@ -70,8 +72,6 @@ def watch_pipeline(interval_s: float = 1.0) -> None:
     """Stop this stage (as SIGTERM does: temporary files removed, MLflow run KILLED) when the ``dvc repro`` that
     started it is gone: a SIGTERM to DVC alone ends DVC but not its stage, which would otherwise run on beside
     the next ``dvc repro`` and write its outputs after DVC stopped tracking them."""
-    import threading
-
     parent = pipeline_process()
     if parent is None:
         return
@@ -90,8 +90,6 @@ def exclusive(path: Path, stage: str) -> Iterator[None]:
     """Hold ``<path's folder>/.<name>.lock`` while the stage writes ``path``: a second stage for the same output
     refuses to start while the first is alive. Under the lock, what a killed run left next to ``path`` (its
     temporary folders) is removed."""
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.parent / f".{path.name}.lock"
     with open(lock_path, "a+") as handle:

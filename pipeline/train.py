@@ -28,11 +28,15 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import tracking
 from dtl.config import TaskConfig, read_best
+from dtl.experiment import run_task
 from dtl.io import atomic_dir, save_trainable, write_json, write_text
+from dtl.predict import find_images
 from dtl.protocols.base import PARAMETER_AND_THROUGHPUT_KEYS
 from dtl.protocols.base import SCORES as PROTOCOL_SCORES
 from dtl.trained import trained_metadata
+from tracking.pyfunc import log_task_model, registered_name
 
 from .outputs import OutputPaths
 from .params import load_stage_params
@@ -91,8 +95,6 @@ def tsv(rows: list[dict]) -> str:
 
 
 def train(task: str, params_path: Path, best_path: Path, outputs: Path) -> dict[str, Any]:
-    import tracking
-
     config, settings = load_stage_params(params_path, best_path)
     if task not in config.data.tasks:
         raise StageError(f"task {task!r} is not in data.tasks ({', '.join(config.data.tasks)})")
@@ -140,9 +142,6 @@ def train_one(task_config: TaskConfig, shots: int | None, seed: int, staging: Pa
     """One run of the task (a seed; a shot count and a seed): trained, its weights saved in ``staging``, its
     epochs and costs logged to ``task_run``, or, with ``child`` = (experiment id, tags), to a child run of it.
     Returns its summary and its per-epoch metrics."""
-    import tracking
-    from dtl.experiment import run_task
-
     task = task_config.task
     protocol = task_config.protocol
     what = f"seed {seed}" if shots is None else f"{shots}-shot seed {seed}"
@@ -182,9 +181,6 @@ def log_trained_model(run, task_config: TaskConfig, staging: Path, first_run: tu
                       winner: dict | None) -> dict[str, Any]:
     """Log the task's trained model on its run: the first run's weights as an MLflow Model, registered as dtl-<task>
     (``tracking.pyfunc``), tagged with the sweep's settings when a sweep chose them (``winner``)."""
-    from dtl.predict import find_images
-    from tracking.pyfunc import log_task_model, registered_name
-
     task, protocol = task_config.task, task_config.protocol
     shots, seed = first_run
     example = next(iter(find_images([protocol.split_list(task, protocol.train, shots, seed)])), None)

@@ -34,6 +34,9 @@ from dtl.io import REPO_ROOT
 from .model_registry import MODEL_RECORD, VERSION_TAGS_RECORD, send_model_record, send_version_tags
 from .outbox_hooks import TAG_PARENT, register_record_kind, set_experiment_maker
 
+# tracking.outbox is imported lazily, where it is used: `python -m tracking.outbox` imports this package and then
+# runs that file as __main__, so a copy imported here as well would load it twice (and runpy warns of it).
+
 DEFAULT_STORE = REPO_ROOT / "mlflow.db"
 TAG_NAME = "mlflow.runName"
 TAG_PID, TAG_HOST = "pid", "host"  # of the process that writes the run: a dead one cannot close it
@@ -83,7 +86,7 @@ def where_to_look(experiment_id: str, run_id: str | None = None, uri: str | None
 
 
 def client(uri: str | None = None):
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # MLflow, an extra, loads on first use
 
     return MlflowClient(uri or tracking_uri())
 
@@ -91,7 +94,7 @@ def client(uri: str | None = None):
 def init_tracking(experiment: str, uri: str | None = None) -> str:
     """Create the store's schema and the experiment if needed (call once, before workers write); its id. While
     the server is unreachable: a stand-in id that the outbox resolves by name once it answers."""
-    from .outbox import EXPERIMENT_BY_NAME, is_transient, outbox_for
+    from .outbox import EXPERIMENT_BY_NAME, is_transient, outbox_for  # lazily: see the note at the top
 
     try:
         return _init_experiment(experiment, uri)
@@ -148,7 +151,7 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def finite_metrics(values: Mapping[str, Any], step: int = 0):
     """MLflow metrics of the finite numbers in ``values`` (``a/b`` -> ``a_b``; None, NaN, text, flags skipped)."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric  # MLflow, an extra, loads on first use
 
     now = int(time.time() * 1000)
     return [Metric(k.replace("/", "_"), float(v), now, step) for k, v in flatten(values).items()
@@ -172,7 +175,7 @@ class Run:
     the store, survive its outages, and are safe from many processes at once."""
 
     def __init__(self, run_id: str, uri: str | None = None, outbox: str | Path | None = None):
-        from .outbox import outbox_for
+        from .outbox import outbox_for  # lazily: see the note at the top
 
         self.run_id = run_id  # a provisional ``pending-...`` id while the store was unreachable at creation
         self.uri = uri or tracking_uri()
@@ -189,6 +192,7 @@ class Run:
                params: Mapping[str, Any] | None = None, parent: "Run | str | None" = None,
                uri: str | None = None, outbox: str | Path | None = None) -> "Run":
         """A new run, created at once when the store answers, else as soon as it does (a provisional id meanwhile)."""
+        # lazily: see the note at the top
         from .outbox import EXPERIMENT_BY_NAME, PENDING, is_transient, new_pending_id
 
         commit = git_commit()
@@ -224,7 +228,7 @@ class Run:
     def find(cls, experiment_id: str, uri: str | None = None, **tags: str):
         """The newest run of ``experiment_id`` with these tags (``parent=`` matches the parent run id), or None
         (also while the store is unreachable)."""
-        from .outbox import is_transient, outbox_for
+        from .outbox import is_transient, outbox_for  # lazily: see the note at the top
 
         parent = tags.pop("parent", None)
         box = outbox_for(uri or tracking_uri())
@@ -246,7 +250,7 @@ class Run:
 
     def exists(self) -> bool:
         """False only when the store says there is no such run (an unreachable store cannot tell: True)."""
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # MLflow, an extra, loads on first use
 
         run_id = self.outbox.known(self.run_id)
         if run_id is None:
@@ -310,9 +314,9 @@ def _now_ms() -> int:
 def close_orphaned_runs(experiment_id: str, uri: str | None = None, **tags: str) -> int:
     """Close the RUNNING runs with these tags whose writing process on this host is gone (killed with SIGKILL,
     its machine rebooted): KILLED, with a tag saying so. Returns how many."""
-    import psutil
+    import psutil  # an extra like MLflow, loaded on first use
 
-    from .outbox import is_transient, outbox_for
+    from .outbox import is_transient, outbox_for  # lazily: see the note at the top
 
     conditions = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
     conditions += ["attributes.status = 'RUNNING'", f"tags.`{TAG_HOST}` = '{socket.gethostname()}'"]

@@ -62,7 +62,7 @@ def configure_client() -> None:
 
 def is_transient(err: BaseException) -> bool:
     """An outage (connection refused, timeout, 5xx, a locked SQLite file), not a refused request."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # MLflow, an extra, loads on first use
 
     if isinstance(err, MlflowException):
         return err.error_code in TRANSIENT_CODES
@@ -81,7 +81,7 @@ class Sender:
     """Sends journal ops to one store; knows the real ids of provisional ones (``ids/`` of the folder)."""
 
     def __init__(self, uri: str, folder: Path):
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # MLflow, an extra, loads on first use
 
         self.uri, self.folder = uri, folder
         self.client = MlflowClient(uri)
@@ -109,6 +109,7 @@ class Sender:
         return self.experiments[experiment_id]
 
     def send(self, op: dict[str, Any]) -> None:
+        # MLflow, an extra, loads on first use
         from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
         from mlflow.exceptions import MlflowException
 

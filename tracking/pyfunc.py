@@ -19,6 +19,14 @@ import json
 import tempfile
 from pathlib import Path
 
+import mlflow.pyfunc
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from dtl.predict import is_segmentation
+from dtl.trained import load_trained
+
 from . import tracking_uri
 from .model_registry import MODEL_PATH, MODEL_RECORD, VERSION_TAGS_RECORD, register_model_version, registered_name
 from .outbox import is_transient, outbox_for
@@ -39,9 +47,6 @@ def signature(segmentation: bool = False):
     """Input: the ``image`` column. Output: label, name, score (a segmentation model: mask and fractions), and the
     error of a row that was not an image (each may be null: a predicted row has no error, an unreadable one no
     prediction)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
     predicted = ([ColSpec("string", "mask", required=False), ColSpec("string", "fractions", required=False)]
                  if segmentation else [ColSpec("long", "label", required=False),
                                        ColSpec("string", "name", required=False),
@@ -55,12 +60,6 @@ def log_task_model(run, weights: str | Path, task: str, example_image: str | Pat
     """Save the model of ``weights`` (a trained weights file with its settings), log it as ``run``'s artifact
     folder ``model`` and register it as ``dtl-<task>`` (the new version gets ``tags``); returns its number, or
     None while the store is unreachable (the version is then registered when the delayed records are sent)."""
-    import mlflow.pyfunc
-    import pandas as pd
-
-    from dtl.predict import is_segmentation
-    from dtl.trained import load_trained
-
     examples = pd.DataFrame({INPUT: [encode_image(example_image)]}) if example_image else None
     with tempfile.TemporaryDirectory() as folder:
         model = load_trained(weights, device="cpu")

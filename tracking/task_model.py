@@ -17,15 +17,21 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import warnings
 
 with warnings.catch_warnings():  # importing it warns about its own type hints (MLflow 3.17)
     warnings.simplefilter("ignore", UserWarning)
     import mlflow.pyfunc
 import pandas as pd  # loaded by mlflow.pyfunc already; TaskModel.predict's type hint names it
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from PIL import Image, UnidentifiedImageError
+
+from dtl.predict import class_fractions, is_segmentation, mask_image, segment
+from dtl.trained import load_trained
 
 WEIGHTS = "weights"  # the artifact key of the trained weights file
 SETTINGS = "settings"  # the artifact key of the task's settings and class names (JSON, for people and tools)
@@ -40,18 +46,12 @@ class TaskModel(mlflow.pyfunc.PythonModel):
     batch_size = 64
 
     def load_context(self, context) -> None:
-        from dtl.trained import load_trained
-
         self.model = load_trained(context.artifacts[WEIGHTS], device="cpu")
         self.transform = self.model.trained.transform()
 
     # A DataFrame hint: MLflow infers no schema from it (the model's signature comes from tracking.pyfunc) and,
     # unlike no hint at all, does not warn at class definition.
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        import torch
-
-        from dtl.predict import is_segmentation
-
         rows = decode_rows(model_input)
         if is_segmentation(self.model):
             return self.segment(rows)
@@ -76,10 +76,6 @@ class TaskModel(mlflow.pyfunc.PythonModel):
                              "score": pd.array(scores, dtype="Float64"), "error": pd.array(errors, dtype="string")})
 
     def segment(self, rows: list[bytes]) -> pd.DataFrame:
-        import json
-
-        from dtl.predict import class_fractions, mask_image, segment
-
         masks, fractions, errors = [None] * len(rows), [None] * len(rows), [None] * len(rows)
         for i, raw in enumerate(rows):
             try:
@@ -115,8 +111,6 @@ def decode_rows(model_input: pd.DataFrame) -> list[bytes]:
 
 def open_image(raw: bytes):
     """The RGB image in ``raw``; ValueError with the reason when it is none."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(raw)) as image:
             return image.convert("RGB")
