@@ -16,8 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .base import (
     MEMORY_LABELS,
     Protocol,
@@ -145,6 +143,8 @@ class SegmentationProtocol(Protocol):
         """A few validation images per task with their labels and the trained model's prediction (its label map
         for a PIL image, ``dtl.predict.segment``), for the figure (``report["samples"]``: task -> a list of
         (image, labels, prediction) arrays; unlabelled pixels shown as such in the prediction too)."""
+        import numpy as np  # torch-free schema: reading a params file loads no numpy either
+
         from ..data.segmentation import SegmentationDataset  # torch-free schema: runtime import
         from ..objectives import IGNORE_INDEX  # torch-free schema: runtime import
 
@@ -214,6 +214,8 @@ class SegmentationProtocol(Protocol):
         return "\n".join(lines)
 
     def report_plot(self, report: dict[str, Any], path: Path) -> None:
+        import numpy as np  # torch-free schema: reading a params file loads no numpy either
+
         from ..data.segmentation import label_palette  # torch-free schema: runtime import
 
         rows, samples = report["rows"], report.get("samples", {})
