@@ -370,14 +370,6 @@ def check_override_entry(values: Any, where: str) -> dict[str, Any]:
 # set aside when the experiment is read, and validated by those tools (``tool_section``).
 TOOL_SECTIONS = ("mlflow",)
 
-BEST_HEADER = (
-    "Best per-task configurations found by the sweeps (sweeps/run.py rewrites the entries of the tasks it\n"
-    "swept and keeps the others). Keys: flat override keys of dtl.config.OVERRIDE_KEYS. They take precedence\n"
-    "over params.yaml (global sections < params.yaml overrides.<task> < this file). To clear a task, set its\n"
-    "entry back to {} (every task keeps an entry: DVC fails on a missing templated params key)."
-)
-
-
 def read_yaml(path: str | Path, *, missing_ok: bool = False) -> Any:
     """Parse a YAML file; a missing file (unless ``missing_ok``) or a syntax error names the file."""
     import yaml
@@ -469,40 +461,14 @@ def params_config(raw: Any, where: str, best_path: str | Path | None = None, *,
     return config.for_task(task, where=where) if task is not None else config
 
 
-def write_best(best_path: str | Path, entries: Mapping[str, Mapping[str, Any]], header: str = BEST_HEADER, *,
-               params_path: str | Path | None = None) -> dict[str, dict[str, Any]]:
-    """Replace the entries of ``entries``' tasks in a best-configuration file (keeping every other entry),
-    atomically. Keys are checked against ``OVERRIDE_KEYS``; values by merging them into the configuration of
-    ``params_path`` (when it exists), so an invalid winner never lands in the file. ``header`` becomes a ``#``
-    comment block at the top. Returns the full new mapping."""
-    import yaml
-
-    from .io import file_lock, write_text
-
-    best_path = Path(best_path)
-    # Two sweeps over different tasks may finish at once: each merges into what the other wrote.
-    with file_lock(best_path.with_name(f".{best_path.name}.lock")):
-        current = read_best(best_path)
-        for name, values in entries.items():
-            current[str(name)] = check_override_entry(_plain(values), f"{best_path}: {name}")
-        if params_path is not None and Path(params_path).is_file():
-            experiment, _ = _split_sections(read_yaml(params_path), str(params_path))
-            base = ExperimentConfig.from_dict(experiment, where=str(params_path))
-            for name in entries:
-                _merge_best_entry(base, str(name), current[str(name)], best_path)
-        comment = "".join(f"# {line}".rstrip() + "\n" for line in header.strip().splitlines()) if header else ""
-        body = yaml.safe_dump(current, sort_keys=False, default_flow_style=None, width=120)
-        write_text(best_path, comment + body)  # atomic: a reader (dvc repro) sees the old file or the new one
-    return current
-
-
-def _plain(values: Any) -> Any:
-    """numpy scalars (as Ray/Optuna return them) -> Python numbers, so YAML stays plain."""
-    if isinstance(values, Mapping):
-        return {str(k): _plain(v) for k, v in values.items()}
-    if hasattr(values, "item") and not isinstance(values, (str, bytes)):
-        return values.item()
-    return values
+def check_best_entries(params_path: str | Path, entries: Mapping[str, Mapping[str, Any]],
+                       best_path: str | Path) -> None:
+    """Best-file ``entries`` merged as :func:`load_config` would merge them over the experiment of
+    ``params_path``; an invalid value is an error naming the best file and the task."""
+    experiment, _ = _split_sections(read_yaml(params_path), str(params_path))
+    base = ExperimentConfig.from_dict(experiment, where=str(params_path))
+    for name, values in entries.items():
+        _merge_best_entry(base, str(name), values, best_path)
 
 
 # PyYAML follows YAML 1.1, which reads an exponent without a dot (``1e-4``) as text, not as a number.

@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # annotations only: tracking/ and the pipeline's params read 
 
 # The checkout that holds dtl/, pipeline/, sweeps/ and params.yaml; relative paths of the params files start there.
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PARAMS = REPO_ROOT / "params.yaml"  # what the DVC pipeline trains; a sweep starts from it too
+DEFAULT_BEST = REPO_ROOT / "sweeps" / "best.yaml"  # the sweeps' winners, merged over params.yaml's tasks
 
 
 def current_umask() -> int:

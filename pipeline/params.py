@@ -14,10 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dtl.config import ConfigError, ExperimentConfig, load_config, params_config, read_yaml, tool_section
-from dtl.io import REPO_ROOT
-
-DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
-DEFAULT_BEST = REPO_ROOT / "sweeps" / "best.yaml"
+from dtl.io import DEFAULT_BEST, DEFAULT_PARAMS
 
 
 @dataclass(frozen=True)

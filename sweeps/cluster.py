@@ -27,15 +27,20 @@ def is_loopback(address: str) -> bool:
 
 
 def quiet_environment(address: str | None = None) -> None:
-    """Settings Ray reads at import/start time, so call this before ``import ray``: our own progress view
-    instead of Tune's tables, frequent experiment snapshots (little lost after a kill), token authentication
-    for `ray start` clusters, and loopback only for a private instance (``address`` None or "local") or a
-    cluster joined on a loopback address (e.g. the one of :mod:`sweeps.local_cluster`)."""
+    """Loopback only for a private instance (``address`` None or "local") or a cluster joined on a loopback
+    address (e.g. the one of :mod:`sweeps.local_cluster`), and :func:`ray_settings`; call it before Ray starts."""
     if address in (None, "local") or is_loopback(address):
         os.environ.setdefault(RAY_CLUSTER_SWITCH, "0")
         constants = sys.modules.get("ray._private.ray_constants")
         if constants is not None and os.environ[RAY_CLUSTER_SWITCH] == "0":
             constants.ENABLE_RAY_CLUSTER = False  # Ray, imported already, read the switch at its import
+    ray_settings()
+
+
+def ray_settings() -> None:
+    """Settings Ray reads when imported or started, set when the ``sweeps`` package is imported (before any of
+    its modules imports Ray): our own progress view instead of Tune's tables, frequent experiment snapshots
+    (little lost after a kill), token authentication for `ray start` clusters."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # `ray start` clusters use token authentication; Ray reads this before `ray.init`, so set it first
     # (a driver without it retries ~20 s, then fails). RAY_AUTH_MODE=disabled in the environment still wins.
@@ -53,7 +58,7 @@ def quiet_environment(address: str | None = None) -> None:
 
 
 def start_ray(address: str | None) -> None:
-    import ray
+    import ray  # here, not above: quiet_environment runs first, so that a private instance stays on loopback
 
     common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                   configure_logging=True)
@@ -74,7 +79,7 @@ def start_ray(address: str | None) -> None:
 
 def check_resources(cpus_per_trial: float, gpus_per_trial: float) -> dict[str, float]:
     """Some alive node must hold one trial, or Tune would leave every trial PENDING forever."""
-    import ray
+    import ray  # here, not above: quiet_environment runs first, so that a private instance stays on loopback
 
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     fits = [n for n in nodes if n.get("CPU", 0) >= cpus_per_trial and n.get("GPU", 0) >= gpus_per_trial]

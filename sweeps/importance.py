@@ -16,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import optuna
+
 RELIABLE_TRIALS = 20
 EVALUATOR = "fANOVA (optuna.importance.FanovaImportanceEvaluator, seed 0)"
 
 
 def distribution(spec):
-    import optuna
-
     if spec.type == "int":
         return optuna.distributions.IntDistribution(spec.low, spec.high, log=spec.log, step=spec.step or 1)
     if spec.type == "float":
@@ -40,8 +40,6 @@ def param_importances(trials: Sequence[tuple[Mapping[str, Any], float]], space) 
     """``trials``: (sampled values, score) pairs; the importance of every parameter of ``space`` that each trial
     has. Needs at least two trials, one varying parameter and two different scores (equal scores leave fANOVA
     no variance to attribute)."""
-    import optuna
-
     specs = [spec for spec in space.params if not spec.when and all(spec.name in values for values, _ in trials)]
     if len(trials) < 2 or not specs or len({float(score) for _, score in trials}) < 2:
         return {}

@@ -105,6 +105,7 @@ class LocalCluster:
 
     def __enter__(self) -> "LocalCluster":
         quiet_environment("127.0.0.1")  # loopback nodes, and the same RAY_AUTH_MODE as the driver that joins
+        # Ray is imported after quiet_environment, which sets what Ray reads when imported
         from ray._private.utils import get_ray_address_file
         from ray.cluster_utils import Cluster
 

@@ -17,7 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+
+from dtl.io import atomic_path
+
 from .keys import SCORE_METRICS, metric_label
+from .results import format_params, short_name
 from .state import SweepError
 
 # cost objective name -> the trial's reported key (each minimised); the score, first, is maximised
@@ -78,8 +83,6 @@ def within_budget(rows: Sequence, budget: float | None) -> list:
 
 
 def pareto_table(outcome, objectives: Sequence[str]) -> str:
-    from .results import format_params, short_name
-
     front = sorted(pareto_set(outcome.rows, objectives), key=lambda r: r.cost.get("saved_bytes_per_batch", 0))
     winner = outcome.decision.winner if outcome.decision else None
     lines = [f"{outcome.task}: Pareto set of {len(front)} (of {sum(r.status == 'done' for r in outcome.rows)} "
@@ -100,13 +103,6 @@ def pareto_plot(outcome, objectives: Sequence[str], budget: float | None, path: 
             and "saved_bytes_per_batch" in r.cost]
     if not done:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dtl.io import atomic_path
-
     front = sorted(pareto_set(done, objectives), key=lambda r: r.cost["saved_bytes_per_batch"])
     figure, axis = plt.subplots(figsize=(7, 4.5))
     axis.scatter([r.cost["saved_bytes_per_batch"] / 2**20 for r in done], [r.val_score for r in done],

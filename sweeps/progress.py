@@ -16,6 +16,7 @@ from typing import IO
 from ray.tune import Callback
 
 from .keys import INCUMBENT_KEY, TASK_KEY, TIME_ATTR, TRIAL_ERROR
+from .records import error_summary
 
 
 def format_duration(seconds: float) -> str:
@@ -71,8 +72,6 @@ class ProgressView(Callback):
         elif how is None:
             how = "done" if epoch >= self.plans.get(task, (0, 0))[1] else f"stopped early at epoch {epoch}"
         else:
-            from .records import error_summary
-
             how = f"failed: {error_summary(trial) or 'see ' + str(trial.path)}"
         role = " (incumbent)" if config.get(INCUMBENT_KEY) else ""
         score = f", {self.metric_label.split()[-1]} {accuracy:.3f}" if isinstance(accuracy, float) and not how.startswith("failed") else ""

@@ -19,6 +19,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
+
+import tracking
+from tracking import TAG_PARENT
+from tracking.outbox import OUTBOX_ENV, flush_all, is_transient, outbox_for, replay
+
 from .keys import RUN_KEY, TAG_KIND, TAG_SWEEP, TAG_TASK, TAG_TRIAL, TASK_KEY, TIME_ATTR, TRIAL_ERROR
 
 OUTBOX_DIR = "mlflow-outbox"  # the sweep's MLflow journals while the store is unreachable (tracking.outbox)
@@ -29,8 +35,6 @@ TRACKING_WAIT_S = float(os.environ.get("DTL_TRACKING_WAIT_S", 900))
 
 def use_sweep_outbox(experiment_dir: Path) -> str:
     """Route this process's MLflow records (and the trials', through their setup) via the sweep's own outbox."""
-    from tracking.outbox import OUTBOX_ENV
-
     os.environ[OUTBOX_ENV] = str(experiment_dir / OUTBOX_DIR)
     return os.environ[OUTBOX_ENV]
 
@@ -38,8 +42,6 @@ def use_sweep_outbox(experiment_dir: Path) -> str:
 def deliver_records(experiment_dir: Path, wait: float = TRACKING_WAIT_S) -> None:
     """Send every delayed record of the sweep (the driver's own and the journals its trials left), waiting up
     to ``wait`` s for an unreachable store; what is still not sent stays for the replay command."""
-    from tracking.outbox import flush_all, replay
-
     deadline = time.monotonic() + wait
     if flush_all(0, quiet=True) and not any((experiment_dir / OUTBOX_DIR).glob("*.jsonl")):
         return
@@ -51,8 +53,6 @@ def open_parent_run(experiment_id: str, tracking_uri: str, sweep_name: str, task
                     epochs: int, known_run_id: str | None) -> str:
     """The task's parent run: created once (with the search space and the base configuration), reopened on
     --resume."""
-    import tracking
-
     if known_run_id:
         return tracking.Run.reopen(known_run_id, tracking_uri).run_id
     values = {"space": space.name, "space_file": str(space.path), "epochs": epochs,
@@ -70,9 +70,6 @@ def open_parent_run(experiment_id: str, tracking_uri: str, sweep_name: str, task
 
 def child_runs(client, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
     """trial id -> the trial's child run."""
-    from tracking import TAG_PARENT
-    from tracking.outbox import is_transient, outbox_for
-
     box = outbox_for(client.tracking_uri)
     parent = box.known(parent_run_id)
     if parent is None:
@@ -111,8 +108,6 @@ class ChildRunCloser:
     def close(self, trial, status: str) -> None:
         """Through the outbox: never waits for the store. A trial that trained to the end, or failed on its own,
         closed its run itself."""
-        import tracking
-
         task = (trial.config or {}).get(TASK_KEY)
         result = trial.last_result or {}
         epoch = int(result.get(TIME_ATTR, 0) or 0)
@@ -137,8 +132,6 @@ class ChildRunCloser:
 
 def status_callback(closer: ChildRunCloser):
     """A Tune callback that closes child runs as their trials end (see :class:`ChildRunCloser`)."""
-    from ray.tune import Callback
-
     class _Callback(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             closer.close(trial, "FINISHED")
@@ -152,9 +145,6 @@ def status_callback(closer: ChildRunCloser):
 def reconcile_runs(client, closer: ChildRunCloser, task: str, trials: Sequence[Any]) -> dict:
     """After ``fit()``: give every child run of ``task`` the status of its trial (KILLED for trials cut off by a
     stop); returns trial id -> run."""
-    import tracking
-    import tracking.outbox
-
     parent = closer.parents[task]
     client = client or tracking.client(closer.tracking_uri)
     runs = child_runs(client, closer.experiment_id, parent)
@@ -178,7 +168,7 @@ def reconcile_runs(client, closer: ChildRunCloser, task: str, trials: Sequence[A
             cut = tracking.Run(run.info.run_id, closer.tracking_uri)
             cut.set_tags({"interrupted": "true"})
             cut.finish("KILLED", wait=0)
-    box = tracking.outbox.outbox_for(closer.tracking_uri)
+    box = outbox_for(closer.tracking_uri)
     if not box.unreachable:
         box.flush(30)  # the statuses above, before the runs are read back
     return child_runs(client, closer.experiment_id, parent)
@@ -187,8 +177,6 @@ def reconcile_runs(client, closer: ChildRunCloser, task: str, trials: Sequence[A
 def record_decision(parent, outcome, plot: Path | None) -> None:
     """The winner and the incumbent rule's outcome on the task's parent run (a ``tracking.Run``), ``best=true`` on
     the winner's run."""
-    import tracking
-
     decision, best = outcome.decision, outcome.best
     if best.run_id:
         tracking.Run(best.run_id, parent.uri).set_tags({"best": "true"})

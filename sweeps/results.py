@@ -7,8 +7,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
+
+from dtl.io import atomic_path
+
 from .keys import COST_METRICS, PER_IMAGE, RUN_KEY, TIME_ATTR, TRIAL_ERROR, metric_label
-from .selection import ALPHA, Candidate, Decision, choose_winner, decode_scores
+from .selection import ALPHA, Candidate, Comparison, Decision, choose_winner, decode_scores
 from .trainable import plain, split_trial_config
 
 STATUSES = ("done", "stopped early", "failed", "unfinished")
@@ -56,8 +60,6 @@ class TaskOutcome:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TaskOutcome":
-        from .selection import Comparison
-
         data = dict(data)
         legacy = {"val_accuracy": "val_score", "correct": "per_image"}  # results written before segmentation
         rows = [TrialRow(**{legacy.get(k, k): v for k, v in row.items()}) for row in data.pop("rows")]
@@ -172,13 +174,6 @@ def cost_plot(outcome: TaskOutcome, path: Path) -> Path | None:
     rows = [r for r in outcome.rows if r.status == "done" and r.val_score is not None and r.cost]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dtl.io import atomic_path
-
     axes_spec = (("train_time_s", "training time (s)", 1.0), ("saved_bytes_per_batch",
                  "kept for backward per batch (MiB)", 2.0 ** 20), ("trainable_params", "trainable parameters", 1.0))
     figure, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)

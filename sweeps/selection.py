@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from scipy.stats import binomtest
 
 ALPHA = 0.05
 
@@ -44,8 +45,6 @@ def decode_scores(text: str) -> np.ndarray:
 def sign_test_p_value(wins: int, losses: int) -> float:
     """One-sided exact sign test: P(at least ``wins`` of the ``wins + losses`` images that differ go to the
     challenger) if each were a fair coin flip (for right/wrong scores: the exact McNemar test)."""
-    from scipy.stats import binomtest
-
     if wins + losses == 0:
         return 1.0
     return float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue)

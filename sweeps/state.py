@@ -6,7 +6,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dtl.io import write_json
+
 STATE_FILE = "sweep.json"
+# How a sweep's process ends besides 0 (and 2: a bad option, space or params file).
+EXIT_FAILED = 1  # it ran to its end and nothing trained to the end
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports a process it interrupted
+EXIT_TERMINATED = 143  # SIGTERM (kill, timeout, a batch scheduler): 128 + 15
+EXIT_STORAGE_FULL = 75  # the storage folder filled up: free space, then --resume (sysexits' EX_TEMPFAIL)
 
 
 class SweepError(RuntimeError):
@@ -40,8 +47,6 @@ class SweepState:
     memory_budget: float | None = None  # bytes kept for backward per batch a winner may keep at most
 
     def save(self) -> None:
-        from dtl.io import write_json
-
         data = asdict(self)
         data.pop("path")
         write_json(self.path, data)

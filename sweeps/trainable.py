@@ -25,12 +25,28 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+import tracking
+from dtl.benchmark import cpu_peak_estimate
+from dtl.config import ExperimentConfig, TaskConfig
+from dtl.engine import TrainingState
+from dtl.experiment import evaluate_model, run_task
+from dtl.io import write_json
+from dtl.protocols import get_protocol
+from dtl.trained import RECORD_FILE, record
+from tracking.outbox import OUTBOX_ENV, is_transient
 
 from .keys import (
     CHECKPOINT_FILE,
@@ -48,6 +64,8 @@ from .keys import (
     TIME_ATTR,
     TRIAL_ERROR,
 )
+from .selection import encode_scores
+from .space import for_method
 
 
 @dataclass(frozen=True)
@@ -91,10 +109,7 @@ def trial_overrides(setup: TrialSetup, params: Mapping[str, Any]) -> dict[str, A
     base = dict(setup.base_config.get("overrides", {}).get(setup.task) or {})
     if setup.study:
         base_method = base.get("method", setup.base_config["model"]["method"])
-        if "method" in params and params["method"] != base_method:
-            from .space import METHOD_SPECIFIC  # another method runs at its own defaults
-
-            base.update(dict.fromkeys(METHOD_SPECIFIC))
+        base = for_method(base, base_method, params.get("method", base_method))
         return {**base, **plain(params)}  # the pipeline's own evaluation epochs (few-shot: keep-best)
     return {**base, **setup.training, **plain(params), "eval_every": setup.eval_every}
 
@@ -104,9 +119,6 @@ def trial_config(setup: TrialSetup, params: Mapping[str, Any], seed: int | None 
     (VTAB-1K: ``val``, train800 -> val200; few-shot: the largest shot count's list of the first seed -> val_meta.list;
     domain generalisation: the source's list -> its val_meta.list), no progress bar. A study trial keeps the base's
     own protocol and trains with ``seed``."""
-    from dtl.config import ExperimentConfig
-    from dtl.protocols import get_protocol
-
     raw = copy.deepcopy(setup.base_config)
     raw["overrides"] = {setup.task: trial_overrides(setup, params)}
     evaluation = raw.get("evaluation", {})
@@ -125,12 +137,6 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
     """Ray Tune function trainable: train one configuration, record every epoch in the child run, report (and
     checkpoint) the epochs that score val200 and one every ``setup.checkpoint_every`` seconds in between. A
     trial restarted after its node died continues from its last checkpoint."""
-    import tempfile
-
-    from ray import tune
-
-    from dtl.experiment import run_task
-
     task, incumbent, params = split_trial_config(config)
     setup = setups[task]
     seed = int(config.get(SEED_KEY, setup.seed))
@@ -144,14 +150,14 @@ def train_trial(config: dict[str, Any], setups: Mapping[str, TrialSetup]) -> Non
         try:
             with child_run(setup, existing, context.get_trial_id(), context.get_trial_name(), incumbent,
                            resume_from, known) as (run, restarts):
-                trial = trial_config(setup, params, seed)  # a bad configuration raises here: recorded FAILED
-                resolved = trial.for_task(task)
-                write_trial_files(Path(folder), resolved, task, seed, run.run_id, restarts)
-                record_trial(run, resolved, params, task)
+                # a bad configuration raises here: recorded FAILED
+                resolved = trial_config(setup, params, seed).for_task(task)
+                write_trial_files(Path(folder), resolved, seed, run.run_id, restarts)
+                record_trial(run, resolved, params)
                 run.set_tags(placement)
                 note_device(run, resolved.training.device)
                 report = CheckpointReporter(Path(folder), run.run_id, setup.checkpoint_every)
-                task_run = run_task(trial, task, seed=seed, hooks=[run.log_epoch, report], resume_from=resume_from)
+                task_run = run_task(resolved, seed=seed, hooks=[run.log_epoch, report], resume_from=resume_from)
                 final = final_metrics(task_run, setup, run)
         except Exception as err:  # the child run is closed FAILED with the traceback; Tune must not retry it
             tune.report({TRIAL_ERROR: f"{type(err).__name__}: {err}"[:1000]})
@@ -171,9 +177,6 @@ def prepare_worker(setup: TrialSetup) -> dict[str, str]:
       one trial could take the memory of the others on its GPU.
     - Workers of a `ray start` cluster do not inherit the driver's environment: every MLflow call here must use
       the sweep's store, never a default file."""
-    import ray
-    import torch
-
     share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
     tags = {"gpu_share": f"{share:g}"}
     if share == 0:
@@ -184,8 +187,6 @@ def prepare_worker(setup: TrialSetup) -> dict[str, str]:
     torch.set_num_threads(max(1, setup.threads))
     os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
     if setup.outbox:
-        from tracking.outbox import OUTBOX_ENV
-
         os.environ[OUTBOX_ENV] = setup.outbox
     return {**tags, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "all")}
 
@@ -195,22 +196,17 @@ def read_checkpoint(checkpoint) -> tuple[Any, dict | None]:
     first attempt)."""
     if checkpoint is None:
         return None, None
-    from dtl.engine import TrainingState
-
     with checkpoint.as_directory() as folder:
         state = TrainingState.load(Path(folder) / CHECKPOINT_FILE)
         run_file = Path(folder) / RUN_FILE
         return state, json.loads(run_file.read_text()) if run_file.exists() else None
 
 
-def write_trial_files(folder: Path, resolved, task: str, seed: int, run_id: str, restarts: int) -> None:
+def write_trial_files(folder: Path, resolved: TaskConfig, seed: int, run_id: str, restarts: int) -> None:
     """Beside every checkpoint's training state: what ``dtl.load_trained`` needs to rebuild the trial's model,
     and the trial's MLflow run (a restarted trial reopens it)."""
-    from dtl.io import write_json
-    from dtl.trained import RECORD_FILE, record
-
-    write_json(folder / RECORD_FILE, record(resolved, task, resolved.protocol.num_classes(task), seed,
-                                            resolved.data.image_size))
+    write_json(folder / RECORD_FILE, record(resolved, resolved.task, resolved.protocol.num_classes(resolved.task),
+                                            seed, resolved.data.image_size))
     write_json(folder / RUN_FILE, {"run_id": run_id, "restarts": restarts})
 
 
@@ -225,8 +221,6 @@ class CheckpointReporter:
         self.checkpointed = time.monotonic()
 
     def __call__(self, end) -> None:
-        from ray import tune
-
         if end.last:
             return
         scored = any(key.startswith("val/") for key in end.metrics)
@@ -242,8 +236,6 @@ def final_metrics(task_run, setup: TrialSetup, run) -> dict[str, Any]:
     """What the trial reports last: the final metrics of the weights kept (few-shot: the best val epoch), its
     costs, and each val image's score (a study: the protocol's other reported splits instead); recorded in the
     child run too."""
-    from .selection import encode_scores
-
     summary = task_run.summary()
     result = task_run.result
     final = {**tune_metrics(len(result.history) - 1, {**result.history[-1], **result.metrics}),
@@ -262,9 +254,6 @@ def study_scores(task_run) -> dict[str, float]:
     """What a study reports besides the run's own metrics: the protocol's reported splits the run did not score
     (few-shot: the test list of the weights kept; domain generalisation: every target) and, off a GPU (whose peak
     the run measured), an estimated peak: weights, gradients, AdamW state, kept activations, one batch."""
-    from dtl.benchmark import cpu_peak_estimate
-    from dtl.experiment import evaluate_model
-
     result = task_run.result
     score = task_run.config.protocol.score
     missing = {name: split for name, split in task_run.reported_splits().items()
@@ -283,11 +272,6 @@ def study_scores(task_run) -> dict[str, float]:
 def report_recorded_result(setup: TrialSetup, run) -> bool:
     """On --resume: a trial whose MLflow run (``run``, or None) FINISHED before the sweep stopped (only its last
     report to Tune was lost) is not trained again; its recorded final metrics are reported instead."""
-    from ray import tune
-
-    import tracking
-    from tracking.outbox import is_transient
-
     if run is None or run.info.status != "FINISHED" or setup.metric not in run.data.metrics:
         return False
     try:
@@ -314,8 +298,6 @@ def tune_metrics(epoch: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 def find_child_run(setup: TrialSetup, trial_id: str):
     """The MLflow run of ``trial_id`` under its task's parent run, or None."""
-    import tracking
-
     return tracking.Run.find(setup.experiment_id, setup.tracking_uri, parent=setup.parent_run_id,
                              **{TAG_TRIAL: trial_id})
 
@@ -323,11 +305,6 @@ def find_child_run(setup: TrialSetup, trial_id: str):
 def note_device(run, device: str) -> None:
     """Ray may reserve a (fractional) GPU that this process cannot see, e.g. logical GPUs of a test cluster: say
     so once, and train on the CPU instead of failing."""
-    import sys
-
-    import ray
-    import torch
-
     if device == "auto" and ray.get_gpu_ids() and not torch.cuda.is_available():
         note = (f"Ray reserved GPU {ray.get_gpu_ids()} for this trial but no CUDA device is visible here: "
                 "training on the CPU")
@@ -335,16 +312,16 @@ def note_device(run, device: str) -> None:
         run.set_tags({"device_note": note})
 
 
-def record_trial(run, resolved, params: Mapping[str, Any], task: str) -> None:
+def record_trial(run, resolved: TaskConfig, params: Mapping[str, Any]) -> None:
     """The trial's sampled values (``trial.<key>``), the full configuration it trains (``model.rank``...) and its
     data (its training and validation lists as dataset inputs)."""
     values = {k: v for k, v in resolved.to_dict().items() if k != "overrides"}
     run.log_params({**values, **{f"trial.{k}": v for k, v in plain(params).items()}})
     protocol = resolved.protocol
     shots, seed = protocol.run_shots(None), resolved.training.seed
-    run.log_dataset(*protocol.split_input(task, protocol.train, shots, seed), "train")
-    for split in protocol.scored_splits(task).values():
-        run.log_dataset(*protocol.split_input(task, split), "validation")
+    run.log_dataset(*protocol.split_input(resolved.task, protocol.train, shots, seed), "train")
+    for split in protocol.scored_splits(resolved.task).values():
+        run.log_dataset(*protocol.split_input(resolved.task, split), "validation")
 
 
 def record_result(run, summary: Mapping[str, Any], per_image: str | None) -> None:
@@ -364,8 +341,6 @@ def child_run(setup: TrialSetup, existing, trial_id: str, trial_name: str, incum
     ``known``, the run its checkpoint names), and its curve goes on from there. Tune stops a trial by raising
     SystemExit in ``tune.report`` (an ASHA stop, or the whole sweep stopping): only the driver knows which, so
     it sets that status. Yields the run and how often the trial was restarted."""
-    import tracking
-
     restarts, reopen, tags = 0, None, {}
     if existing is not None or known:
         reopen = existing.info.run_id if existing is not None else known["run_id"]
@@ -383,9 +358,9 @@ def child_run(setup: TrialSetup, existing, trial_id: str, trial_name: str, incum
         yield run, restarts
 
 
-def plain(values: Mapping[str, Any]) -> dict[str, Any]:
-    """numpy scalars (as Optuna/Ray hand them over) -> Python numbers."""
-    out = {}
-    for key, value in values.items():
-        out[str(key)] = value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
-    return out
+def plain(values: Any) -> Any:
+    """numpy scalars (as Optuna/Ray hand them over) -> Python numbers, in mappings too, so YAML and JSON stay
+    plain."""
+    if isinstance(values, Mapping):
+        return {str(key): plain(value) for key, value in values.items()}
+    return values.item() if hasattr(values, "item") and not isinstance(values, (str, bytes)) else values

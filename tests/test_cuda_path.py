@@ -146,7 +146,7 @@ def test_a_trials_loader_workers_fit_in_its_cpu_share():
 
 
 def test_more_than_one_gpu_per_trial_is_refused_in_one_line():
-    from sweeps.driver import SweepOptions, check_options
+    from sweeps.options import SweepOptions, check_options
     from sweeps.state import SweepError
 
     with pytest.raises(SweepError, match=r"--gpus-per-trial 2: a trial trains on one GPU, so at most 1"):

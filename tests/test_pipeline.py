@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dtl.config import ConfigError, read_best, write_best
+from dtl.config import ConfigError, read_best
 from dtl.config import load_config as load_params
 from pipeline import params as pipeline_params
 from pipeline.params import check_dvc_entries, load_pipeline_settings
+from sweeps.search_strategy import write_best
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -143,7 +144,7 @@ def test_write_best_replaces_only_given_tasks_and_validates(tmp_path):
 
 WRITER = """
 import os, sys, time
-from dtl.config import write_best
+from sweeps.search_strategy import write_best
 path, prefix = sys.argv[1], sys.argv[2]
 open(path + "." + prefix + ".ready", "w").close()
 while not os.path.exists(path + ".go"):  # both start writing at once

@@ -9,7 +9,8 @@ import pytest
 import yaml
 from test_sweeps import REPO, TASK, TINY_PARAMS, sweep_factory, tiny_data, write_yaml  # noqa: F401 (fixtures)
 
-from sweeps.space import SpaceError, load_space
+from sweeps.space import SpaceError
+from sweeps.space_file import load_space
 
 STUDY = {"method": "dtl_plus", "seeds": [0, 1],
          "params": {"start_block": {"type": "grid", "values": [3, "last_block"]}}}
@@ -188,8 +189,8 @@ def test_the_pareto_set_is_exactly_the_non_dominated_set():
 
 
 def test_a_budgeted_pick_never_exceeds_the_budget():
-    from sweeps.driver import decide_task
     from sweeps.results import TaskOutcome, decide
+    from sweeps.search_strategy import decide_task
     from sweeps.state import SweepState
 
     generator = random.Random(1)

@@ -26,7 +26,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from sweeps.space import SpaceError, available_spaces, load_space
+from sweeps.space import SpaceError
+from sweeps.space_file import available_spaces, load_space
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = REPO / "sweeps" / "run.py"
@@ -165,31 +166,31 @@ def test_space_define_by_run_pickles_for_resume():
 def test_the_current_configuration_is_the_first_point_when_it_lies_in_the_space():
     from dtl.config import ExperimentConfig
     from dtl.models import EMBEDDED_BACKBONE, create_backbone, family_for
-    from sweeps.driver import current_settings
+    from sweeps.planning import current_settings
 
     params = {**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "root": "/abs/data"}}
     space = load_space("dtl_plus").resolve(12)
     # a ViT, whose paper settings are rank 2, M 6, kernel 3
     paper = family_for(create_backbone(EMBEDDED_BACKBONE))
     base = ExperimentConfig.from_dict({**params, "overrides": {TASK: {"lr": 0.002, "kernel_size": 5}}})
-    point, why_not = space.start_point(current_settings(base, TASK, space, paper))
+    point, why_not = space.start_point(current_settings(base.for_task(TASK), space, paper))
     # null rank/start block take the paper's values; overrides win; only the space's parameters are kept
     assert why_not == "" and point == {"method": "dtl_plus", "kernel_size": 5, "rank": 2, "start_block": 6,
                                        "lr": 0.002, "weight_decay": 0.05, "drop_path": 0.0}
     # DWConv off: the conditional kernel size is not part of the point
     plain = ExperimentConfig.from_dict({**params, "overrides": {TASK: {"method": "dtl", "rank": 4}}})
-    point, _ = space.start_point(current_settings(plain, TASK, space, paper))
+    point, _ = space.start_point(current_settings(plain.for_task(TASK), space, paper))
     assert point["method"] == "dtl" and point["rank"] == 4 and "kernel_size" not in point
     # a space with its own method starts from the current lr etc. with that method's default rank
     lora = load_space("lora").resolve(12)
-    point, _ = lora.start_point(current_settings(base, TASK, lora, paper))
+    point, _ = lora.start_point(current_settings(base.for_task(TASK), lora, paper))
     assert point == {"rank": 8, "lr": 0.002, "weight_decay": 0.05, "drop_path": 0.0}
     # outside the ranges: no start point, and the reason names the parameter
     wild = ExperimentConfig.from_dict({**params, "overrides": {TASK: {"lr": 0.5}}})
-    point, why_not = space.start_point(current_settings(wild, TASK, space, paper))
+    point, why_not = space.start_point(current_settings(wild.for_task(TASK), space, paper))
     assert point is None and "lr (0.5)" in why_not and "0.0001..0.01" in why_not
     other = ExperimentConfig.from_dict({**params, "model": {**params["model"], "method": "linear"}})
-    point, why_not = space.start_point(current_settings(other, TASK, space, paper))
+    point, why_not = space.start_point(current_settings(other.for_task(TASK), space, paper))
     assert point is None and "method ('linear')" in why_not
 
 
@@ -245,7 +246,7 @@ def test_help_documents_every_flag(capsys):
 
 def test_a_space_without_training_uses_the_pipelines_schedule(tmp_path):
     from dtl.config import ExperimentConfig
-    from sweeps.driver import plan_task
+    from sweeps.planning import plan_task
 
     params = {**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "root": "/abs/data", "image_size": None},
               "training": {**TINY_PARAMS["training"], "epochs": 20, "warmup_epochs": 2},
@@ -263,7 +264,7 @@ def test_a_space_without_training_uses_the_pipelines_schedule(tmp_path):
 
 def test_the_shipped_spaces_work_unchanged_with_the_paper_schedule():
     from dtl.config import load_config
-    from sweeps.driver import plan_task
+    from sweeps.planning import plan_task
 
     config = load_config(REPO / "params" / "vit_b16_vtab1k.yaml")
     plan = plan_task(config, "dsprites_ori", load_space("dtl_plus"))
@@ -314,8 +315,8 @@ def test_the_incumbent_is_kept_on_a_tie_and_on_a_one_image_win_and_replaced_on_a
 
 
 def test_kept_incumbents_leave_best_yaml_alone_and_winners_replace_entries(tmp_path):
-    from sweeps.driver import write_winners
     from sweeps.results import TaskOutcome, TrialRow, decide
+    from sweeps.search_strategy import write_winners
     from sweeps.selection import encode_scores
     from sweeps.state import SweepState
 
@@ -590,7 +591,7 @@ def test_cli_errors_come_before_any_work(sweep_factory, monkeypatch, capsys):
     assert "grace_period (2: epoch 2 of 4) must exceed the trials' warmup_epochs (2)" in err
     assert "Traceback" not in err
     from dtl.config import load_config
-    from sweeps.driver import plan_task
+    from sweeps.planning import plan_task
 
     assert plan_task(load_config(sweep.params), TASK, load_space(warming), "fifo").epochs == 4
 
@@ -835,7 +836,7 @@ def test_a_space_written_1e_4_reads_numbers(tmp_path):
 ])
 def test_a_space_is_checked_against_the_backbone_before_any_trial(tmp_path, edit, expected):
     from dtl.config import ExperimentConfig
-    from sweeps.driver import plan_task
+    from sweeps.planning import plan_task
     from sweeps.state import SweepError
 
     raw = yaml.safe_load((REPO / "sweeps/spaces/dtl_plus.yaml").read_text())

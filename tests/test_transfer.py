@@ -273,7 +273,7 @@ def test_prepare_names_a_synthetic_task_of_the_wrong_suite(tmp_path, monkeypatch
 
 
 def test_sweep_trials_select_on_val_meta_list_and_refuse_a_source_without_one(tmp_path):
-    from sweeps.driver import SweepError, check_validation_list
+    from sweeps.planning import SweepError, check_validation_list
     from sweeps.trainable import TrialSetup, trial_config
 
     raw = embedded("few_shot.yaml")
@@ -285,8 +285,8 @@ def test_sweep_trials_select_on_val_meta_list_and_refuse_a_source_without_one(tm
     assert trial.protocol.scored_splits("emblems") == {"val": "val"}
     # ASHA's rungs fall on the pipeline's validation epochs (every 10 of 30, not 25% = 7): a trial keeps the
     # epoch the retrained winner will keep
-    from sweeps.driver import plan_task
-    from sweeps.space import load_space
+    from sweeps.planning import plan_task
+    from sweeps.space_file import load_space
 
     raw["data"]["root"] = str(tmp_path / "few_shot")
     plan = plan_task(ExperimentConfig.from_dict(raw), "emblems", load_space("dtl_plus"))
