@@ -46,6 +46,7 @@ import timm
 import torch
 from torch import nn
 
+from .cache import storage_dtype
 from .devices import autocast, fp32_matmul, resolve_device
 from .engine import SavedTensorBytes, parameter_groups
 from .methods import (
@@ -58,6 +59,7 @@ from .methods import (
     trainable_parameters,
 )
 from .methods.registry import AddedModules
+from .objectives import Classification, Segmentation
 
 
 @dataclass(frozen=True)
@@ -308,8 +310,6 @@ class _Row:
 
     def _cached_state(self, images: torch.Tensor) -> tuple[PrefixState, float]:
         """The batch as the prefix cache stores it (dtl.cache.storage_dtype), and the prefix's time per batch."""
-        from .cache import storage_dtype
-
         dtype = storage_dtype(self.model, self.precision)
         times = []
         for _ in range(3 if self.timing else 1):
@@ -394,8 +394,6 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
 
 
 def benchmark_objective(settings: BenchmarkSettings):
-    from .objectives import Classification, Segmentation
-
     return Segmentation(settings.num_classes) if settings.decode_head else Classification()
 
 

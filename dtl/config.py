@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, fields, make_dataclass, replac
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .methods import (
     BACKBONE_DTYPES,
     all_option_names,
@@ -372,8 +374,6 @@ TOOL_SECTIONS = ("mlflow",)
 
 def read_yaml(path: str | Path, *, missing_ok: bool = False) -> Any:
     """Parse a YAML file; a missing file (unless ``missing_ok``) or a syntax error names the file."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         if missing_ok:

@@ -16,7 +16,9 @@ from torch.utils.data import Dataset
 from .config import ConfigError, ExperimentConfig, TaskConfig, task_settings
 from .devices import SetupError, image_loader, resolve_device, resolve_precision
 from .engine import EpochHook, TrainingState, TrainResult, evaluate, seed_everything, train_and_evaluate
+from .io import load_trainable
 from .methods import create_model
+from .models import CheckpointError
 from .objectives import Objective, objective_for
 
 
@@ -55,8 +57,6 @@ def build_model(config: TaskConfig, num_classes: int, pretrained: bool | str | N
     """The model of a task's settings ``config``; settings the backbone cannot take (a start
     block past its blocks, a kernel larger than its token grid...) raise :class:`ConfigError` naming them.
     ``pretrained`` overrides ``model.checkpoint`` (``False``: random weights, enough to check the settings)."""
-    from .models import CheckpointError
-
     model = config.model
     try:
         return create_model(
@@ -83,8 +83,6 @@ _CHECKED_CHECKPOINTS: set[tuple[str, str]] = set()
 def check_run(config: ExperimentConfig, task: str, train_images: int, num_classes: int) -> None:
     """Fail before any training when ``task`` cannot run with its settings here: a model its backbone cannot take,
     a batch larger than its training split, a device or precision this machine lacks (the errors name the key)."""
-    from .models.backbone import CheckpointError
-
     resolved = config.for_task(task)
     where = f"overrides.{task} / " if config.overrides.get(task) else ""
     checkpoint = resolved.model.checkpoint
@@ -175,8 +173,6 @@ def evaluate_saved(config: TaskConfig, seed: int, weights: str | Path, num_class
     "<name>_loss": ...}``, plus ``<name>_accuracy_masked`` for a split that holds only some of the classes (the
     argmax over those: ImageNet-A and -R). Nothing is retrained; with ``checkpoint: false`` the random frozen
     backbone is rebuilt from ``seed`` as ``run_task`` built it."""
-    from .io import load_trainable
-
     seed_everything(seed)
     model = build_model(config, num_classes)
     load_trainable(model, weights)

@@ -20,9 +20,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from .config import ConfigError, ExperimentConfig, TaskConfig
+from .engine import SetupError, TrainingState, resolve_device, resolve_precision, seed_everything
+from .experiment import backbone_image_size, build_model
+from .io import WeightsMismatchError, load_trainable, save_trainable
+from .models import CheckpointError
 
 METADATA_KEY = "dtl"  # the safetensors metadata entry that holds a trained file's record (JSON)
 RECORD_FILE = "trained.json"  # beside a sweep trial's training_state.pt
@@ -72,8 +77,6 @@ def trained_metadata(config: TaskConfig, task: str, num_classes: int, seed: int,
 
 def export_trained(model: nn.Module, path: str | Path) -> Path:
     """Write a model returned by :func:`load_trained` (or trained and given a ``trained`` info) as one file."""
-    from .io import save_trainable
-
     info: TrainedInfo | None = getattr(model, "trained", None)
     if info is None:
         raise TrainedModelError("export_trained needs a model from load_trained (it carries the task's settings)")
@@ -108,8 +111,6 @@ def _stage_folder(folder: Path, seed: int | None) -> tuple[dict[str, Any], Path]
 
 
 def _file_record(path: Path) -> dict[str, Any] | None:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -123,8 +124,6 @@ def _file_record(path: Path) -> dict[str, Any] | None:
 
 
 def _trial_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from .engine import TrainingState
-
     entry = _read_json(folder / RECORD_FILE)
     try:
         state = TrainingState.load(folder / TRIAL_STATE_FILE)
@@ -173,11 +172,6 @@ def load_trained(path: str | Path, *, seed: int | None = None, device: str | tor
     """The trained task model at ``path`` (see the module docstring), in eval mode on ``device`` (default: the
     device its settings train on: ``auto`` is the GPU when there is one). Problems raise
     :class:`TrainedModelError` with one line naming the file."""
-    from .engine import SetupError, resolve_device, resolve_precision, seed_everything
-    from .experiment import backbone_image_size, build_model
-    from .io import WeightsMismatchError, load_trainable
-    from .models import CheckpointError
-
     path = Path(path)
     entry, weights_path, weights = _source(path, seed)
     where = weights_path
