@@ -70,7 +70,6 @@ class Sweep:
     """One run of a sweep, as its strategy sees it once the cluster is up and the state written."""
 
     options: SweepOptions
-    space: SearchSpace
     base_config: ExperimentConfig  # every path absolute
     tasks: list[str]
     state: SweepState
@@ -82,6 +81,16 @@ class Sweep:
     @property
     def experiment_dir(self) -> Path:
         return self.storage / self.state.name
+
+    def trial_setup(self, task: str, **own: Any) -> TrialSetup:
+        """What every trial of ``task`` takes from the sweep; ``own``: the strategy's part (its schedule, seed,
+        evaluation epochs, parent run, space, tags)."""
+        state = self.state
+        return TrialSetup(task=task, base_config=self.base_config.to_dict(),
+                          threads=max(1, int(self.options.cpus_per_trial)), tracking_uri=state.tracking_uri,
+                          experiment_id=state.experiment_id, sweep_name=state.name,
+                          checkpoint_every=self.options.checkpoint_every, outbox=self.outbox, metric=state.metric,
+                          **own)
 
     def resume_command(self) -> str:
         command = f"python sweeps/run.py --space {self.options.space} --resume --name {self.state.name}"
@@ -196,7 +205,7 @@ def run_sweep(options: SweepOptions, strategy: Strategy, started: float | None =
 
     metric = saved.metric if saved else strategy.metric(base_config)
     state, total, gpus = start_cluster(options, strategy, saved, tasks, params_path, best_path, storage, metric)
-    sweep = Sweep(options, space, base_config, tasks, state, storage, gpus)
+    sweep = Sweep(options, base_config, tasks, state, storage, gpus)
     earlier_wall_time = state.wall_time_s  # of earlier, interrupted runs of this sweep
     sweep.outbox = use_sweep_outbox(sweep.experiment_dir)  # before the first record: the parent runs
     print(f"{strategy.kind} {state.name}: results in {sweep.experiment_dir}; MLflow experiment {state.experiment!r} "

@@ -115,14 +115,10 @@ class SearchStrategy(Strategy):
         return [status_callback(self.closer), progress]
 
     def setups(self, sweep: Sweep) -> dict[str, TrialSetup]:
-        state, base = sweep.state, sweep.base_config
-        return {task: TrialSetup(
-            task=task, base_config=base.to_dict(), training=dict(plan.space.training), seed=base.evaluation.seeds[0],
-            eval_every=plan.grace_epochs, threads=max(1, int(sweep.options.cpus_per_trial)),
-            tracking_uri=state.tracking_uri, experiment_id=state.experiment_id,
-            parent_run_id=self.closer.parents[task], sweep_name=state.name, space_name=plan.space.name,
-            checkpoint_every=sweep.options.checkpoint_every, outbox=sweep.outbox, metric=state.metric)
-            for task, plan in self.plans.items()}
+        return {task: sweep.trial_setup(task, training=dict(plan.space.training),
+                                        seed=sweep.base_config.evaluation.seeds[0], eval_every=plan.grace_epochs,
+                                        parent_run_id=self.closer.parents[task], space_name=plan.space.name)
+                for task, plan in self.plans.items()}
 
     def new_tuner(self, sweep: Sweep, trainable, callbacks: list) -> tune.Tuner:
         state = sweep.state

@@ -128,14 +128,10 @@ class StudyStrategy(Strategy):
         return [status_callback(self.closer), progress]
 
     def setups(self, sweep: Sweep) -> dict[str, TrialSetup]:
-        state, base = sweep.state, sweep.base_config
-        return {task: TrialSetup(
-            task=task, base_config=base.to_dict(), training={}, seed=self.seeds[0],
-            eval_every=self.eval_every[task], threads=max(1, int(sweep.options.cpus_per_trial)),
-            tracking_uri=state.tracking_uri, experiment_id=state.experiment_id, parent_run_id=self.parent.run_id,
-            sweep_name=state.name, space_name=self.space.name, checkpoint_every=sweep.options.checkpoint_every,
-            tags={"study": self.space.name}, study=True, outbox=sweep.outbox, metric=state.metric)
-            for task in self.tasks}
+        return {task: sweep.trial_setup(task, training={}, seed=self.seeds[0], eval_every=self.eval_every[task],
+                                        parent_run_id=self.parent.run_id, space_name=self.space.name,
+                                        tags={"study": self.space.name}, study=True)
+                for task in self.tasks}
 
     def new_tuner(self, sweep: Sweep, trainable, callbacks: list) -> tune.Tuner:
         """``tune.grid_search`` over tasks, seeds and every grid, FIFO."""
@@ -168,7 +164,7 @@ class StudyStrategy(Strategy):
                                wait=0)
 
     def trials_kept(self) -> int:
-        return sum(r.status in ("done", "failed") for r in self.rows)
+        return sum(r.status == "done" for r in self.rows)
 
     def exit_status(self) -> int:
         if not any(r.status == "done" for r in self.rows):
